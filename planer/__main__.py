@@ -1,0 +1,3 @@
+from planer.compiler.driver.cli import main
+
+raise SystemExit(main())
