@@ -1,0 +1,560 @@
+"""Finds the Transformer layers of a canonical graph and describes them as a ModelSpec.
+
+Attention is anchored on Softmax: walking back from it gives the score chain (scale,
+mask) and the Q·Kᵀ MatMul; walking back from each side through reshape plumbing
+(Reshape, Transpose, scalar Mul/Div, Split/Slice of a fused projection) gives the Q,
+K and V projections; walking forward from Softmax·V gives the output projection.
+The FFN is a constant-weight MatMul whose input is an elementwise region (the
+activation) rooted at another constant-weight MatMul (+ bias) of matching width.
+Layers pair each attention with the first FFN after it.
+
+Because the finder walks one canonical form, exporter differences (dynamo vs
+TorchScript, transformers 4.x vs 5.x masks, -1 vs constant reshape shapes) only change
+the plumbing it walks through, never what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.irutil import const_array, other_input, scalar
+from planer.compiler.spec import AttentionSpec, FfnSpec, LayerSpec, Linear, ModelSpec, ScoreOp
+
+logger = logging.getLogger(__name__)
+
+PLUMBING = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
+SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast"}
+ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Pow", "Sigmoid", "Relu", "Gelu", "FastGelu",
+    "Softplus", "Clip", "Max", "Min", "Neg", "Exp", "Sqrt", "HardSigmoid", "HardSwish",
+    "LeakyRelu", "Elu", "Selu", "Cast", "Identity", "QuickGelu", "BiasGelu",
+}
+
+
+def find_blocks(model: ir.Model) -> ModelSpec:
+    """Describes every layer of a canonical model.
+
+    Raises:
+        UnsupportedModelError: no Transformer layers were found, or they use a form
+            planer cannot rewrite (shared layer weights, relative-position attention).
+    """
+    graph = model.graph
+    order = {node: i for i, node in enumerate(graph)}
+    attentions, skipped = [], []
+    for node in graph:
+        if node.op_type != "Softmax":
+            continue
+        try:
+            attentions.append(_find_attention(node))
+        except _NoMatch as why:
+            skipped.append(f"{node.name}: {why}")
+    if not attentions:
+        detail = f" ({skipped[0]})" if skipped else ""
+        raise UnsupportedModelError(
+            "no Transformer layers were found: the graph has "
+            f"{sum(1 for n in graph if n.op_type == 'Softmax')} Softmax nodes but no "
+            f"self-attention with constant Q/K/V/O projections around them{detail}."
+        )
+    for reason in skipped:
+        logger.info("Softmax not taken as attention: %s", reason)
+    attentions.sort(key=lambda a: order[a.out.producer()])
+    ffns = sorted(_find_ffns(graph), key=lambda f: order[f.out.producer()])
+    layers = _pair_layers(attentions, ffns, order)
+    _reject_shared_weights(layers)
+    for layer in layers:
+        _reject_hidden_dependent_scores(layer.attention)
+    hidden = layers[0].attention.q.in_features
+    used = {id(lin.matmul) for layer in layers for lin in layer.projections()}
+    return ModelSpec(
+        layers=layers,
+        hidden=hidden,
+        vocab_size=_vocab_size(graph, hidden),
+        inputs=[v.name for v in graph.inputs if v.name not in graph.initializers],
+        outputs=[v.name for v in graph.outputs],
+        total_params=_total_params(graph),
+        other_matmul_macs_per_token=_other_macs(graph, used),
+        kind="decoder" if _is_fused_qkv(layers[0].attention) else "encoder",
+    )
+
+
+class _NoMatch(Exception):
+    """Internal: this candidate is not the block we look for (the message says why)."""
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _find_attention(softmax: ir.Node) -> AttentionSpec:
+    axis = softmax.attributes.get("axis")
+    if axis is not None and axis.value not in (-1, 3):
+        raise _NoMatch("softmax is not over the last axis")
+    score_ops: list[ScoreOp] = []
+    value = softmax.inputs[0]
+    scale = 1.0
+    nodes: list[ir.Node] = [softmax]
+    while True:
+        producer = value.producer() if value is not None else None
+        if producer is None:
+            raise _NoMatch("softmax input has no producer")
+        if producer.op_type == "MatMul" and all(const_array(i) is None for i in producer.inputs):
+            qk = producer
+            break
+        if producer.op_type not in SCORE_OPS:
+            raise _NoMatch(f"unexpected {producer.op_type} between Q·Kᵀ and Softmax")
+        idx = _data_index(producer, value_chain_input=True)
+        s = _scale_of(producer, idx)
+        if s is not None:
+            scale *= s
+        elif producer.op_type != "Cast":
+            score_ops.insert(0, ScoreOp(
+                producer.op_type, list(producer.inputs), idx,
+                {k: a.value for k, a in producer.attributes.items()},
+            ))
+        nodes.append(producer)
+        value = producer.inputs[idx]
+    q, q_scale, q_shapes = _trace_projection(qk.inputs[0], nodes)
+    k, k_scale, k_shapes = _trace_projection(qk.inputs[1], nodes)
+    scale *= q_scale * k_scale
+    probs, nan_guard = _skip_softmax_epilogue(softmax.outputs[0], nodes)
+    ctx_mm = next((u for u in probs.consumers() if u.op_type == "MatMul" and u.inputs[0] is probs),
+                  None)
+    if ctx_mm is None:
+        raise _NoMatch("softmax output does not multiply V")
+    v, v_scale, v_shapes = _trace_projection(ctx_mm.inputs[1], nodes)
+    if v_scale != 1.0:
+        raise _NoMatch("V is scaled")
+    o = _trace_output_projection(ctx_mm, nodes)
+    x = q.matmul.inputs[0]
+    if k.matmul.inputs[0] is not x or v.matmul.inputs[0] is not x:
+        raise _NoMatch("Q, K and V read different inputs (cross-attention)")
+    inner = q.out_features
+    if k.out_features != inner or v.out_features != inner or o.in_features != inner:
+        raise _NoMatch("Q/K/V/O widths disagree (grouped-query attention is not supported)")
+    head_size = _head_size(q_shapes + k_shapes + v_shapes, inner)
+    out = _linear_output(o)
+    return AttentionSpec(
+        block="", x=x, out=out, q=q, k=k, v=v, o=o,
+        heads=inner // head_size, head_size=head_size, scale=scale,
+        score_ops=score_ops, nan_guard=nan_guard, nodes=nodes,
+    )
+
+
+def _data_index(node: ir.Node, *, value_chain_input: bool) -> int:
+    """Returns the input position of the non-constant operand that carries the scores."""
+    if node.op_type == "Where":
+        candidates = [1, 2]
+    else:
+        candidates = list(range(len(node.inputs)))
+    data = [i for i in candidates if node.inputs[i] is not None
+            and const_array(node.inputs[i]) is None and _is_score_like(node.inputs[i])]
+    if len(data) != 1:
+        raise _NoMatch(f"cannot tell the scores operand of {node.op_type}")
+    return data[0]
+
+
+def _is_score_like(value: ir.Value) -> bool:
+    """Tells whether `value` descends from a non-constant MatMul through score ops (bounded)."""
+    for _ in range(8):
+        producer = value.producer()
+        if producer is None:
+            return False
+        if producer.op_type == "MatMul" and all(const_array(i) is None for i in producer.inputs):
+            return True
+        if producer.op_type not in SCORE_OPS:
+            return False
+        inputs = [i for i in producer.inputs if i is not None and const_array(i) is None]
+        if producer.op_type == "Where":
+            inputs = [i for i in producer.inputs[1:] if i is not None and const_array(i) is None]
+        if len(inputs) != 1:
+            return any(_is_score_like(i) for i in inputs[:2]) if len(inputs) == 2 else False
+        value = inputs[0]
+    return False
+
+
+def _scale_of(node: ir.Node, data_index: int) -> float | None:
+    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    s = scalar(node.inputs[1 - data_index])
+    if s is None or s == 0.0:
+        return None
+    if node.op_type == "Div":
+        return 1.0 / s if data_index == 0 else None
+    return s
+
+
+def _trace_projection(
+    value: ir.Value | None, nodes: list[ir.Node]
+) -> tuple[Linear, float, list[np.ndarray | None]]:
+    """Walks back from a Q/K/V operand to its projection; returns it with any scale met."""
+    scale = 1.0
+    shapes: list[np.ndarray | None] = []
+    columns: slice | None = None
+    while True:
+        producer = value.producer() if value is not None else None
+        if producer is None:
+            raise _NoMatch("projection operand has no producer")
+        op = producer.op_type
+        if op in PLUMBING:
+            if op == "Reshape":
+                shapes.append(_partial_shape(producer.inputs[1]))
+            nodes.append(producer)
+            value = producer.inputs[0]
+            continue
+        if op in ("Mul", "Div"):
+            s = _scale_of(producer, 0)
+            if s is None:
+                raise _NoMatch(f"{op} on a projection by a non-scalar")
+            scale *= s
+            nodes.append(producer)
+            value = producer.inputs[0]
+            continue
+        if op == "Split" and columns is None:
+            columns = _split_columns(producer, value)
+            nodes.append(producer)
+            value = producer.inputs[0]
+            continue
+        if op == "Slice" and columns is None:
+            columns = _slice_columns(producer)
+            nodes.append(producer)
+            value = producer.inputs[0]
+            continue
+        linear = _as_linear(producer, columns)
+        if linear is None:
+            raise _NoMatch(f"{op} where a Q/K/V projection was expected")
+        return linear, scale, shapes
+
+
+def _as_linear(node: ir.Node, columns: slice | None) -> Linear | None:
+    """Reads `node` as the end of MatMul(x, W) [+ b] with W constant, else None."""
+    bias = None
+    if node.op_type == "Add":
+        for i in (0, 1):
+            producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+            if (producer is not None and producer.op_type == "MatMul"
+                    and const_array(node.inputs[1 - i]) is not None):
+                bias, node = node.inputs[1 - i], producer
+                break
+        else:
+            return None
+    if node.op_type != "MatMul" or node.inputs[1] is None:
+        return None
+    weight = node.inputs[1]
+    array = const_array(weight)
+    if array is None or array.ndim != 2 or weight.const_value is None:
+        return None
+    if bias is not None:
+        b = const_array(bias)
+        if b is None or b.size != array.shape[1] or bias.const_value is None:
+            return None
+    return Linear(weight=weight, bias=bias, matmul=node,
+                  columns=columns if columns is not None else slice(0, array.shape[1]))
+
+
+def _linear_output(lin: Linear) -> ir.Value:
+    out = lin.matmul.outputs[0]
+    if lin.bias is not None:
+        add = next(u for u in out.consumers() if u.op_type == "Add" and lin.bias in u.inputs)
+        out = add.outputs[0]
+    return out
+
+
+def _split_columns(split: ir.Node, value: ir.Value) -> slice:
+    index = list(split.outputs).index(value)
+    axis = split.attributes.get("axis")
+    if axis is not None and axis.value not in (-1, 2):
+        raise _NoMatch("fused projection split on an unexpected axis")
+    sizes = const_array(split.inputs[1]) if len(split.inputs) > 1 else None
+    if sizes is None:
+        attr = split.attributes.get("split")
+        sizes = np.asarray(attr.value) if attr is not None else None
+    if sizes is None:
+        weight = _as_linear(split.inputs[0].producer(), None) if split.inputs[0].producer() else None
+        if weight is None:
+            raise _NoMatch("split of a non-projection")
+        width = weight.out_features // len(split.outputs)
+        sizes = np.full(len(split.outputs), width)
+    start = int(np.sum(sizes[:index]))
+    return slice(start, start + int(sizes[index]))
+
+
+def _slice_columns(node: ir.Node) -> slice:
+    starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
+    axes = const_array(node.inputs[3]) if len(node.inputs) > 3 else None
+    if starts is None or ends is None or (axes is not None and axes.reshape(-1)[0] not in (-1, 2)):
+        raise _NoMatch("slice of a projection on an unexpected axis")
+    return slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]))
+
+
+def _partial_shape(value: ir.Value | None) -> np.ndarray | None:
+    """Returns a Reshape target with unknown entries as 0, when its tail is knowable."""
+    array = const_array(value)
+    if array is not None:
+        return array.reshape(-1)
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Concat":
+        return None
+    parts: list[int] = []
+    for item in producer.inputs:
+        part = const_array(item)
+        parts.extend(part.reshape(-1).tolist() if part is not None else [0])
+    return np.asarray(parts)
+
+
+def _head_size(shapes: Iterable[np.ndarray | None], inner: int) -> int:
+    for shape in shapes:
+        if shape is None or shape.size != 4:
+            continue
+        heads, size = int(shape[2]), int(shape[3])
+        if size > 0 and inner % size == 0:
+            return size
+        if heads > 0 and inner % heads == 0:
+            return inner // heads
+    raise _NoMatch("the head count cannot be read from the reshape shapes")
+
+
+def _skip_softmax_epilogue(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, bool]:
+    """Steps over Softmax's NaN guard (Where(IsNaN(p), 0, p)), Dropout and Cast."""
+    nan_guard = False
+    for _ in range(4):
+        consumers = list(value.consumers())
+        isnan = next((c for c in consumers if c.op_type == "IsNaN"), None)
+        if isnan is not None:
+            where = next((c for c in isnan.outputs[0].consumers() if c.op_type == "Where"), None)
+            if where is None:
+                break
+            nodes.extend([isnan, where])
+            value, nan_guard = where.outputs[0], True
+            continue
+        if len(consumers) == 1 and consumers[0].op_type in ("Dropout", "Cast", "Identity"):
+            nodes.append(consumers[0])
+            value = consumers[0].outputs[0]
+            continue
+        break
+    return value, nan_guard
+
+
+def _trace_output_projection(ctx_mm: ir.Node, nodes: list[ir.Node]) -> Linear:
+    value = ctx_mm.outputs[0]
+    nodes.append(ctx_mm)
+    for _ in range(8):
+        # Exporters read dims off the context with Shape; those readers die with the region.
+        consumers = [c for c in value.consumers() if c.op_type != "Shape"]
+        if len(consumers) != 1:
+            raise _NoMatch("attention context has several readers")
+        node = consumers[0]
+        if node.op_type in PLUMBING:
+            nodes.append(node)
+            value = node.outputs[0]
+            continue
+        if node.op_type == "MatMul" and node.inputs[0] is value:
+            out = node.outputs[0]
+            add = next((u for u in out.consumers() if u.op_type == "Add"
+                        and const_array(other_input(u, out)) is not None), None)
+            linear = _as_linear(add if add is not None else node, None)
+            if linear is None:
+                break
+            nodes.append(node)
+            if add is not None:
+                nodes.append(add)
+            return linear
+        break
+    raise _NoMatch("no constant output projection after the attention context")
+
+
+# ---------------------------------------------------------------- FFN
+
+
+def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
+    found = []
+    for node in graph:
+        if node.op_type != "MatMul" or const_array(node.inputs[1]) is None:
+            continue
+        w2 = _as_linear(node, None)
+        if w2 is None:
+            continue
+        region = _activation_region(node.inputs[0])
+        if region is None:
+            continue
+        act_nodes, root = region
+        w1 = _as_linear(root.producer(), None) if root.producer() is not None else None
+        if w1 is None or w1.out_features != w2.in_features or w1.in_features != w2.out_features:
+            continue
+        out = _linear_output(w2)
+        if w2.bias is None:
+            bias_add = next((u for u in out.consumers() if u.op_type == "Add"
+                             and const_array(other_input(u, out)) is not None), None)
+            if bias_add is not None:
+                w2 = Linear(w2.weight, other_input(bias_add, out), w2.matmul, w2.columns)
+                out = bias_add.outputs[0]
+        found.append(FfnSpec(
+            block="", x=w1.matmul.inputs[0], out=out, w1=w1, w2=w2,
+            activation=_classify_activation(act_nodes), nodes=act_nodes,
+        ))
+    return found
+
+
+def _activation_region(value: ir.Value | None) -> tuple[list[ir.Node], ir.Value] | None:
+    """Returns the elementwise nodes producing `value` and the one tensor they start from."""
+    if value is None or value.producer() is None:
+        return None
+    region: list[ir.Node] = []
+    roots: set[ir.Value] = set()
+    stack = [value.producer()]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type not in ELEMENTWISE or len(region) > 24:
+            return None
+        region.append(node)
+        for item in node.inputs:
+            if item is None or const_array(item) is not None:
+                if item is not None and const_array(item).size != 1:  # type: ignore[union-attr]
+                    return None  # per-channel constants would need slicing too
+                continue
+            producer = item.producer()
+            if producer is not None and producer.op_type in ELEMENTWISE and not _is_linear_end(producer):
+                stack.append(producer)
+            else:
+                roots.add(item)
+    if len(roots) != 1:
+        return None
+    return region, roots.pop()
+
+
+def _is_linear_end(node: ir.Node) -> bool:
+    return node.op_type == "Add" and _as_linear(node, None) is not None
+
+
+def _classify_activation(nodes: list[ir.Node]) -> str:
+    ops = {n.op_type for n in nodes}
+    for n in nodes:
+        if n.op_type == "Gelu":
+            approx = n.attributes.get("approximate")
+            return "gelu_tanh" if approx is not None and approx.value == "tanh" else "gelu"
+    if "FastGelu" in ops or "Tanh" in ops:
+        return "gelu_tanh"
+    if "Erf" in ops or "BiasGelu" in ops:
+        return "gelu"
+    if "Relu" in ops:
+        return "relu"
+    if "Sigmoid" in ops:
+        return "silu"
+    return "+".join(sorted(ops))
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _pair_layers(
+    attentions: list[AttentionSpec], ffns: list[FfnSpec], order: dict[ir.Node, int]
+) -> list[LayerSpec]:
+    layers = []
+    for i, attn in enumerate(attentions):
+        start = order[attn.out.producer()]
+        stop = order[attentions[i + 1].q.matmul] if i + 1 < len(attentions) else None
+        ffn = next((f for f in ffns if order[f.w1.matmul] > start
+                    and (stop is None or order[f.w1.matmul] < stop)), None)
+        if ffn is None:
+            raise UnsupportedModelError(
+                f"attention block {i} has no feed-forward block after it; planer needs "
+                "attention + FFN layers."
+            )
+        attn.block = f"layer{i}/attn"
+        ffn.block = f"layer{i}/ffn"
+        layers.append(LayerSpec(index=i, attention=attn, ffn=ffn, norm=_norm_style(attn)))
+    return layers
+
+
+def _norm_style(attn: AttentionSpec) -> str:
+    for use in attn.out.consumers():
+        if use.op_type != "Add":
+            continue
+        residual = other_input(use, attn.out)
+        if residual is attn.x:
+            return "post"
+        producer = attn.x.producer()
+        if producer is not None and producer.op_type == "LayerNormalization" \
+                and producer.inputs[0] is residual:
+            return "pre"
+    return "post"
+
+
+def _reject_shared_weights(layers: list[LayerSpec]) -> None:
+    owners: dict[int, int] = {}
+    for layer in layers:
+        for lin in layer.projections():
+            key = id(lin.weight)
+            if key in owners and owners[key] != layer.index:
+                raise UnsupportedModelError(
+                    f"layers {owners[key]} and {layer.index} share the weight "
+                    f"{lin.weight.name!r} (ALBERT-style weight sharing); planer prunes each "
+                    "layer separately and cannot rewrite shared layers."
+                )
+            owners[key] = layer.index
+
+
+def _reject_hidden_dependent_scores(attn: AttentionSpec) -> None:
+    for op in attn.score_ops:
+        for i, item in enumerate(op.inputs):
+            if i != op.scores_index and item is not None and _depends_on(item, attn.x, 40):
+                raise UnsupportedModelError(
+                    "attention scores add a term computed from the hidden states "
+                    "(DeBERTa-style relative-position attention), which planer cannot "
+                    "rewrite per head."
+                )
+
+
+def _depends_on(value: ir.Value, target: ir.Value, budget: int) -> bool:
+    stack, seen = [value], set()
+    while stack and budget > 0:
+        item = stack.pop()
+        if item is target:
+            return True
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        budget -= 1
+        producer = item.producer()
+        # A Shape reads only dims, so a mask sized from the hidden states stays value-independent.
+        if producer is not None and producer.op_type not in ("Shape", "Size"):
+            stack.extend(i for i in producer.inputs if i is not None)
+    return False
+
+
+def _is_fused_qkv(attn: AttentionSpec) -> bool:
+    return attn.q.weight is attn.k.weight
+
+
+def _vocab_size(graph: ir.Graph, hidden: int) -> int | None:
+    for node in graph:
+        if node.op_type == "Gather":
+            table = const_array(node.inputs[0])
+            if table is not None and table.ndim == 2 and table.shape[1] == hidden:
+                return int(table.shape[0])
+    return None
+
+
+def _total_params(graph: ir.Graph) -> int:
+    total = 0
+    for value in graph.initializers.values():
+        if value.const_value is not None and value.const_value.dtype.is_floating_point():
+            total += int(np.prod(value.const_value.shape.numpy()))
+    return total
+
+
+def _other_macs(graph: ir.Graph, used: set[int]) -> int:
+    total = 0
+    for node in graph:
+        if node.op_type == "MatMul" and id(node) not in used:
+            weight = const_array(node.inputs[1])
+            if weight is not None and weight.ndim == 2:
+                total += int(weight.shape[0] * weight.shape[1])
+    return total

@@ -1,0 +1,199 @@
+"""ModelSpec: the Transformer as blocks (attention, FFN, norms, residual wiring).
+
+The finder (`compiler.blocks`) fills these records from a canonical graph; passes read
+weights through them and never look tensors up by exporter-generated names. FLOPs and
+parameter counts are computed from the spec, so the report, `inspect` and the search
+all count the same way.
+
+Dimensions: B batch, S sequence, D model width, H heads, d head size, F FFN width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+
+@dataclasses.dataclass
+class Linear:
+    """A projection y = x @ W[:, columns] + b[columns] with W an initializer in [in, out] layout.
+
+    `columns` selects this projection's share of a fused weight (GPT-2's c_attn holds
+    Q, K and V side by side); it is the whole width otherwise.
+    """
+
+    weight: ir.Value
+    bias: ir.Value | None
+    matmul: ir.Node
+    columns: slice
+
+    def w(self) -> np.ndarray:
+        """Returns this projection's weight, [in, out]."""
+        return self.weight.const_value.numpy()[:, self.columns]  # type: ignore[union-attr]
+
+    def b(self) -> np.ndarray | None:
+        """Returns this projection's bias, [out], or None."""
+        if self.bias is None:
+            return None
+        return self.bias.const_value.numpy().reshape(-1)[self.columns]  # type: ignore[union-attr]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.const_value.shape[0])  # type: ignore[union-attr]
+
+    @property
+    def out_features(self) -> int:
+        start, stop, _ = self.columns.indices(int(self.weight.const_value.shape[1]))  # type: ignore[union-attr]
+        return stop - start
+
+
+@dataclasses.dataclass
+class ScoreOp:
+    """One elementwise step between Q·Kᵀ and Softmax (a mask Add, a Where, ...), replayed as is."""
+
+    op_type: str
+    inputs: list[ir.Value | None]
+    scores_index: int  # which input position carries the scores
+    attributes: dict[str, Any]
+
+
+@dataclasses.dataclass
+class AttentionSpec:
+    """Self-attention from its input x_BSD to the output projection's result out_BSD."""
+
+    block: str
+    x: ir.Value
+    out: ir.Value
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    heads: int
+    head_size: int
+    scale: float
+    score_ops: list[ScoreOp]
+    nan_guard: bool
+    nodes: list[ir.Node]
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_size
+
+
+@dataclasses.dataclass
+class FfnSpec:
+    """FFN from x_BSD through W1, an elementwise activation and W2 to out_BSD."""
+
+    block: str
+    x: ir.Value
+    out: ir.Value
+    w1: Linear
+    w2: Linear
+    activation: str
+    nodes: list[ir.Node]
+
+    @property
+    def width(self) -> int:
+        return self.w1.out_features
+
+
+@dataclasses.dataclass
+class LayerSpec:
+    """One Transformer layer: attention, FFN and how the residual path is normalised."""
+
+    index: int
+    attention: AttentionSpec
+    ffn: FfnSpec
+    norm: str  # "post" (BERT) or "pre" (GPT-2, ViT)
+
+    @property
+    def block(self) -> str:
+        return f"layer{self.index}"
+
+    def params(self) -> int:
+        """Counts the weights and biases of the layer's projections (norms excluded)."""
+        total = 0
+        for lin in (*self.projections(),):
+            total += lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0)
+        return total
+
+    def projections(self) -> tuple[Linear, ...]:
+        a, f = self.attention, self.ffn
+        return (a.q, a.k, a.v, a.o, f.w1, f.w2)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Every layer of the model plus what surrounds them."""
+
+    layers: list[LayerSpec]
+    hidden: int
+    vocab_size: int | None
+    inputs: list[str]
+    outputs: list[str]
+    total_params: int
+    other_matmul_macs_per_token: int  # MACs of constant-weight MatMuls outside the layers
+    kind: str = "encoder"  # "encoder" or "decoder"
+    causal: bool | None = None
+
+    def to_dict(self, *, batch: int = 1, seq_len: int = 128) -> dict[str, Any]:
+        """Returns a JSON-ready summary (what `planer inspect --json` prints)."""
+        return {
+            "kind": self.kind,
+            "causal": self.causal,
+            "hidden": self.hidden,
+            "vocab_size": self.vocab_size,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "params": self.total_params,
+            "batch": batch,
+            "seq_len": seq_len,
+            "flops": model_flops(self, batch=batch, seq_len=seq_len),
+            "layers": [layer_record(layer, batch=batch, seq_len=seq_len) for layer in self.layers],
+        }
+
+
+def layer_record(layer: LayerSpec, *, batch: int, seq_len: int) -> dict[str, Any]:
+    """Summarises one layer for reports."""
+    a, f = layer.attention, layer.ffn
+    return {
+        "index": layer.index,
+        "heads": a.heads,
+        "head_size": a.head_size,
+        "hidden": a.q.in_features,
+        "ffn": f.width,
+        "activation": f.activation,
+        "norm": layer.norm,
+        "params": layer.params(),
+        "flops": layer_flops(
+            hidden=a.q.in_features, heads=a.heads, head_size=a.head_size, ffn=f.width,
+            batch=batch, seq_len=seq_len,
+        ),
+    }
+
+
+def layer_flops(
+    *, hidden: int, heads: int, head_size: int, ffn: int, batch: int, seq_len: int
+) -> int:
+    """Counts multiply-adds x2 of one layer's matrix products (softmax/norms excluded)."""
+    tokens = batch * seq_len
+    inner = heads * head_size
+    projections = 2 * tokens * hidden * inner * 4
+    scores = 2 * batch * heads * seq_len * seq_len * head_size * 2
+    mlp = 2 * tokens * hidden * ffn * 2
+    return projections + scores + mlp
+
+
+def model_flops(spec: ModelSpec, *, batch: int, seq_len: int) -> int:
+    """Counts FLOPs of all layers plus constant-weight MatMuls outside them (per token)."""
+    total = 2 * batch * seq_len * spec.other_matmul_macs_per_token
+    for layer in spec.layers:
+        a, f = layer.attention, layer.ffn
+        total += layer_flops(
+            hidden=a.q.in_features, heads=a.heads, head_size=a.head_size, ffn=f.width,
+            batch=batch, seq_len=seq_len,
+        )
+    return total
