@@ -61,7 +61,7 @@ class CalibrationSet:
     batches: list[Feed]  # fitting share
     holdout: list[Feed]  # verification share, never used for fitting
     source: str  # one line for the user, e.g. "sst2/train.tsv: 512 texts, seq 128"
-    texts: list[str] | None = None  # the sampled texts (fitting, then holdout) when from text
+    texts: list[str] | None = None  # sampled texts, fitting then holdout (rows may be bucketed)
     synthetic: bool = False  # True for the random fallback
 
     def num_samples(self) -> int:
@@ -138,7 +138,7 @@ def read_texts(path: str | Path) -> list[str]:
         texts = content.splitlines()
     texts = [t.strip() for t in texts if t.strip()]
     if not texts:
-        raise BadInputError(f"calibration file {path} is empty; it holds no non-empty text.")
+        raise BadInputError(f"calibration file {path} is empty: it holds no non-blank text.")
     return texts
 
 
@@ -293,7 +293,7 @@ def _text_set(
     batches = _text_batches(fit, inputs, tok, seq_len, sampling)
     holdout = _text_batches(hold, inputs, tok, seq_len, sampling)
     shape = f"seq {seq_len}" if seq_len else "bucketed by length"
-    source = f"{path.parent.name}/{path.name}: {len(fit) + len(hold)} texts, {shape}"
+    source = f"{_shown(path)}: {len(fit) + len(hold)} texts, {shape}"
     logger.info("calibration %s (%d for fitting, %d held out)", source, len(fit), len(hold))
     return CalibrationSet(batches, holdout, source, texts=fit + hold)
 
@@ -388,7 +388,7 @@ def _text_kind(path: Path, content: str) -> str:
 
 def _table_texts(content: str, kind: str) -> list[str]:
     buffer = io.StringIO(content)
-    # SST-2 sentences hold bare '"' characters, so TSV fields are never taken as quoted.
+    # TSV corpora hold bare '"' inside text (GLUE's SST-2 does), so TSV is never unquoted.
     reader = csv.reader(buffer, delimiter="\t", quoting=csv.QUOTE_NONE)
     rows = [row for row in (reader if kind == "tsv" else csv.reader(buffer)) if row]
     if rows and _is_header(rows):
@@ -463,7 +463,7 @@ def _npz_set(
     feeds = {info.name: _check_array(path, info, arrays[info.name], seq_len) for info in inputs}
     size = sizes.pop()
     batches, holdout = sampling.shares(feeds, size)
-    source = f"{path.parent.name}/{path.name}: {min(size, sampling.max_samples)} samples"
+    source = f"{_shown(path)}: {min(size, sampling.max_samples)} samples"
     logger.info("calibration %s (%d batches held out)", source, len(holdout))
     return CalibrationSet(batches, holdout, source)
 
@@ -517,6 +517,10 @@ def _resolve_shape(info: ModelInputInfo, batch: int, seq_len: int) -> tuple[int,
         else:
             shape.append(seq_len)
     return tuple(shape)
+
+
+def _shown(path: Path) -> str:
+    return "/".join(path.parts[-2:])
 
 
 def _rows(feed: Feed) -> int:

@@ -1,6 +1,6 @@
 """Runs a Plan through the pass pipeline and emits the verified model, plan and report.
 
-    load ─▶ canonicalize ─▶ find blocks ─▶ choose heads/channels ─▶ passes ─▶ emit + verify
+load ─▶ canonicalize ─▶ find blocks ─▶ choose heads/channels ─▶ passes ─▶ emit + verify
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from planer.compiler.canonicalize import canonicalize
 from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
-from planer.passes import ChannelPruningConfig, ChannelPruningPass, HeadPruningConfig, HeadPruningPass
+from planer.passes import (
+    ChannelPruningConfig,
+    ChannelPruningPass,
+    HeadPruningConfig,
+    HeadPruningPass,
+)
 from planer.passes.importance import magnitude_channel_scores, magnitude_head_scores, top_indices
 
 logger = logging.getLogger(__name__)

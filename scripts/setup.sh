@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root and installs planer with its export and test extras.
+# torch is installed first and pinned: 2.13.0 has a CPU build pip can take offline, while an
+# unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[export,test,dev]"

@@ -1,0 +1,141 @@
+"""Bad input: exit code 2, one clear sentence, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from planer.compiler.driver.cli import main
+
+
+def _cnn(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
+                           rng.standard_normal(108).astype(np.float32))
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [4, 2], rng.standard_normal(8).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])],
+        "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *, contains: str) -> str:
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines  # one sentence, last, no trace
+    assert contains in errors[0], errors[0]
+    return errors[0]
+
+
+def test_not_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model\n" * 10)
+    _fails(["inspect", str(bad)], capsys, contains="not a readable ONNX model")
+    _fails(["compile", str(bad), "-o", str(tmp_path / "out")], capsys, contains="ONNX")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["inspect", str(tmp_path / "nope.onnx")], capsys, contains="does not exist")
+
+
+def test_truncated_file(minilm_torchscript: Path, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = minilm_torchscript.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    _fails(["compile", str(cut), "-o", str(tmp_path / "out")], capsys, contains="cut.onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_external_data(minilm_dynamo: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    lone = tmp_path / "model.onnx"
+    shutil.copy(minilm_dynamo, lone)
+    _fails(["inspect", str(lone)], capsys, contains="missing beside it")
+
+
+def test_truncated_external_data(minilm_dynamo: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(minilm_dynamo, tmp_path / "model.onnx")
+    data = (minilm_dynamo.parent / "model.onnx.data").read_bytes()
+    (tmp_path / "model.onnx.data").write_bytes(data[: len(data) // 3])
+    _fails(["inspect", str(tmp_path / "model.onnx")], capsys, contains="truncated")
+
+
+def test_cnn_has_no_transformer_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cnn = _cnn(tmp_path / "cnn.onnx")
+    _fails(["compile", str(cnn), "-o", str(tmp_path / "out")], capsys,
+           contains="no Transformer layers were found")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    ({"layers": [{"heads": 6, "ffn": 768}] * 5}, "the plan has 5 layers but the model has 6"),
+    ({"layers": [{"heads": 13, "ffn": 768}] * 6}, "asks for 13 heads, but that layer has 12"),
+    ({"layers": [{"heads": 6, "ffn": 4000}] * 6}, "asks for 4000 ffn"),
+    ({"layers": [{"heads": 6, "experts": 4}] * 6}, "unknown field(s) experts"),
+    ({"layers": [{"heads": "six"}] * 6}, "must be a whole number"),
+    ({"stages": []}, '"layers" list'),
+])
+def test_plan_that_does_not_fit(plan: dict, message: str, minilm_torchscript: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    _fails(["compile", str(minilm_torchscript), "--plan", str(path), "-o", str(tmp_path / "out")],
+           capsys, contains=message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_not_json(minilm_torchscript: Path, tmp_path: Path,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text("{heads: 6")
+    _fails(["compile", str(minilm_torchscript), "--plan", str(path), "-o", str(tmp_path / "o")],
+           capsys, contains="not valid JSON")
+
+
+def test_output_is_the_input(minilm_dynamo: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(minilm_dynamo, folder / "model.onnx")
+    shutil.copy(minilm_dynamo.parent / "model.onnx.data", folder / "model.onnx.data")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    _fails(["compile", str(folder / "model.onnx"), "-o", str(folder / "model.onnx")], capsys,
+           contains="points at the input model")
+    _fails(["compile", str(folder / "model.onnx"), "-o", str(folder)], capsys,
+           contains="would overwrite the input model")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_output_folder_with_user_files(minilm_torchscript: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"mine": true}')
+    _fails(["compile", str(minilm_torchscript), "-o", str(out)], capsys,
+           contains="that planer did not write")
+    assert json.loads((out / "report.json").read_text()) == {"mine": True}
+
+
+def test_recompile_into_own_output_replaces_it(minilm_torchscript: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["compile", str(minilm_torchscript), "-o", str(out)]) == 0
+    (out / "notes.txt").write_text("keep me")
+    assert main(["compile", str(minilm_torchscript), "-o", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not [p for p in out.iterdir() if p.name.startswith(".planer-tmp")]
