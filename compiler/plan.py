@@ -17,18 +17,51 @@ from typing import Any
 from planer.compiler.errors import BadInputError
 from planer.compiler.spec import ModelSpec
 
-KNOWN_FIELDS = {"heads", "ffn"}
+KNOWN_FIELDS = {"heads", "ffn", "moe", "skim_keep"}
+MOE_FIELDS = {"experts", "top_k", "tau"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoePlan:
+    """The FFN as `experts` equal experts, run per token by static top-k or dynamic-k (tau)."""
+
+    experts: int
+    top_k: int | None = None
+    tau: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"experts": self.experts}
+        if self.top_k is not None:
+            data["top_k"] = self.top_k
+        if self.tau is not None:
+            data["tau"] = self.tau
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """What one layer keeps."""
+    """What one layer keeps.
+
+    Attributes:
+        heads: attention heads kept.
+        ffn: FFN channels kept.
+        moe: the FFN split into experts, or None for a dense FFN.
+        skim_keep: fraction of the still-active tokens kept entering this layer
+            (cumulative), or None for all of them.
+    """
 
     heads: int
     ffn: int
+    moe: MoePlan | None = None
+    skim_keep: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"heads": self.heads, "ffn": self.ffn}
+        data: dict[str, Any] = {"heads": self.heads, "ffn": self.ffn}
+        if self.moe is not None:
+            data["moe"] = self.moe.to_dict()
+        if self.skim_keep is not None:
+            data["skim_keep"] = self.skim_keep
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +121,9 @@ def parse_plan(data: Any, spec: ModelSpec) -> Plan:
             )
         heads = _count(entry, "heads", layer.attention.heads, i)
         ffn = _count(entry, "ffn", layer.ffn.width, i)
-        layers.append(LayerPlan(heads=heads, ffn=ffn))
+        moe = _moe(entry.get("moe"), ffn, i)
+        skim = _skim(entry.get("skim_keep"), i)
+        layers.append(LayerPlan(heads=heads, ffn=ffn, moe=moe, skim_keep=skim))
     return Plan(tuple(layers))
 
 
@@ -101,3 +136,37 @@ def _count(entry: dict[str, Any], field: str, limit: int, index: int) -> int:
             f"plan layer {index} asks for {value} {field}, but that layer has {limit}."
         )
     return value
+
+
+def _moe(value: Any, ffn: int, index: int) -> MoePlan | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - MOE_FIELDS:
+        raise BadInputError(
+            f'plan layer {index} moe must be an object with "experts" and "top_k" or "tau".'
+        )
+    experts = _count(value, "experts", ffn, index) if "experts" in value else 0
+    if experts < 1 or ffn % experts:
+        raise BadInputError(
+            f"plan layer {index} asks for {experts} experts, which must divide its "
+            f"{ffn} FFN channels evenly."
+        )
+    top_k, tau = value.get("top_k"), value.get("tau")
+    if (top_k is None) == (tau is None):
+        raise BadInputError(f'plan layer {index} moe needs exactly one of "top_k" or "tau".')
+    if top_k is not None:
+        top_k = _count(value, "top_k", experts, index)
+        if top_k < 1:
+            raise BadInputError(f"plan layer {index} moe top_k must be at least 1.")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int | float)
+                            or not 0.0 <= tau <= 1.0):
+        raise BadInputError(f"plan layer {index} moe tau must be a number in [0, 1].")
+    return MoePlan(experts=experts, top_k=top_k, tau=None if tau is None else float(tau))
+
+
+def _skim(value: Any, index: int) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise BadInputError(f"plan layer {index} skim_keep must be a number in (0, 1].")
+    return float(value)
