@@ -67,7 +67,7 @@ def capture_tokens(
     max_tokens: int = 8192,
     seed: int = 0,
 ) -> list[np.ndarray]:
-    """Returns, per value, a [N, W] float64 matrix of real-token rows from all batches.
+    """Returns, per value, a [N, W] float32 matrix of real-token rows from all batches.
 
     Rows are the same tokens for every value. When the batches hold more than
     `max_tokens` real tokens, a seeded, uniform subsample of them is kept.
@@ -87,7 +87,7 @@ def capture_tokens(
             array = outputs[name]
             if array.ndim != 3:
                 raise ValueError(f"value {name} is not [B, S, W] (shape {array.shape})")
-            collected[i].append(array.reshape(-1, array.shape[-1])[rows].astype(np.float64))
+            collected[i].append(array.reshape(-1, array.shape[-1])[rows].astype(np.float32))
     if not collected or not collected[0]:
         raise ValueError("no calibration batches to capture from")
     total = sum(part.shape[0] for part in collected[0])

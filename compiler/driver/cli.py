@@ -19,11 +19,19 @@ from rich.console import Console
 from rich.table import Table
 
 import planer
-from planer.compiler.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, PlanerError
+from planer.compiler.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    BadInputError,
+    PlanerError,
+)
 from planer.compiler.plan import load_plan
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
+
+KNOWN_PASSES = {"prune"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     _model_arg(compile_)
     compile_.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     compile_.add_argument("--plan", type=Path, help="plan JSON: per-layer heads/ffn to keep")
+    compile_.add_argument("--target-flops", type=float, metavar="R",
+                          help="keep this fraction (0, 1] of the FLOPs at --batch/--seq-len")
+    compile_.add_argument("--passes", default="prune",
+                          help="comma-separated passes the search may use (default: prune)")
+    compile_.add_argument("--calibration", type=Path, metavar="FILE",
+                          help="unlabelled inputs: .txt, .tsv/.csv (first column), .jsonl, .npz")
+    compile_.add_argument("--tokenizer", type=Path, metavar="DIR",
+                          help="Hugging Face tokenizer folder or tokenizer.json for text input")
+    compile_.add_argument("--no-refit", dest="reconstruct", action="store_false",
+                          help="skip the least-squares refit of output projections")
+    compile_.add_argument("--selection", choices=("calibrated", "magnitude"),
+                          default="calibrated", help="how kept heads/channels are chosen")
     _shape_args(compile_)
     compile_.set_defaults(run=run_compile)
     return parser
@@ -139,28 +159,58 @@ def run_compile(args: argparse.Namespace) -> int:
     from planer.compiler.driver.pipeline import compile_plan
 
     path = resolve_model(args.model)
+    passes = {p.strip() for p in args.passes.split(",") if p.strip()}
+    unknown = passes - KNOWN_PASSES
+    if unknown:
+        raise BadInputError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(sorted(KNOWN_PASSES))}.")
     plan_data = load_plan(args.plan) if args.plan else None
-    if plan_data is None:
-        console.print("no --plan given: compiling the neutral plan (everything kept)")
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.model is None and args.calibration is not None:
+        from planer.fixtures.build import minilm_tokenizer_dir
+
+        tokenizer = minilm_tokenizer_dir()
+    if plan_data is None and args.target_flops is None:
+        console.print("no --plan or --target-flops: compiling the neutral plan (everything kept)")
+    if args.calibration is None and (args.target_flops is not None or plan_data is not None):
+        console.print("no --calibration: choosing by weight magnitude" if args.target_flops
+                      is None else "no --calibration: fitting on random token inputs, a poor "
+                      "stand-in for real text")
     started = time.perf_counter()
     with console.status("compiling") as status:
         result = compile_plan(
-            path, args.output, plan_data=plan_data, batch=args.batch, seq_len=args.seq_len,
+            path, args.output, plan_data=plan_data, target_flops=args.target_flops,
+            calibration=args.calibration, tokenizer=tokenizer, batch=args.batch,
+            seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
             progress=lambda msg: status.update(msg),
         )
     _print_summary(result.report, time.perf_counter() - started, args.output)
     return EXIT_OK
 
 
+def _err(record: dict[str, float] | None) -> str:
+    if not record:
+        return "-"
+    refit = record.get("error_refit")
+    sliced = record["error_sliced"]
+    return f"{sliced:.3f} → {refit:.3f}" if refit is not None else f"{sliced:.3f}"
+
+
 def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None:
     table = Table(title="compiled")
-    for column in ("layer", "heads", "FFN"):
+    for column in ("layer", "heads", "FFN", "attn err", "FFN err"):
         table.add_column(column, justify="right")
     for layer in report["layers"]:
         h, f = layer["heads"], layer["ffn"]
         table.add_row(str(layer["index"]), f"{h['before']} → {h['after']}",
-                      f"{f['before']} → {f['after']}")
+                      f"{f['before']} → {f['after']}", _err(layer.get("attn")),
+                      _err(layer.get("ffn_fit")))
     out.print(table)
+    fid = report.get("fidelity")
+    if fid:
+        parts = [f"{key.replace('_', ' ')} mean {val['mean']:.4f} / p5 {val['p5']:.4f}"
+                 for key, val in fid.items() if isinstance(val, dict)]
+        out.print(f"held-out fidelity ({fid['holdout_samples']} samples): " + "; ".join(parts))
     check = report.get("verification", {})
     out.print(
         f"FLOPs ratio {report['flops_ratio']:.3f}   params {report['params_before']:,} → "

@@ -21,8 +21,15 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 import planer
 from planer.compiler import emit
 from planer.compiler.blocks import find_blocks
-from planer.compiler.calibration import model_input_infos, random_feeds
+from planer.compiler.calibration import build_calibration, model_input_infos, random_feeds
 from planer.compiler.canonicalize import canonicalize
+from planer.compiler.driver.prune import (
+    Selection,
+    calibrated_selection,
+    magnitude_selection,
+    plan_for_flops,
+)
+from planer.compiler.errors import BadInputError
 from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
@@ -32,24 +39,11 @@ from planer.passes import (
     HeadPruningConfig,
     HeadPruningPass,
 )
-from planer.passes.importance import magnitude_channel_scores, magnitude_head_scores, top_indices
+from planer.passes.prune_fit import capture_layers
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """Which heads and channels each layer keeps, with optional refitted output projections."""
-
-    heads: dict[int, tuple[int, ...]]
-    channels: dict[int, tuple[int, ...]]
-    head_output: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
-    channel_output: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
-        default_factory=dict
-    )
-    method: str = "magnitude"
 
 
 @dataclasses.dataclass
@@ -66,15 +60,6 @@ def read_model(path: Path) -> tuple[ir.Model, ModelSpec]:
     model = load_model(path)
     canonicalize(model)
     return model, find_blocks(model)
-
-
-def magnitude_selection(spec: ModelSpec, plan: Plan) -> Selection:
-    """Chooses kept heads/channels by weight magnitude (the data-free fallback)."""
-    heads, channels = {}, {}
-    for layer, choice in zip(spec.layers, plan.layers, strict=True):
-        heads[layer.index] = top_indices(magnitude_head_scores(layer.attention), choice.heads)
-        channels[layer.index] = top_indices(magnitude_channel_scores(layer.ffn), choice.ffn)
-    return Selection(heads=heads, channels=channels)
 
 
 def apply_selection(model: ir.Model, spec: ModelSpec, selection: Selection) -> ir.Model:
@@ -96,30 +81,71 @@ def compile_plan(
     model_path: Path,
     out_dir: Path,
     *,
-    plan_data: dict[str, Any] | None,
+    plan_data: dict[str, Any] | None = None,
+    target_flops: float | None = None,
+    calibration: Path | None = None,
+    tokenizer: Path | None = None,
     batch: int = 1,
     seq_len: int = 128,
-    select: Callable[[ir.Model, ModelSpec, Plan], Selection] | None = None,
+    reconstruct: bool = True,
+    method: str = "calibrated",
     progress: Progress | None = None,
 ) -> CompileResult:
-    """Compiles `model_path` to the given plan (neutral when None) and writes `out_dir`."""
+    """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
+
+    With calibration data the kept heads/channels come from calibrated importance and
+    the output projections are refit; without it, from weight magnitude.
+    """
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
+    if plan_data is not None and target_flops is not None:
+        raise BadInputError("give either --plan or --target-flops, not both.")
+    if target_flops is not None and not 0.0 < target_flops <= 1.0:
+        raise BadInputError(f"--target-flops must be in (0, 1], not {target_flops}.")
     emit.check_output_location(model_path, out_dir)
     say(f"reading {model_path}")
     model, spec = read_model(model_path)
     plan = parse_plan(plan_data, spec) if plan_data is not None else Plan.neutral(spec)
-    selection = select(model, spec, plan) if select else magnitude_selection(spec, plan)
+    _refuse_unbuilt_fields(plan)
+    calib = None
+    if calibration is not None or target_flops is not None:
+        say("tokenizing calibration data")
+        calib = build_calibration(
+            calibration, model_input_infos(model), tokenizer=tokenizer,
+            vocab_size=spec.vocab_size, seq_len=seq_len,
+        )
+    fit_records: list[dict[str, Any]] = []
+    if calib is not None:
+        say("capturing calibration activations")
+        acts = capture_layers(model, spec, calib.batches)
+        if target_flops is not None:
+            say(f"allocating heads and channels for {target_flops:.2f} of the FLOPs")
+            plan = plan_for_flops(model, spec, calib, target_flops, batch=batch,
+                                  seq_len=seq_len, acts=acts)
+        say("fitting kept units and refitting output projections")
+        selection, fit_records = calibrated_selection(
+            model, spec, plan, calib, acts=acts, reconstruct=reconstruct, method=method)
+    else:
+        selection = magnitude_selection(spec, plan)
     say("rewriting layers")
     apply_selection(model, spec, selection)
     report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len)
+    for layer, record in zip(report["layers"], fit_records, strict=False):
+        layer.update({k: v for k, v in record.items() if k != "index"})
+    if calib is not None:
+        report["calibration"] = {"source": calib.source, "synthetic": calib.synthetic,
+                                 "fit_samples": calib.num_samples(),
+                                 "holdout_samples": calib.holdout_samples()}
     feeds = random_feeds(model_input_infos(model), batch=2, seq_len=min(seq_len, 16),
                          vocab_size=spec.vocab_size, seed=0)
 
     def measure(path: Path) -> dict[str, Any]:
         say("verifying against the original model")
-        return {"verification": compare_outputs(model_path, path, feeds),
-                "compile_seconds": round(time.perf_counter() - started, 2)}
+        extra: dict[str, Any] = {"verification": compare_outputs(model_path, path, feeds)}
+        if calib is not None and calib.holdout:
+            extra["fidelity"] = fidelity(model_path, path, calib.holdout)
+        extra["compile_seconds"] = round(time.perf_counter() - started, 2)
+        return extra
 
     say(f"writing {out_dir}")
     written = emit.write_outputs(
@@ -129,6 +155,15 @@ def compile_plan(
     )
     return CompileResult(model_path=out_dir / emit.MODEL_NAME, plan=plan,
                          report=written["report.json"])
+
+
+def _refuse_unbuilt_fields(plan: Plan) -> None:
+    for i, layer in enumerate(plan.layers):
+        if layer.moe is not None or layer.skim_keep is not None:
+            field = "moe" if layer.moe is not None else "skim_keep"
+            raise BadInputError(
+                f"plan layer {i} sets {field}, which this pipeline cannot apply yet; remove it."
+            )
 
 
 def build_report(
@@ -183,3 +218,42 @@ def compare_outputs(original: Path, compiled: Path, feeds: dict[str, np.ndarray]
         denom = np.linalg.norm(a64) * np.linalg.norm(b64)
         cosines.append(float(a64 @ b64 / denom) if denom else 1.0)
     return {"inputs": "random", "max_abs_diff": max_abs, "min_cosine": min(cosines)}
+
+
+def fidelity(original: Path, compiled: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Compares the compiled model's outputs with the original's on held-out batches.
+
+    Hidden-state outputs [B, S, D]: cosine per real token and of mean-pooled sequences.
+    Logit outputs [B, C]: cosine per row and top-1 agreement. Means and 5th percentiles.
+    """
+    options = ort.SessionOptions()
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for p in (original, compiled)]
+    names = {i.name for i in sessions[0].get_inputs()}
+    token_cos, pooled_cos, agree = [], [], []
+    for feed in batches:
+        feed = {k: v for k, v in feed.items() if k in names}
+        a, b = (s.run(None, feed)[0].astype(np.float64) for s in sessions)
+        if a.ndim == 3:
+            mask = feed.get("attention_mask", np.ones(a.shape[:2])).astype(bool)
+            token_cos.extend(_cos(a[mask], b[mask]))
+            weights = mask[..., None].astype(np.float64)
+            pooled_cos.extend(_cos((a * weights).sum(1), (b * weights).sum(1)))
+        else:
+            pooled_cos.extend(_cos(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)))
+            if a.ndim == 2:
+                agree.extend((a.argmax(-1) == b.argmax(-1)).tolist())
+    result: dict[str, Any] = {"holdout_samples": sum(len(next(iter(f.values()))) for f in batches)}
+    for key, values in (("token_cosine", token_cos), ("pooled_cosine", pooled_cos)):
+        if values:
+            result[key] = {"mean": round(float(np.mean(values)), 5),
+                           "p5": round(float(np.percentile(values, 5)), 5)}
+    if agree:
+        result["top1_agreement"] = round(float(np.mean(agree)), 5)
+    return result
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> list[float]:
+    num = np.sum(a * b, axis=-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (num / np.where(den == 0, 1.0, den)).tolist()

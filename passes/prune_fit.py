@@ -1,0 +1,189 @@
+"""Fits head/channel pruning on unlabelled calibration data: importance, allocation, refit.
+
+Importance (label-free). A head's or channel's contribution to its block output is
+exact and separable: attention out = Σ_h ctx_h·Wo_h + bo, FFN out = Σ_j a_j·w2_j + b2.
+Removing unit u and folding its mean into the bias (FLAP's bias compensation) changes
+the block output by c_u − E[c_u], so its cost is E‖c_u − E[c_u]‖². Dividing by the
+energy of the residual stream the block adds to, E‖r‖², makes costs comparable across
+layers: it is the relative perturbation the next LayerNorm sees. Weight magnitude
+ignores both how large the activations are and how much they vary; a unit that is
+large but constant costs nothing once its mean moves into the bias.
+
+Allocation. Units are removed greedily, cheapest cost per FLOP saved first, from one
+global queue over every layer's heads and channel groups, until the FLOPs target is
+met. Layers therefore end up with different widths where their sensitivity differs.
+
+Reconstruction. With the kept units chosen, each block's output projection (O rows,
+W2 rows) and bias are refit by ridge least squares so the pruned block reproduces the
+original block's output on calibration tokens (Kwon et al.'s layer-wise refit, bias
+included). Kept heads' contexts and kept channels' activations do not change when
+others are removed, so the fit is exact-data, one linear solve per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from planer.compiler.capture import capture_tokens
+from planer.compiler.spec import LayerSpec, ModelSpec, layer_flops, model_flops
+
+logger = logging.getLogger(__name__)
+
+RIDGE = 1e-3  # relative to the mean diagonal of XᵀX: stabilises the solve on few tokens
+
+
+@dataclasses.dataclass
+class LayerActivations:
+    """Calibration token rows for one layer (same tokens for every array)."""
+
+    ctx: np.ndarray  # [N, I] attention context entering the O projection
+    attn_residual: np.ndarray  # [N, D] residual stream the attention output is added to
+    act: np.ndarray  # [N, F] FFN activation entering W2
+    ffn_residual: np.ndarray  # [N, D]
+
+
+@dataclasses.dataclass
+class Importance:
+    """Per-unit removal costs (relative to the residual energy), higher = more important."""
+
+    heads: list[np.ndarray]  # per layer, [H]
+    channels: list[np.ndarray]  # per layer, [F]
+
+
+def capture_layers(
+    model: ir.Model, spec: ModelSpec, batches: Sequence[dict[str, np.ndarray]], *,
+    max_tokens: int = 4096, seed: int = 0,
+) -> list[LayerActivations]:
+    """Captures every layer's context, FFN activation and residuals in one ORT pass per batch."""
+    values: list[ir.Value] = []
+    for layer in spec.layers:
+        a, f = layer.attention, layer.ffn
+        values += [a.o.matmul.inputs[0], residual_of(a.out, a.x), f.w2.matmul.inputs[0],
+                   residual_of(f.out, f.x)]
+    arrays = capture_tokens(model, values, batches, max_tokens=max_tokens, seed=seed)
+    return [LayerActivations(*arrays[4 * i: 4 * i + 4]) for i in range(len(spec.layers))]
+
+
+def residual_of(block_out: ir.Value, fallback: ir.Value) -> ir.Value:
+    """Returns the other operand of the residual Add reading `block_out`."""
+    for node in block_out.consumers():
+        if node.op_type == "Add" and len(node.inputs) == 2:
+            other = node.inputs[1] if node.inputs[0] is block_out else node.inputs[0]
+            if other is not None and other.const_value is None:
+                return other
+    return fallback
+
+
+def importance(spec: ModelSpec, acts: list[LayerActivations]) -> Importance:
+    """Scores every head and channel by its bias-compensated removal cost."""
+    heads, channels = [], []
+    for layer, act in zip(spec.layers, acts, strict=True):
+        a, f = layer.attention, layer.ffn
+        d = a.head_size
+        wo = a.o.w().astype(np.float64)
+        energy_a = _energy(act.attn_residual)
+        scores = []
+        for h in range(a.heads):
+            contribution = act.ctx[:, h * d:(h + 1) * d].astype(np.float64) @ wo[h * d:(h + 1) * d]
+            scores.append(_centered_energy(contribution) / energy_a)
+        heads.append(np.asarray(scores))
+        w2_norm = np.sum(f.w2.w().astype(np.float64) ** 2, axis=1)
+        variance = np.var(act.act.astype(np.float64), axis=0)
+        channels.append(variance * w2_norm / _energy(act.ffn_residual))
+    return Importance(heads=heads, channels=channels)
+
+
+def _energy(rows: np.ndarray) -> float:
+    return float(np.mean(np.sum(rows.astype(np.float64) ** 2, axis=1))) or 1.0
+
+
+def _centered_energy(rows: np.ndarray) -> float:
+    centered = rows - rows.mean(axis=0, keepdims=True)
+    return float(np.mean(np.sum(centered**2, axis=1)))
+
+
+def allocate(
+    spec: ModelSpec, scores: Importance, target_ratio: float, *,
+    batch: int, seq_len: int, channel_group: int | None = None,
+) -> list[tuple[int, int]]:
+    """Chooses per-layer (heads, channels) kept so model FLOPs <= target_ratio of the original.
+
+    Units go cheapest-cost-per-FLOP first from one global queue; channels move in groups
+    (default F/64) so widths stay GEMM-friendly.
+    """
+    total = model_flops(spec, batch=batch, seq_len=seq_len)
+    budget = target_ratio * total
+    kept = [[layer.attention.heads, layer.ffn.width] for layer in spec.layers]
+    orders = [
+        (np.argsort(scores.heads[i], kind="stable"), np.argsort(scores.channels[i], kind="stable"))
+        for i in range(len(spec.layers))
+    ]
+    removed = [[0, 0] for _ in spec.layers]
+    groups = [channel_group or max(1, layer.ffn.width // 64) for layer in spec.layers]
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int, kind: int) -> None:
+        layer = spec.layers[i]
+        step = 1 if kind == 0 else groups[i]
+        if kept[i][kind] - step < 0:
+            return
+        order = orders[i][kind]
+        chosen = order[removed[i][kind]: removed[i][kind] + step]
+        cost = float(np.sum((scores.heads if kind == 0 else scores.channels)[i][chosen]))
+        saved = _flops(layer, kept[i], batch, seq_len) - _flops(
+            layer, [kept[i][0] - (kind == 0), kept[i][1] - step * (kind == 1)], batch, seq_len)
+        heapq.heappush(heap, (cost / max(saved, 1), i, kind))
+
+    for i in range(len(spec.layers)):
+        push(i, 0)
+        push(i, 1)
+    current = total
+    while current > budget and heap:
+        _, i, kind = heapq.heappop(heap)
+        step = 1 if kind == 0 else groups[i]
+        before = _flops(spec.layers[i], kept[i], batch, seq_len)
+        kept[i][kind] -= step
+        removed[i][kind] += step
+        current -= before - _flops(spec.layers[i], kept[i], batch, seq_len)
+        push(i, kind)
+    return [(h, f) for h, f in kept]
+
+
+def _flops(layer: LayerSpec, kept: list[int], batch: int, seq_len: int) -> int:
+    a = layer.attention
+    return layer_flops(hidden=a.q.in_features, heads=kept[0], head_size=a.head_size,
+                       ffn=kept[1], batch=batch, seq_len=seq_len)
+
+
+def kept_units(scores: np.ndarray, count: int) -> tuple[int, ...]:
+    """Returns the sorted indices of the `count` most important units."""
+    order = np.argsort(-scores, kind="stable")
+    return tuple(sorted(int(i) for i in order[:count]))
+
+
+def refit(x_keep: np.ndarray, y: np.ndarray, *, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """Solves min ‖x_keep·W + b − y‖² + λ‖W‖² and returns (W [K, D], b [D]) in float32."""
+    x = x_keep.astype(np.float64)
+    t = y.astype(np.float64)
+    if x.shape[1] == 0:
+        return np.zeros((0, t.shape[1]), np.float32), t.mean(axis=0).astype(np.float32)
+    mx, my = x.mean(axis=0), t.mean(axis=0)
+    xc, yc = x - mx, t - my
+    gram = xc.T @ xc
+    lam = ridge * float(np.mean(np.diag(gram))) + 1e-12
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), xc.T @ yc)
+    b = my - mx @ w
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def relative_error(pred: np.ndarray, target: np.ndarray) -> float:
+    """Returns ‖pred − target‖² / ‖target − mean(target)‖² over token rows."""
+    t = target.astype(np.float64)
+    denom = float(np.sum((t - t.mean(axis=0)) ** 2)) or 1.0
+    return float(np.sum((pred.astype(np.float64) - t) ** 2)) / denom
