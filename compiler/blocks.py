@@ -53,6 +53,11 @@ def find_blocks(model: ir.Model) -> ModelSpec:
             attentions.append(_find_attention(node))
         except _NoMatch as why:
             skipped.append(f"{node.name}: {why}")
+    if not attentions and any(_has_relative_scores(n) for n in graph if n.op_type == "Softmax"):
+        raise UnsupportedModelError(
+            "attention scores add a term computed from the hidden states "
+            "(DeBERTa-style relative-position attention), which planer cannot rewrite per head."
+        )
     if not attentions:
         detail = f" ({skipped[0]})" if skipped else ""
         raise UnsupportedModelError(
@@ -65,7 +70,6 @@ def find_blocks(model: ir.Model) -> ModelSpec:
     attentions.sort(key=lambda a: order[a.out.producer()])
     ffns = sorted(_find_ffns(graph), key=lambda f: order[f.out.producer()])
     layers = _pair_layers(attentions, ffns, order)
-    _reject_shared_weights(layers)
     for layer in layers:
         _reject_hidden_dependent_scores(layer.attention)
     hidden = layers[0].attention.q.in_features
@@ -79,6 +83,7 @@ def find_blocks(model: ir.Model) -> ModelSpec:
         total_params=_total_params(graph),
         other_matmul_macs_per_token=_other_macs(graph, used),
         kind="decoder" if _is_fused_qkv(layers[0].attention) else "encoder",
+        shared_weights=_shares_weights(layers),
     )
 
 
@@ -137,6 +142,12 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
         raise _NoMatch("Q/K/V/O widths disagree (grouped-query attention is not supported)")
     head_size = _head_size(q_shapes + k_shapes + v_shapes, inner)
     out = _linear_output(o)
+    after = [c for c in out.consumers() if c.op_type != "Shape"]
+    if len(after) == 1 and after[0].op_type == "Reshape":
+        # A 2-D (flattened-token) output projection is restored to [B, S, D] right after;
+        # the block ends there, so the rewrite can emit [B, S, D] directly.
+        nodes.append(after[0])
+        out = after[0].outputs[0]
     return AttentionSpec(
         block="", x=x, out=out, q=q, k=k, v=v, o=o,
         heads=inner // head_size, head_size=head_size, scale=scale,
@@ -173,6 +184,39 @@ def _is_score_like(value: ir.Value) -> bool:
         if len(inputs) != 1:
             return any(_is_score_like(i) for i in inputs[:2]) if len(inputs) == 2 else False
         value = inputs[0]
+    return False
+
+
+def _has_relative_scores(softmax: ir.Node) -> bool:
+    """Tells whether the scores add two products of activations (c2p/p2c relative terms)."""
+    stack, steps = [softmax.inputs[0]], 0
+    while stack and steps < 24:
+        value = stack.pop()
+        producer = value.producer() if value is not None else None
+        steps += 1
+        if producer is None or producer.op_type not in SCORE_OPS:
+            continue
+        data = [i for i in producer.inputs if i is not None and const_array(i) is None]
+        if producer.op_type == "Add" and len(data) == 2 \
+                and all(_reaches_activation_matmul(i) for i in data):
+            return True
+        stack.extend(data)
+    return False
+
+
+def _reaches_activation_matmul(value: ir.Value, budget: int = 200) -> bool:
+    """Tells whether `value` is computed from a product of two activations (not a mask)."""
+    stack, seen = [value], set()
+    while stack and budget > 0:
+        item = stack.pop()
+        producer = item.producer()
+        if producer is None or id(producer) in seen or producer.op_type in ("Shape", "Size"):
+            continue
+        seen.add(id(producer))
+        budget -= 1
+        if producer.op_type == "MatMul" and all(const_array(i) is None for i in producer.inputs):
+            return True
+        stack.extend(i for i in producer.inputs if i is not None)
     return False
 
 
@@ -487,18 +531,17 @@ def _norm_style(attn: AttentionSpec) -> str:
     return "post"
 
 
-def _reject_shared_weights(layers: list[LayerSpec]) -> None:
-    owners: dict[int, int] = {}
+def _shares_weights(layers: list[LayerSpec]) -> bool:
+    """Tells whether layers share projection weights (ALBERT); passes never edit in place,
+    so a rewritten layer simply gets its own copy.
+    """
+    seen: set[int] = set()
     for layer in layers:
-        for lin in layer.projections():
-            key = id(lin.weight)
-            if key in owners and owners[key] != layer.index:
-                raise UnsupportedModelError(
-                    f"layers {owners[key]} and {layer.index} share the weight "
-                    f"{lin.weight.name!r} (ALBERT-style weight sharing); planer prunes each "
-                    "layer separately and cannot rewrite shared layers."
-                )
-            owners[key] = layer.index
+        mine = {id(lin.weight) for lin in layer.projections()}
+        if mine & seen:
+            return True
+        seen |= mine
+    return False
 
 
 def _reject_hidden_dependent_scores(attn: AttentionSpec) -> None:

@@ -1,7 +1,9 @@
 """Rewrites the spellings exporters produce into one form the block finder matches.
 
     Constant nodes          ─▶ initializers (the finder reads weights one way)
+    Identity(w)             ─▶ w
     Gemm(x, W, b, transB)   ─▶ MatMul(x, W_KN) ─ Add(b)
+    Reshape(x,[-1,K]) ─ MatMul ─ Reshape(·,[..,N])  ─▶ MatMul(x, W_KN)   (GPT-2 Conv1D)
     decomposed LayerNorm    ─▶ LayerNormalization (opset >= 17)
     ReduceMean ─ Sub ─ Pow ─ ReduceMean ─ Add(eps) ─ Sqrt ─ Div ─ Mul(γ) ─ Add(β)
 
@@ -22,7 +24,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
-from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    RemoveUnusedNodesPass,
+    ShapeInferencePass,
+)
 
 from planer.compiler.irutil import add_initializer, const_array, other_input, replace_uses, scalar
 from planer.compiler.loading import default_opset
@@ -69,6 +76,87 @@ class GemmToMatMulPass(InPlacePass):
             model.graph.remove(node, safe=True)
             count += 1
         return PassResult(model, modified=count > 0)
+
+
+class FoldFlattenedLinearPass(InPlacePass):
+    """Rewrites Reshape(x, [-1, K]) ─ MatMul(W_KN) [─ Add] ─ Reshape(·, [..., N]) as MatMul on x.
+
+    GPT-2's Conv1D exports flatten tokens to 2-D around every projection. MatMul
+    broadcasts over leading dims, so applying it to x directly is the same arithmetic;
+    the fold needs x's last dim to be K (from shape inference) and the second Reshape
+    to end in N, restoring the leading dims.
+    """
+
+    def call(self, model: ir.Model) -> PassResult:
+        count = 0
+        for node in list(model.graph):
+            if node.op_type != "MatMul" or node.graph is None:
+                continue
+            weight = const_array(node.inputs[1])
+            flatten = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if weight is None or weight.ndim != 2 or flatten is None \
+                    or flatten.op_type != "Reshape":
+                continue
+            target = _shape_entries(flatten.inputs[1])
+            x = flatten.inputs[0]
+            if target is None or len(target) != 2 or target[0] != -1 \
+                    or target[1] not in (None, weight.shape[0]) \
+                    or not _last_dim_is(x, weight.shape[0]):
+                continue
+            tail = node.outputs[0]
+            add = _only(tail, "Add")
+            if add is not None and const_array(other_input(add, tail)) is not None:
+                tail = add.outputs[0]
+            unflatten = _only(tail, "Reshape")
+            if unflatten is None or not _ends_with(unflatten.inputs[1], weight.shape[1]):
+                continue
+            node.replace_input_with(0, x)
+            for value in (node.outputs[0], tail):
+                value.shape = None
+            replace_uses(unflatten.outputs[0], tail)
+            count += 1
+        if count:
+            RemoveUnusedNodesPass()(model)
+        return PassResult(model, modified=count > 0)
+
+
+def _shape_entries(value: ir.Value | None) -> list[int | None] | None:
+    """Reads a shape tensor's entries, None where computed at run time (one per [1] part)."""
+    array = const_array(value)
+    if array is not None:
+        return [int(v) for v in array.reshape(-1)]
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Concat":
+        return None
+    entries: list[int | None] = []
+    for part in producer.inputs:
+        known = const_array(part)
+        if known is not None:
+            entries.extend(int(v) for v in known.reshape(-1))
+        elif part is not None and part.shape is not None and part.shape.dims == (1,):
+            entries.append(None)
+        else:
+            return None
+    return entries
+
+
+def _last_dim_is(value: ir.Value | None, size: int) -> bool:
+    shape = value.shape if value is not None else None
+    if shape is None or len(shape) < 2:
+        return False
+    last = shape[len(shape) - 1]
+    return isinstance(last, int) and last == size
+
+
+def _ends_with(value: ir.Value | None, size: int) -> bool:
+    array = const_array(value)
+    if array is not None:
+        return int(array.reshape(-1)[-1]) == size
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Concat":
+        return False
+    last = const_array(producer.inputs[-1])
+    return last is not None and int(last.reshape(-1)[-1]) == size
 
 
 class FuseLayerNormPass(InPlacePass):
@@ -159,7 +247,18 @@ def _only(value: ir.Value, op_type: str) -> ir.Node | None:
 def canonicalize(model: ir.Model) -> ir.Model:
     """Runs every canonicalization on `model` in place and returns it."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    IdentityEliminationPass()(model)
     GemmToMatMulPass()(model)
+    _infer_shapes(model)
+    FoldFlattenedLinearPass()(model)
     FuseLayerNormPass()(model)
     RemoveUnusedNodesPass()(model)
     return model
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """Annotates ranks and static dims where ONNX shape inference can tell them."""
+    try:
+        ShapeInferencePass()(model)
+    except Exception as exc:  # inference is an aid here, never a requirement
+        logger.info("shape inference skipped: %s", exc)

@@ -138,12 +138,14 @@ class ModelSpec:
     other_matmul_macs_per_token: int  # MACs of constant-weight MatMuls outside the layers
     kind: str = "encoder"  # "encoder" or "decoder"
     causal: bool | None = None
+    shared_weights: bool = False  # layers share projection weights (ALBERT)
 
     def to_dict(self, *, batch: int = 1, seq_len: int = 128) -> dict[str, Any]:
         """Returns a JSON-ready summary (what `planer inspect --json` prints)."""
         return {
             "kind": self.kind,
             "causal": self.causal,
+            "shared_weights": self.shared_weights,
             "hidden": self.hidden,
             "vocab_size": self.vocab_size,
             "inputs": self.inputs,
