@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from planer.cost_model import timing
 from planer.cost_model.timing import (
     SessionOptions,
