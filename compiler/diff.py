@@ -572,8 +572,13 @@ class Diff:
                 changes.append(f"weights changed: {', '.join(refit)}")
         plan_layer = self._plan_layer(ib)
         changes.extend(_plan_changes(plan_layer))
-        record.update(changes=changes, plan=plan_layer, passes=self._passes(ib))
+        record.update(plan=plan_layer, passes=self._passes(ib))
         record.update(_group_record(nodes))
+        if la and lb and not changes and any(record["nodes"][k] for k in
+                                             ("changed", "added", "removed")):
+            by = f" by {', '.join(record['passes'])}" if record["passes"] else ""
+            changes.append(f"rewritten{by}, same weights")
+        record["changes"] = changes
         return record
 
     def _plan_layer(self, ib: int | None) -> dict[str, Any] | None:
@@ -733,8 +738,10 @@ def tensor_pairs(diff: Diff) -> list[dict[str, Any]]:
             found.append({"kind": "output", "name": va.name, "values": (va, vb)})
     for node in a.nodes:
         pair = diff.match.nodes.get(node)
-        # Sequence alignment pairs by op type only; its pairs are not the same tensor.
-        if pair is None or pair[1] == "sequence":
+        # Sequence alignment pairs by op type only, and a structural pair whose attributes
+        # differ (a Transpose with another perm) need not compute the same tensor.
+        if pair is None or pair[1] == "sequence" or (
+                pair[1] == "structure" and _attributes(node) != _attributes(pair[0])):
             continue
         for va, vb in zip(node.outputs, pair[0].outputs, strict=False):
             if va.dtype is not None and not va.dtype.is_floating_point():

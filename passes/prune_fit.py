@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -118,7 +118,30 @@ def allocate(
     (default F/64) so widths stay GEMM-friendly.
     """
     total = model_flops(spec, batch=batch, seq_len=seq_len)
-    budget = target_ratio * total
+    fixed = total - sum(_flops(layer, [layer.attention.heads, layer.ffn.width], batch, seq_len)
+                        for layer in spec.layers)
+    return allocate_budget(
+        spec, scores, lambda layer, h, f: _flops(layer, [h, f], batch, seq_len),
+        target_ratio * total - fixed, channel_group=channel_group,
+    )
+
+
+LayerCost = Callable[[LayerSpec, int, int], float]
+
+
+def allocate_budget(
+    spec: ModelSpec, scores: Importance, cost: LayerCost, budget: float, *,
+    channel_group: int | None = None,
+) -> list[tuple[int, int]]:
+    """Removes units, least importance per unit of `cost` saved first, until Σ cost <= budget.
+
+    Args:
+        spec: the model.
+        scores: per-unit removal costs (importance).
+        cost: a layer's cost (FLOPs, predicted milliseconds, ...) at (heads, channels).
+        budget: the most the layers together may cost.
+        channel_group: channels removed per step (default F/64).
+    """
     kept = [[layer.attention.heads, layer.ffn.width] for layer in spec.layers]
     orders = [
         (np.argsort(scores.heads[i], kind="stable"), np.argsort(scores.channels[i], kind="stable"))
@@ -128,29 +151,31 @@ def allocate(
     groups = [channel_group or max(1, layer.ffn.width // 64) for layer in spec.layers]
     heap: list[tuple[float, int, int]] = []
 
+    def step_of(i: int, kind: int) -> int:
+        return 1 if kind == 0 else min(groups[i], kept[i][1])
+
     def push(i: int, kind: int) -> None:
-        layer = spec.layers[i]
-        step = 1 if kind == 0 else groups[i]
-        if kept[i][kind] - step < 0:
+        step = step_of(i, kind)
+        if step == 0 or kept[i][kind] - step < 0:
             return
         order = orders[i][kind]
         chosen = order[removed[i][kind]: removed[i][kind] + step]
-        cost = float(np.sum((scores.heads if kind == 0 else scores.channels)[i][chosen]))
-        saved = _flops(layer, kept[i], batch, seq_len) - _flops(
-            layer, [kept[i][0] - (kind == 0), kept[i][1] - step * (kind == 1)], batch, seq_len)
-        heapq.heappush(heap, (cost / max(saved, 1), i, kind))
+        importance_lost = float(np.sum((scores.heads if kind == 0 else scores.channels)[i][chosen]))
+        after = [kept[i][0] - (kind == 0), kept[i][1] - step * (kind == 1)]
+        saved = cost(spec.layers[i], *kept[i]) - cost(spec.layers[i], *after)
+        heapq.heappush(heap, (importance_lost / max(saved, 1e-12), i, kind))
 
     for i in range(len(spec.layers)):
         push(i, 0)
         push(i, 1)
-    current = total
+    current = sum(cost(layer, *kept[i]) for i, layer in enumerate(spec.layers))
     while current > budget and heap:
         _, i, kind = heapq.heappop(heap)
-        step = 1 if kind == 0 else groups[i]
-        before = _flops(spec.layers[i], kept[i], batch, seq_len)
+        step = step_of(i, kind)
+        before = cost(spec.layers[i], *kept[i])
         kept[i][kind] -= step
         removed[i][kind] += step
-        current -= before - _flops(spec.layers[i], kept[i], batch, seq_len)
+        current -= before - cost(spec.layers[i], *kept[i])
         push(i, kind)
     return [(h, f) for h, f in kept]
 

@@ -5,6 +5,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit $?
+# The diff page is tested in a real headless Chromium (Debian package); without apt/root
+# the browser test skips and says why.
+bash scripts/install-browser.sh
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

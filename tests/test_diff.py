@@ -89,8 +89,13 @@ def test_minilm_json_names_every_layer_and_the_first_divergent_node(
     assert div["outputs"][0]["diverged"]
 
 
-def test_minilm_text_output(minilm_pair: tuple[Path, Path, Path],
+def test_minilm_text_output(minilm_pair: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
+    from rich.console import Console
+
+    from planer.compiler.driver import diff_cli
+
+    monkeypatch.setattr(diff_cli, "out", Console(width=200, soft_wrap=True))
     dense, compiled, inputs = minilm_pair
     code, out, _ = run_cli(["diff", str(dense), str(compiled), "--inputs", str(inputs)], capsys)
     assert code == 0

@@ -26,6 +26,7 @@ from planer.compiler.errors import (
     BadInputError,
     PlanerError,
 )
+from planer.compiler.driver import diff_cli
 from planer.compiler.plan import load_plan
 
 console = Console(stderr=True, soft_wrap=True)
@@ -88,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                           default="calibrated", help="how kept heads/channels are chosen")
     _shape_args(compile_)
     compile_.set_defaults(run=run_compile)
+
+    diff_cli.add_parser(sub)
     return parser
 
 
