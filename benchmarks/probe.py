@@ -38,7 +38,10 @@ def read_labelled(path: Path) -> tuple[list[str], np.ndarray]:
     return [r[0] for r in rows], np.asarray([names.index(r[1]) for r in rows])
 
 
-def probe_splits(data: Path = DATA) -> dict[str, tuple[list[str], np.ndarray, list[str], np.ndarray]]:
+Split = tuple[list[str], np.ndarray, list[str], np.ndarray]
+
+
+def probe_splits(data: Path = DATA) -> dict[str, Split]:
     """Returns {task: (fit texts, fit labels, test texts, test labels)} for SST-2 and AG News."""
     texts, labels = read_labelled(data / "sst2" / "train.tsv")
     rows = np.random.default_rng(SEED).choice(len(texts), SST2_TRAIN_ROWS, replace=False)

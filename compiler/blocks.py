@@ -157,10 +157,7 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
 
 def _data_index(node: ir.Node, *, value_chain_input: bool) -> int:
     """Returns the input position of the non-constant operand that carries the scores."""
-    if node.op_type == "Where":
-        candidates = [1, 2]
-    else:
-        candidates = list(range(len(node.inputs)))
+    candidates = [1, 2] if node.op_type == "Where" else list(range(len(node.inputs)))
     data = [i for i in candidates if node.inputs[i] is not None
             and const_array(node.inputs[i]) is None and _is_score_like(node.inputs[i])]
     if len(data) != 1:
@@ -317,7 +314,8 @@ def _split_columns(split: ir.Node, value: ir.Value) -> slice:
         attr = split.attributes.get("split")
         sizes = np.asarray(attr.value) if attr is not None else None
     if sizes is None:
-        weight = _as_linear(split.inputs[0].producer(), None) if split.inputs[0].producer() else None
+        producer = split.inputs[0].producer()
+        weight = _as_linear(producer, None) if producer is not None else None
         if weight is None:
             raise _NoMatch("split of a non-projection")
         width = weight.out_features // len(split.outputs)
@@ -464,7 +462,8 @@ def _activation_region(value: ir.Value | None) -> tuple[list[ir.Node], ir.Value]
                     return None  # per-channel constants would need slicing too
                 continue
             producer = item.producer()
-            if producer is not None and producer.op_type in ELEMENTWISE and not _is_linear_end(producer):
+            if producer is not None and producer.op_type in ELEMENTWISE \
+                    and not _is_linear_end(producer):
                 stack.append(producer)
             else:
                 roots.add(item)
@@ -532,8 +531,9 @@ def _norm_style(attn: AttentionSpec) -> str:
 
 
 def _shares_weights(layers: list[LayerSpec]) -> bool:
-    """Tells whether layers share projection weights (ALBERT); passes never edit in place,
-    so a rewritten layer simply gets its own copy.
+    """Tells whether layers share projection weights (ALBERT).
+
+    Passes never edit initializers in place, so a rewritten layer gets its own copy.
     """
     seen: set[int] = set()
     for layer in layers:

@@ -36,3 +36,7 @@ class TargetUnreachableError(PlanerError):
     """The latency target could not be met; the best model found was still written."""
 
     exit_code = EXIT_UNREACHABLE
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result

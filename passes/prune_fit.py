@@ -192,7 +192,9 @@ def kept_units(scores: np.ndarray, count: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in order[:count]))
 
 
-def refit(x_keep: np.ndarray, y: np.ndarray, *, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
+def refit(
+    x_keep: np.ndarray, y: np.ndarray, *, ridge: float = RIDGE
+) -> tuple[np.ndarray, np.ndarray]:
     """Solves min ‖x_keep·W + b − y‖² + λ‖W‖² and returns (W [K, D], b [D]) in float32."""
     x = x_keep.astype(np.float64)
     t = y.astype(np.float64)

@@ -18,7 +18,8 @@ def _cnn(path: Path) -> Path:
     rng = np.random.default_rng(0)
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
                            rng.standard_normal(108).astype(np.float32))
-    fc = helper.make_tensor("fc", TensorProto.FLOAT, [4, 2], rng.standard_normal(8).astype(np.float32))
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [4, 2],
+                            rng.standard_normal(8).astype(np.float32))
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
          helper.make_node("GlobalAveragePool", ["r"], ["p"]),

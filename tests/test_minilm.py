@@ -30,7 +30,8 @@ def _inspect(path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
 def test_inspect_minilm(which: str, request: pytest.FixtureRequest,
                         capsys: pytest.CaptureFixture[str]) -> None:
     data = _inspect(request.getfixturevalue(which), capsys)
-    assert [(la["heads"], la["hidden"], la["ffn"]) for la in data["layers"]] == [(12, 384, 1536)] * 6
+    dims = [(la["heads"], la["hidden"], la["ffn"]) for la in data["layers"]]
+    assert dims == [(12, 384, 1536)] * 6
     assert {la["activation"] for la in data["layers"]} == {"gelu"}
     assert {la["norm"] for la in data["layers"]} == {"post"}
     assert data["vocab_size"] == 30522
@@ -51,7 +52,8 @@ def test_exports_have_the_expected_form(minilm_dynamo: Path, minilm_torchscript:
 def test_inspect_third_party_paraphrase(paraphrase_l3: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     data = _inspect(paraphrase_l3, capsys)
-    assert [(la["heads"], la["hidden"], la["ffn"]) for la in data["layers"]] == [(12, 384, 1536)] * 3
+    dims = [(la["heads"], la["hidden"], la["ffn"]) for la in data["layers"]]
+    assert dims == [(12, 384, 1536)] * 3
 
 
 @pytest.mark.parametrize("which", ["minilm_dynamo", "minilm_torchscript", "paraphrase_l3"])

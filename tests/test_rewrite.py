@@ -67,7 +67,9 @@ def _structure(path: Path) -> str:
     for node in model.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
         ins = ", ".join("<w>" if i in inits else i for i in node.input)
-        tag = f"  [{meta[PROVENANCE_PASS]} {meta[PROVENANCE_BLOCK]}]" if PROVENANCE_PASS in meta else ""
+        tag = ""
+        if PROVENANCE_PASS in meta:
+            tag = f"  [{meta[PROVENANCE_PASS]} {meta[PROVENANCE_BLOCK]}]"
         lines.append(f"{node.op_type} {node.name}({ins}) -> {', '.join(node.output)}{tag}")
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import planer
+from planer.compiler.driver import diff_cli
 from planer.compiler.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -26,7 +27,6 @@ from planer.compiler.errors import (
     BadInputError,
     PlanerError,
 )
-from planer.compiler.driver import diff_cli
 from planer.compiler.plan import load_plan
 
 console = Console(stderr=True, soft_wrap=True)
@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--plan", type=Path, help="plan JSON: per-layer heads/ffn to keep")
     compile_.add_argument("--target-flops", type=float, metavar="R",
                           help="keep this fraction (0, 1] of the FLOPs at --batch/--seq-len")
+    compile_.add_argument("--target-latency", type=_milliseconds, metavar="T",
+                          help="meet this median latency on the runtime, e.g. 20ms or 0.02s")
+    compile_.add_argument("--threads", type=_positive_int, default=1,
+                          help="intra-op threads of the target runtime (default 1)")
+    compile_.add_argument("--runtime", choices=("ort-cpu",), default="ort-cpu",
+                          help="target runtime the latency is measured on (default ort-cpu)")
+    compile_.add_argument("--refresh", action="store_true",
+                          help="re-measure block latencies instead of reusing stored ones")
     compile_.add_argument("--passes", default="prune",
                           help="comma-separated passes the search may use (default: prune)")
     compile_.add_argument("--calibration", type=Path, metavar="FILE",
@@ -89,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
                           default="calibrated", help="how kept heads/channels are chosen")
     _shape_args(compile_)
     compile_.set_defaults(run=run_compile)
+
+    profile = sub.add_parser("profile", help="measure block latencies and report the model error")
+    _model_arg(profile)
+    _shape_args(profile)
+    profile.add_argument("--threads", type=_positive_int, default=1)
+    profile.add_argument("--refresh", action="store_true", help="re-measure stored blocks")
+    profile.add_argument("--report", action="store_true",
+                         help="also measure compiled models and print the latency model's "
+                              "held-out error")
+    profile.set_defaults(run=run_profile)
 
     diff_cli.add_parser(sub)
     return parser
@@ -115,6 +133,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def _milliseconds(text: str) -> float:
+    value = text.strip().lower()
+    scale = 1.0
+    for suffix, factor in (("ms", 1.0), ("s", 1000.0)):
+        if value.endswith(suffix):
+            value, scale = value[: -len(suffix)], factor
+            break
+    try:
+        return float(value) * scale
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a latency such as 20ms") from exc
 
 
 def resolve_model(path: Path | None) -> Path:
@@ -180,6 +211,8 @@ def run_compile(args: argparse.Namespace) -> int:
                       is None else "no --calibration: fitting on random token inputs, a poor "
                       "stand-in for real text")
     started = time.perf_counter()
+    if args.target_latency is not None:
+        return _compile_latency(args, path, tokenizer, started)
     with console.status("compiling") as status:
         result = compile_plan(
             path, args.output, plan_data=plan_data, target_flops=args.target_flops,
@@ -188,6 +221,64 @@ def run_compile(args: argparse.Namespace) -> int:
             progress=lambda msg: status.update(msg),
         )
     _print_summary(result.report, time.perf_counter() - started, args.output)
+    return EXIT_OK
+
+
+def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | None,
+                     started: float) -> int:
+    from planer.compiler.driver.latency import compile_to_latency
+    from planer.compiler.errors import TargetUnreachableError
+
+    if args.plan is not None or args.target_flops is not None:
+        raise BadInputError("give one of --plan, --target-flops or --target-latency.")
+    try:
+        with console.status("compiling to a latency target") as status:
+            result = compile_to_latency(
+                path, args.output, target_ms=args.target_latency, calibration=args.calibration,
+                tokenizer=tokenizer, batch=args.batch, seq_len=args.seq_len,
+                threads=args.threads, refresh=args.refresh,
+                progress=lambda msg: status.update(msg))
+    except TargetUnreachableError as exc:
+        if exc.result is not None:
+            _print_summary(exc.result.report, time.perf_counter() - started, args.output)
+        raise
+    _print_summary(result.report, time.perf_counter() - started, args.output)
+    return EXIT_OK
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """Profiles block variants on the target and prints the latency model's error."""
+    from planer.compiler.driver.latency import profile_model, validate_latency_model
+
+    path = resolve_model(args.model)
+    with console.status("profiling") as status:
+        latency, info = profile_model(path, batch=args.batch, seq_len=args.seq_len,
+                                      threads=args.threads, refresh=args.refresh,
+                                      progress=lambda msg: status.update(msg))
+        if args.report:
+            info["whole_model"] = validate_latency_model(
+                path, latency, batch=args.batch, seq_len=args.seq_len, threads=args.threads,
+                progress=lambda msg: status.update(msg))
+    table = Table(title=f"block latencies at batch {args.batch}, seq {args.seq_len}, "
+                        f"{args.threads} thread(s) (device {info['device']})")
+    for column in ("block", "units", "ms"):
+        table.add_column(column, justify="right")
+    for kind, points in info["points"].items():
+        for units, ms in points:
+            table.add_row(kind, str(units), f"{ms:.3f}")
+    out.print(table)
+    out.print(f"dense model {info['dense_ms']:.2f} ms, fixed overhead {info['overhead_ms']:.2f} ms;"
+              f" stored in {info['store']}")
+    mape = info["block_mape"]
+    out.print(f"held-out MAPE on block configurations: attention {mape['attn']:.1%}, "
+              f"FFN {mape['ffn']:.1%}")
+    if "whole_model" in info:
+        whole = info["whole_model"]
+        out.print(f"held-out MAPE on {len(whole['models'])} whole compiled models: "
+                  f"{whole['mape']:.1%}")
+        for row in whole["models"]:
+            out.print(f"  {row['plan']}: predicted {row['predicted_ms']:.2f} ms, measured "
+                      f"{row['measured_ms']:.2f} ms")
     return EXIT_OK
 
 
@@ -221,7 +312,13 @@ def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None
         f"max |Δ| {check.get('max_abs_diff', float('nan')):.2e}, "
         f"cosine {check.get('min_cosine', float('nan')):.4f}"
     )
-    out.print(f"wrote {output}/model.onnx, plan.json, report.json in {seconds:.1f} s")
+    if "target_ms" in report:
+        out.print(
+            f"target {report['target_ms']:.2f} ms   dense {report['baseline_ms']:.2f} ms   "
+            f"compiled {report['measured_ms']:.2f} ms (predicted {report['predicted_ms']:.2f})"
+            f"   speedup {report['speedup']:.2f}x   "
+            f"{'target met' if report['target_met'] else 'target missed'}")
+    out.print(f"wrote {output}/ (model, plan.json, report.json) in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

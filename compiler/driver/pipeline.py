@@ -90,6 +90,9 @@ def compile_plan(
     reconstruct: bool = True,
     method: str = "calibrated",
     progress: Progress | None = None,
+    model_name: str = emit.MODEL_NAME,
+    extra_report: dict[str, Any] | None = None,
+    measure_more: Callable[[Path], dict[str, Any]] | None = None,
 ) -> CompileResult:
     """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
 
@@ -130,6 +133,7 @@ def compile_plan(
     say("rewriting layers")
     apply_selection(model, spec, selection)
     report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len)
+    report.update(extra_report or {})
     for layer, record in zip(report["layers"], fit_records, strict=False):
         layer.update({k: v for k, v in record.items() if k != "index"})
     if calib is not None:
@@ -144,6 +148,8 @@ def compile_plan(
         extra: dict[str, Any] = {"verification": compare_outputs(model_path, path, feeds)}
         if calib is not None and calib.holdout:
             extra["fidelity"] = fidelity(model_path, path, calib.holdout)
+        if measure_more is not None:
+            extra.update(measure_more(path))
         extra["compile_seconds"] = round(time.perf_counter() - started, 2)
         return extra
 
@@ -152,8 +158,9 @@ def compile_plan(
         model, out_dir,
         documents={"plan.json": plan.to_dict(), "report.json": report},
         external_data=has_external_data(model_path), feeds=feeds, before_commit=measure,
+        model_name=model_name,
     )
-    return CompileResult(model_path=out_dir / emit.MODEL_NAME, plan=plan,
+    return CompileResult(model_path=out_dir / model_name, plan=plan,
                          report=written["report.json"])
 
 
@@ -220,7 +227,9 @@ def compare_outputs(original: Path, compiled: Path, feeds: dict[str, np.ndarray]
     return {"inputs": "random", "max_abs_diff": max_abs, "min_cosine": min(cosines)}
 
 
-def fidelity(original: Path, compiled: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def fidelity(
+    original: Path, compiled: Path, batches: list[dict[str, np.ndarray]]
+) -> dict[str, Any]:
     """Compares the compiled model's outputs with the original's on held-out batches.
 
     Hidden-state outputs [B, S, D]: cosine per real token and of mean-pooled sequences.

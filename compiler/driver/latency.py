@@ -1,0 +1,260 @@
+"""Compiles a model to a latency target: profile, predict, search, compile, measure, tighten.
+
+    profile blocks (cached) ─▶ latency model ─┐
+    calibration ─▶ importance (quality) ──────┴▶ plan for budget ─▶ compile ─▶ measure
+                  ▲                                                             │
+                  └──── budget × target / measured (tighten or relax) ◀─────────┘
+
+Each round's compiled model is timed against the original in interleaved rounds in one
+process. The loop keeps the slowest candidate that meets the target (the least pruned,
+so the best quality) and stops when one lands within 10% under the target or after
+`max_rounds`. When none meets it, the fastest model found is written under a name that
+says so and the CLI exits 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from planer.compiler import emit
+from planer.compiler.calibration import (
+    ModelInputInfo,
+    build_calibration,
+    model_input_infos,
+    random_feeds,
+)
+from planer.compiler.driver.pipeline import CompileResult, compile_plan, read_model
+from planer.compiler.errors import BadInputError, TargetUnreachableError
+from planer.compiler.plan import Plan
+from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
+from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
+from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss
+from planer.cost_model.timing import SessionOptions, make_session, time_interleaved
+from planer.passes.prune_fit import capture_layers, importance
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+CLOSE_ENOUGH = 0.9  # a candidate this close under the target stops the search
+
+
+@dataclasses.dataclass
+class Round:
+    """One compile-and-measure round of the search."""
+
+    budget_ms: float
+    predicted_ms: float
+    measured_ms: float
+    plan: Plan
+    folder: Path
+    result: CompileResult
+
+
+def profile_model(
+    model_path: Path, *, batch: int, seq_len: int, threads: int, refresh: bool = False,
+    progress: Progress | None = None,
+) -> tuple[LatencyModel, dict[str, Any]]:
+    """Profiles the model's block variants and fits its latency model; returns both."""
+    say = progress or (lambda _msg: None)
+    model, spec = read_model(model_path)
+    attn, ffn = spec.layers[0].attention, spec.layers[0].ffn
+    if any(la.attention.head_size != attn.head_size or la.attention.heads != attn.heads
+           or la.ffn.width != ffn.width for la in spec.layers):
+        raise BadInputError("layers of different sizes are not supported by the latency "
+                            "search yet; pass --plan or --target-flops instead.")
+    shape = BlockShape(batch=batch, tokens=seq_len, hidden=spec.hidden,
+                       head_size=attn.head_size, threads=threads)
+    store = ProfileStore(threads)
+    heads = list(range(attn.heads + 1))
+    step = max(1, ffn.width // 16)
+    channels = sorted({*range(0, ffn.width + 1, step), ffn.width})
+    say("profiling block variants (stored ones are reused)")
+    measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh)
+    say("timing the dense model")
+    dense_ms = measure_ms({"dense": model_path}, model_path, batch=batch, seq_len=seq_len,
+                          threads=threads, vocab=spec.vocab_size)["dense"]
+    latency = fit_latency_model(measured["attn"], measured["ffn"], dense_ms, Plan.neutral(spec))
+    info = {"device": store.device, "store": str(store.path), "dense_ms": round(dense_ms, 3),
+            "overhead_ms": round(latency.overhead_ms, 3),
+            "block_mape": {"attn": round(held_out_error(measured["attn"]), 4),
+                           "ffn": round(held_out_error(measured["ffn"]), 4)},
+            "points": {k: [(m.units, round(m.median_ms, 4)) for m in v]
+                       for k, v in measured.items()}}
+    return latency, info
+
+
+def measure_ms(
+    models: dict[str, Path], reference: Path, *, batch: int, seq_len: int, threads: int,
+    vocab: int | None, repeats: int = 20,
+) -> dict[str, float]:
+    """Times models interleaved in one process (ORT, all optimizations); median ms each."""
+    opts = SessionOptions(threads=threads)
+    sessions = {name: make_session(path, opts) for name, path in models.items()}
+    infos = model_input_infos_from_session(sessions[next(iter(sessions))])
+    feeds = random_feeds(infos, batch=batch, seq_len=seq_len, vocab_size=vocab, seed=0)
+    timings = time_interleaved(sessions, feeds, warmup=3, repeats=repeats)
+    return {name: t.median_ms for name, t in timings.items()}
+
+
+def model_input_infos_from_session(session: ort.InferenceSession) -> list[ModelInputInfo]:
+    """Describes a session's inputs for `random_feeds`."""
+    dtypes = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32"}
+    return [ModelInputInfo(i.name, np.dtype(dtypes.get(i.type, "float32")), tuple(i.shape))
+            for i in session.get_inputs()]
+
+
+def compile_to_latency(
+    model_path: Path, out_dir: Path, *, target_ms: float, calibration: Path | None,
+    tokenizer: Path | None, batch: int, seq_len: int, threads: int, refresh: bool = False,
+    max_rounds: int = 4, progress: Progress | None = None,
+) -> CompileResult:
+    """Compiles the model so its measured median latency meets `target_ms`.
+
+    Raises:
+        TargetUnreachableError: no candidate met the target; the fastest one was written.
+    """
+    say = progress or (lambda _msg: None)
+    if target_ms <= 0:
+        raise BadInputError(f"--target-latency must be positive, not {target_ms} ms.")
+    emit.check_output_location(model_path, out_dir)
+    latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
+                                     refresh=refresh, progress=say)
+    model, spec = read_model(model_path)
+    say("tokenizing calibration data")
+    calib = build_calibration(calibration, model_input_infos(model), tokenizer=tokenizer,
+                              vocab_size=spec.vocab_size, seq_len=seq_len)
+    say("capturing calibration activations")
+    scores = importance(spec, capture_layers(model, spec, calib.batches))
+    scratch = Path(tempfile.mkdtemp(prefix=".planer-search-", dir=out_dir.parent))
+    rounds: list[Round] = []
+    try:
+        budget = target_ms
+        for k in range(max_rounds):
+            plan = plan_for_latency(spec, scores, latency, budget)
+            if rounds and plan == rounds[-1].plan:
+                plan = floor_plan(spec) if budget < rounds[-1].budget_ms else plan
+            say(f"round {k + 1}: compiling a plan predicted at {latency.predict(plan):.1f} ms")
+            folder = scratch / f"round{k}"
+            result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
+                                  calibration=calibration, tokenizer=tokenizer, batch=batch,
+                                  seq_len=seq_len)
+            say(f"round {k + 1}: measuring against the dense model")
+            times = measure_ms({"dense": model_path, "compiled": result.model_path}, model_path,
+                               batch=batch, seq_len=seq_len, threads=threads,
+                               vocab=spec.vocab_size)
+            rounds.append(Round(budget, latency.predict(plan), times["compiled"], plan, folder,
+                                result))
+            logger.info("round %d: budget %.2f predicted %.2f measured %.2f (dense %.2f)", k,
+                        budget, latency.predict(plan), times["compiled"], times["dense"])
+            profile["dense_ms"] = times["dense"]
+            met = times["compiled"] <= target_ms
+            if met and times["compiled"] >= CLOSE_ENOUGH * target_ms:
+                break
+            if not met and plan == floor_plan(spec):
+                break
+            budget *= target_ms / times["compiled"]
+        return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[str, Any],
+            spec: Any, scores: Any, source: Path) -> CompileResult:
+    meeting = [r for r in rounds if r.measured_ms <= target_ms]
+    chosen = max(meeting, key=lambda r: r.measured_ms) if meeting else \
+        min(rounds, key=lambda r: r.measured_ms)
+    dense_ms = profile["dense_ms"]
+    summary = {
+        "target_ms": round(target_ms, 3), "baseline_ms": round(dense_ms, 3),
+        "measured_ms": round(chosen.measured_ms, 3),
+        "speedup": round(dense_ms / chosen.measured_ms, 3),
+        "predicted_ms": round(chosen.predicted_ms, 3), "target_met": bool(meeting),
+        "predicted_loss": round(predicted_loss(spec, scores, chosen.plan), 5),
+        "latency_model": {k: v for k, v in profile.items() if k != "points"},
+        "rounds": [{"budget_ms": round(r.budget_ms, 3), "predicted_ms": round(r.predicted_ms, 3),
+                    "measured_ms": round(r.measured_ms, 3),
+                    "predicted_loss": round(predicted_loss(spec, scores, r.plan), 5),
+                    "pooled_cosine": r.result.report.get("fidelity", {}).get(
+                        "pooled_cosine", {}).get("mean")} for r in rounds],
+    }
+    report = {**chosen.result.report, **summary}
+    name = emit.MODEL_NAME if meeting else emit.UNREACHABLE_NAME
+    _move_outputs(chosen.folder, out_dir, name, report)
+    result = CompileResult(model_path=out_dir / name, plan=chosen.plan, report=report)
+    if not meeting:
+        floor = floor_plan(spec) == chosen.plan
+        why = ("with every attention head and FFN channel removed; the rest of the model "
+               f"(embeddings, norms, residual adds) takes about {profile['overhead_ms']:.1f} ms"
+               if floor else f"after {len(rounds)} rounds of tightening")
+        raise TargetUnreachableError(
+            f"the target of {target_ms:.1f} ms is out of reach: the fastest model found runs "
+            f"in {chosen.measured_ms:.1f} ms (dense {dense_ms:.1f} ms) {why}; it was written "
+            f"to {out_dir / name}.", result)
+    return result
+
+
+def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any]) -> None:
+    """Moves a verified round's files into OUT (data file first), renaming the model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    data = folder / f"{emit.MODEL_NAME}.data"
+    if data.exists():
+        if name != emit.MODEL_NAME:
+            _relocate_data(folder / emit.MODEL_NAME, f"{name}.data")
+            os.replace(data, out_dir / f"{name}.data")
+        else:
+            os.replace(data, out_dir / data.name)
+    for doc in ("plan.json", "report.json"):
+        os.replace(folder / doc, out_dir / doc)
+    os.replace(folder / emit.MODEL_NAME, out_dir / name)
+
+
+def _relocate_data(model_file: Path, location: str) -> None:
+    """Points the model's external tensors at a renamed data file."""
+    proto = onnx.load(str(model_file), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(model_file))
+
+
+def validate_latency_model(
+    model_path: Path, latency: LatencyModel, *, batch: int, seq_len: int, threads: int,
+    samples: int = 4, seed: int = 0, progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measures random non-uniform plans the model never saw; returns its whole-model MAPE."""
+    say = progress or (lambda _msg: None)
+    _, spec = read_model(model_path)
+    rng = np.random.default_rng(seed)
+    scratch = Path(tempfile.mkdtemp(prefix="planer-validate-"))
+    try:
+        paths, plans = {}, {}
+        for i in range(samples):
+            layers = [{"heads": int(rng.integers(1, la.attention.heads + 1)),
+                       "ffn": int(rng.integers(1, 17)) * (la.ffn.width // 16)}
+                      for la in spec.layers]
+            say(f"compiling validation model {i + 1}/{samples}")
+            result = compile_plan(model_path, scratch / f"m{i}", plan_data={"layers": layers})
+            paths[f"m{i}"], plans[f"m{i}"] = result.model_path, result.plan
+        say("timing validation models")
+        times = measure_ms(paths, model_path, batch=batch, seq_len=seq_len, threads=threads,
+                           vocab=spec.vocab_size)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = [{"plan": [(la.heads, la.ffn) for la in plans[k].layers],
+             "predicted_ms": latency.predict(plans[k]), "measured_ms": times[k]} for k in paths]
+    errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows]
+    return {"mape": float(np.mean(errors)), "models": rows}
