@@ -1,0 +1,124 @@
+"""Latency model, profile store and the latency-target search (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from planer.compiler.driver.cli import main
+from planer.compiler.driver.pipeline import read_model
+from planer.compiler.plan import LayerPlan, Plan
+from planer.cost_model import profile as profile_mod
+from planer.cost_model.latency import BlockCurve, fit_latency_model, held_out_error
+from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, profile_blocks
+from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss
+from planer.fixtures.build import fixture_path
+from planer.passes.prune_fit import Importance
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _linear(kind: str, units: range, per_unit: float, base: float) -> list[Measurement]:
+    return [Measurement(kind, u, base + per_unit * u) for u in units]
+
+
+def test_curve_interpolates_and_drops_to_zero() -> None:
+    curve = BlockCurve.fit(_linear("ffn", range(16, 129, 16), 0.01, 0.2))
+    assert curve(0) == 0.0
+    assert curve(64) == pytest.approx(0.84)
+    assert curve(40) == pytest.approx(0.6)  # between measured points
+    assert curve(8) == pytest.approx(0.18)  # between the implicit (0, 0) and the first point
+
+
+def test_held_out_error_is_zero_on_a_linear_curve_and_positive_on_a_kink() -> None:
+    assert held_out_error(_linear("attn", range(1, 13), 0.1, 0.3)) == pytest.approx(0.0)
+    kinked = [Measurement("attn", u, 1.0 if u % 2 else 2.0) for u in range(1, 13)]
+    assert held_out_error(kinked) > 0.3
+
+
+def test_overhead_makes_the_dense_prediction_exact() -> None:
+    dense = Plan(tuple(LayerPlan(heads=4, ffn=128) for _ in range(2)))
+    model = fit_latency_model(_linear("attn", range(1, 5), 0.1, 0.1),
+                              _linear("ffn", range(16, 129, 16), 0.01, 0.0), 5.0, dense)
+    assert model.predict(dense) == pytest.approx(5.0)
+    assert model.predict(floor_plan_like(dense)) == pytest.approx(model.overhead_ms)
+
+
+def floor_plan_like(plan: Plan) -> Plan:
+    return Plan(tuple(LayerPlan(heads=0, ffn=0) for _ in plan.layers))
+
+
+def test_search_meets_the_predicted_budget_and_prefers_cheap_units() -> None:
+    _, spec = read_model(fixture_path("bert", "dynamo"))
+    dense = Plan.neutral(spec)
+    model = fit_latency_model(_linear("attn", range(1, 5), 0.1, 0.1),
+                              _linear("ffn", range(8, 129, 8), 0.01, 0.05), 3.0, dense)
+    scores = Importance(heads=[[1.0, 2.0, 3.0, 4.0], [9.0, 9.0, 9.0, 9.0]],
+                        channels=[[1.0] * 128, [50.0] * 128])
+    import numpy as np
+
+    scores = Importance(heads=[np.asarray(h) for h in scores.heads],
+                        channels=[np.asarray(c) for c in scores.channels])
+    plan = plan_for_latency(spec, scores, model, 2.0)
+    assert model.predict(plan) <= 2.0
+    assert plan.layers[1].ffn > plan.layers[0].ffn  # layer 1's channels cost 50x more
+    assert predicted_loss(spec, scores, plan) > 0
+    assert predicted_loss(spec, scores, dense) == 0
+    assert floor_plan(spec).layers[0] == LayerPlan(heads=0, ffn=0)
+
+
+def test_profile_store_reuses_measurements(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def fake_measure(kind, shape, units, *, repeats, progress):
+        calls.append((kind, tuple(units)))
+        return [Measurement(kind, u, 0.01 * u) for u in units]
+
+    monkeypatch.setattr(profile_mod, "_measure", fake_measure)
+    shape = BlockShape(batch=1, tokens=8, hidden=64, head_size=16, threads=1)
+    store = ProfileStore(1, tmp_path / "p.sqlite")
+    first = profile_blocks(shape, [0, 1, 2], [0, 64, 128], store=store)
+    again = profile_blocks(shape, [0, 1, 2], [0, 64, 128], store=ProfileStore(1, store.path))
+    assert first == again
+    assert calls == [("attn", (1, 2)), ("ffn", (64, 128))]  # the second run measured nothing
+    profile_blocks(shape, [1], [64], store=store, refresh=True)
+    assert calls[-2:] == [("attn", (1,)), ("ffn", (64,))]
+
+
+def test_block_models_run_and_shrink_with_units() -> None:
+    import onnx
+
+    shape = BlockShape(batch=1, tokens=8, hidden=64, head_size=16, threads=1)
+    for build, units in ((profile_mod.attention_block, 3), (profile_mod.ffn_block, 32)):
+        model = build(shape, units)
+        onnx.checker.check_model(model, full_check=True)
+
+
+def test_unreachable_target_exits_3_and_writes_the_fastest_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"w{i % 7} w{i % 5} w{i % 3}" for i in range(40)))
+    vocab = tmp_path / "tok"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
+                                               [f"w{i}" for i in range(8)]) + "\n")
+    out = tmp_path / "out"
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--target-latency", "0.001ms",
+                 "--seq-len", "16", "--calibration", str(calib), "--tokenizer", str(vocab),
+                 "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "out of reach" in err and "fastest model found" in err
+    assert (out / "fastest-missed-target.onnx").exists()
+    assert not (out / "model.onnx").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_met"] is False
+    assert report["plan"] == floor_plan(read_model(fixture_path("bert", "dynamo"))[1]).to_dict()
+    for key in ("target_ms", "baseline_ms", "measured_ms", "speedup", "predicted_ms"):
+        assert key in report
