@@ -92,11 +92,11 @@ def cluster_experts(w1_DF: np.ndarray, experts: int, *, iterations: int = 8,
     rng = np.random.default_rng(seed)
     centroids = points[rng.choice(width, size=experts, replace=False)]
     assign = np.zeros(width, dtype=np.int64)
-    for _ in range(iterations):
+    for step in range(iterations):
         cost = -(points @ centroids.T)  # [F, E]
         _, cols = linear_sum_assignment(np.repeat(cost, size, axis=1))
         new = cols // size
-        if np.array_equal(new, assign) and _ > 0:
+        if step > 0 and np.array_equal(new, assign):
             break
         assign = new
         for e in range(experts):
@@ -190,10 +190,10 @@ class FittedLayer:
         """Scores a selection rule on the held-out tokens."""
         chosen = select(self.holdout_scores, top_k=plan.top_k, tau=plan.tau)
         oracle = select(self.holdout_norms, top_k=max(1, round(chosen.sum(1).mean())))
-        total = self.holdout_norms.sum(axis=1)
-        safe = np.maximum(total, 1e-12)
-        recall = float(((self.holdout_norms * chosen).sum(1) / safe).mean())
-        best = float(((self.holdout_norms * oracle).sum(1) / safe).mean())
+        # Aggregate shares: tokens whose FFN is silent (all norms 0) neither help nor hurt.
+        total = max(float(self.holdout_norms.sum()), 1e-12)
+        recall = float((self.holdout_norms * chosen).sum() / total)
+        best = float((self.holdout_norms * oracle).sum() / total)
         dropped = np.einsum("ne,end->nd", (~chosen).astype(np.float32), self.holdout_expert_out)
         error = float(np.linalg.norm(dropped) / max(np.linalg.norm(self.holdout_dense), 1e-12))
         return LayerQuality(

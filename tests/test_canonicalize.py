@@ -110,5 +110,5 @@ def test_gemm_becomes_matmul_add_exactly(tmp_path: Path) -> None:
     ir.save(model, tmp_path / "c.onnx")
     onnx.save(proto, tmp_path / "o.onnx")
     x = {"x": rng.standard_normal((3, 4)).astype(np.float32)}
-    np.testing.assert_allclose(run_ort(tmp_path / "c.onnx", x)[0], run_ort(tmp_path / "o.onnx", x)[0],
-                               rtol=0, atol=1e-6)
+    expected = run_ort(tmp_path / "o.onnx", x)[0]
+    np.testing.assert_allclose(run_ort(tmp_path / "c.onnx", x)[0], expected, rtol=0, atol=1e-6)
