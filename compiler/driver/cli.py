@@ -77,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--plan", type=Path, help="plan JSON: per-layer heads/ffn to keep")
     compile_.add_argument("--target-flops", type=float, metavar="R",
                           help="keep this fraction (0, 1] of the FLOPs at --batch/--seq-len")
-    compile_.add_argument("--target-latency", type=_milliseconds, metavar="T",
-                          help="meet this median latency on the runtime, e.g. 20ms or 0.02s")
+    compile_.add_argument("--target-latency", type=_latency, metavar="T",
+                          help="meet this median latency on the runtime: 20ms, 0.02s, or "
+                               "relative to the measured dense model, 50%% or 0.5x")
     compile_.add_argument("--threads", type=_positive_int, default=1,
                           help="intra-op threads of the target runtime (default 1)")
     compile_.add_argument("--runtime", choices=("ort-cpu",), default="ort-cpu",
@@ -133,6 +134,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def _latency(text: str) -> tuple[str, float]:
+    """Parses `20ms`/`0.02s`/`20` as ("ms", 20.0) and `50%`/`0.5x` as ("dense", 0.5)."""
+    value = text.strip().lower()
+    for suffix, factor in (("%", 0.01), ("x", 1.0)):
+        if value.endswith(suffix):
+            try:
+                fraction = float(value[: -len(suffix)]) * factor
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a latency such as 50%") \
+                    from exc
+            return "dense", fraction
+    return "ms", _milliseconds(text)
 
 
 def _milliseconds(text: str) -> float:
@@ -233,8 +248,11 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
         raise BadInputError("give one of --plan, --target-flops or --target-latency.")
     try:
         with console.status("compiling to a latency target") as status:
+            unit, amount = args.target_latency
             result = compile_to_latency(
-                path, args.output, target_ms=args.target_latency, calibration=args.calibration,
+                path, args.output, target_ms=amount if unit == "ms" else None,
+                target_fraction=amount if unit == "dense" else None,
+                calibration=args.calibration,
                 tokenizer=tokenizer, batch=args.batch, seq_len=args.seq_len,
                 threads=args.threads, refresh=args.refresh,
                 progress=lambda msg: status.update(msg))

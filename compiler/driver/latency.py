@@ -116,21 +116,31 @@ def model_input_infos_from_session(session: ort.InferenceSession) -> list[ModelI
 
 
 def compile_to_latency(
-    model_path: Path, out_dir: Path, *, target_ms: float, calibration: Path | None,
+    model_path: Path, out_dir: Path, *, target_ms: float | None = None,
+    target_fraction: float | None = None, calibration: Path | None,
     tokenizer: Path | None, batch: int, seq_len: int, threads: int, refresh: bool = False,
     max_rounds: int = 4, progress: Progress | None = None,
 ) -> CompileResult:
-    """Compiles the model so its measured median latency meets `target_ms`.
+    """Compiles the model so its measured median latency meets the target.
+
+    The target is `target_ms`, or `target_fraction` of the dense model's latency as
+    measured here at the start.
 
     Raises:
         TargetUnreachableError: no candidate met the target; the fastest one was written.
     """
     say = progress or (lambda _msg: None)
-    if target_ms <= 0:
-        raise BadInputError(f"--target-latency must be positive, not {target_ms} ms.")
+    amount = target_ms if target_ms is not None else target_fraction
+    if amount is None or amount <= 0 or (target_fraction is not None and target_fraction > 1):
+        raise BadInputError("--target-latency must be a positive time, or a fraction in "
+                            "(0, 1] of the dense latency.")
     emit.check_output_location(model_path, out_dir)
     latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
                                      refresh=refresh, progress=say)
+    if target_ms is None:
+        target_ms = float(target_fraction) * profile["dense_ms"]
+        say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
+            f"{target_ms:.1f} ms")
     model, spec = read_model(model_path)
     say("tokenizing calibration data")
     calib = build_calibration(calibration, model_input_infos(model), tokenizer=tokenizer,
