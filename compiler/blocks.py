@@ -158,8 +158,8 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
 def _data_index(node: ir.Node, *, value_chain_input: bool) -> int:
     """Returns the input position of the non-constant operand that carries the scores."""
     candidates = [1, 2] if node.op_type == "Where" else list(range(len(node.inputs)))
-    data = [i for i in candidates if node.inputs[i] is not None
-            and const_array(node.inputs[i]) is None and _is_score_like(node.inputs[i])]
+    data = [i for i in candidates if (item := node.inputs[i]) is not None
+            and const_array(item) is None and _is_score_like(item)]
     if len(data) != 1:
         raise _NoMatch(f"cannot tell the scores operand of {node.op_type}")
     return data[0]
@@ -254,7 +254,7 @@ def _trace_projection(
             nodes.append(producer)
             value = producer.inputs[0]
             continue
-        if op == "Split" and columns is None:
+        if op == "Split" and columns is None and value is not None:
             columns = _split_columns(producer, value)
             nodes.append(producer)
             value = producer.inputs[0]
@@ -275,7 +275,8 @@ def _as_linear(node: ir.Node, columns: slice | None) -> Linear | None:
     bias = None
     if node.op_type == "Add":
         for i in (0, 1):
-            producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+            operand = node.inputs[i]
+            producer = operand.producer() if operand is not None else None
             if (producer is not None and producer.op_type == "MatMul"
                     and const_array(node.inputs[1 - i]) is not None):
                 bias, node = node.inputs[1 - i], producer
@@ -314,7 +315,8 @@ def _split_columns(split: ir.Node, value: ir.Value) -> slice:
         attr = split.attributes.get("split")
         sizes = np.asarray(attr.value) if attr is not None else None
     if sizes is None:
-        producer = split.inputs[0].producer()
+        source = split.inputs[0]
+        producer = source.producer() if source is not None else None
         weight = _as_linear(producer, None) if producer is not None else None
         if weight is None:
             raise _NoMatch("split of a non-projection")
@@ -423,7 +425,8 @@ def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
         if region is None:
             continue
         act_nodes, root = region
-        w1 = _as_linear(root.producer(), None) if root.producer() is not None else None
+        root_node = root.producer()
+        w1 = _as_linear(root_node, None) if root_node is not None else None
         if w1 is None or w1.out_features != w2.in_features or w1.in_features != w2.out_features:
             continue
         out = _linear_output(w2)
@@ -446,7 +449,7 @@ def _activation_region(value: ir.Value | None) -> tuple[list[ir.Node], ir.Value]
         return None
     region: list[ir.Node] = []
     roots: set[ir.Value] = set()
-    stack = [value.producer()]
+    stack: list[ir.Node] = [value.producer()]  # type: ignore[list-item]  # checked above
     seen: set[int] = set()
     while stack:
         node = stack.pop()

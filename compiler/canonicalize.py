@@ -181,7 +181,7 @@ class FuseLayerNormPass(InPlacePass):
                 name=name,
                 metadata_props={"planer.pass": PASS_NAME},
             )
-            model.graph.insert_before(out.producer(), fused)
+            model.graph.insert_before(out.producer(), fused)  # type: ignore[arg-type]
             replace_uses(out, fused.outputs[0])
             count += 1
         if count:
@@ -216,7 +216,8 @@ def match_decomposed_layernorm(
     gamma = other_input(mul, div.outputs[0]) if mul else None
     add = _only(mul.outputs[0], "Add") if mul else None
     beta = other_input(add, mul.outputs[0]) if add and mul else None
-    if gamma is None or beta is None or const_array(gamma) is None or const_array(beta) is None:
+    if add is None or gamma is None or beta is None or const_array(gamma) is None \
+            or const_array(beta) is None:
         return None
     return x, gamma, beta, eps, add.outputs[0]
 

@@ -35,7 +35,7 @@ class ActivationReader:
     def __init__(self, model: ir.Model, values: Sequence[ir.Value], *, threads: int = 0):
         self.names = [_ensure_name(v, i) for i, v in enumerate(values)]
         original = list(model.graph.outputs)
-        self.model_outputs = [v.name for v in original]
+        self.model_outputs = [str(v.name) for v in original]
         extra = [v for v in values if v not in original]
         # Bytes cannot reference external data files: hold the weights in memory (the model
         # is read whole for fitting anyway; models over 2 GB cannot be captured this way).

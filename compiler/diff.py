@@ -329,8 +329,9 @@ class _NodeMatcher:
                 if add_a is not None and add_b is not None:
                     self.add(add_a, add_b, "block")
             for (_, va), (_, vb) in zip(boundaries(la), boundaries(lb), strict=False):
-                if va.producer() is not None and vb.producer() is not None:
-                    self.add(va.producer(), vb.producer(), "block")
+                pa, pb = va.producer(), vb.producer()
+                if pa is not None and pb is not None:
+                    self.add(pa, pb, "block")
 
     def by_key(self, how: str, key: Any) -> None:
         index_a = _unique(self.a.nodes, key)
@@ -725,17 +726,18 @@ def _json_float(x: float) -> float | str:
 
 def tensor_pairs(diff: Diff) -> list[dict[str, Any]]:
     """Lists the tensors to compare: layer boundaries, model outputs, paired node outputs."""
-    a, b, found = diff.a, diff.b, []
+    a, b = diff.a, diff.b
+    found: list[dict[str, Any]] = []
     for ia, ib in diff.match.layers.items():
         la, lb = a.spec.layers[ia], b.spec.layers[ib]  # type: ignore[union-attr]
         for (name, va), (_, vb) in zip(boundaries(la), boundaries(lb), strict=False):
             found.append({"kind": "boundary", "name": name, "values": (va, vb)})
     outputs_b = {v.name: v for v in b.model.graph.outputs}
     for i, va in enumerate(a.model.graph.outputs):
-        vb = outputs_b.get(va.name) or (b.model.graph.outputs[i]
-                                        if i < len(b.model.graph.outputs) else None)
-        if vb is not None:
-            found.append({"kind": "output", "name": va.name, "values": (va, vb)})
+        out_b = outputs_b.get(va.name) or (
+            b.model.graph.outputs[i] if i < len(b.model.graph.outputs) else None)
+        if out_b is not None:
+            found.append({"kind": "output", "name": va.name, "values": (va, out_b)})
     for node in a.nodes:
         pair = diff.match.nodes.get(node)
         # Sequence alignment pairs by op type only, and a structural pair whose attributes

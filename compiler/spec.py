@@ -42,11 +42,12 @@ class Linear:
 
     @property
     def in_features(self) -> int:
-        return int(self.weight.const_value.shape[0])  # type: ignore[union-attr]
+        return int(self.weight.const_value.shape[0])  # type: ignore[union-attr,arg-type]
 
     @property
     def out_features(self) -> int:
-        start, stop, _ = self.columns.indices(int(self.weight.const_value.shape[1]))  # type: ignore[union-attr]
+        total = self.weight.const_value.shape[1]  # type: ignore[union-attr]
+        start, stop, _ = self.columns.indices(int(total))  # type: ignore[arg-type]
         return stop - start
 
 

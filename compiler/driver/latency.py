@@ -138,7 +138,7 @@ def compile_to_latency(
     latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
                                      refresh=refresh, progress=say)
     if target_ms is None:
-        target_ms = float(target_fraction) * profile["dense_ms"]
+        target_ms = amount * profile["dense_ms"]
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
             f"{target_ms:.1f} ms")
     model, spec = read_model(model_path)
