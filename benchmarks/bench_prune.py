@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -22,7 +21,13 @@ import numpy as np
 
 from benchmarks.probe import DATA, evaluate
 from planer.compiler.driver.pipeline import compile_plan
-from planer.cost_model.timing import SessionOptions, make_session, ratios, time_interleaved
+from planer.cost_model.timing import (
+    SessionOptions,
+    device_fingerprint,
+    make_session,
+    ratios,
+    time_interleaved,
+)
 from planer.fixtures.build import minilm_path, minilm_tokenizer_dir
 
 
@@ -79,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_probe:
             rows[name].update(evaluate(models[name], tokenizer))
         print(json.dumps({"model": name, **rows[name]}), flush=True)
-    summary = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
-               platform.machine(), "threads": args.threads, "batch": args.batch,
+    fingerprint = device_fingerprint(opts)
+    summary = {"date": time.strftime("%Y-%m-%d"),
+               "machine": f"{fingerprint['cpu']}, {fingerprint['logical_cores']} cores, "
+                          f"onnxruntime {fingerprint['onnxruntime']}",
+               "threads": args.threads, "batch": args.batch,
                "seq_len": args.seq_len, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,24 +21,26 @@ from planer.compiler.irutil import const_array
 
 TARGETS = ("ort", "tensorrt")
 
-TENSORRT_OPS = frozenset(
-    """
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool
-BatchNormalization Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv
-ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal
-Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm
-GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GRU
-HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN LayerNormalization
-LeakyRelu Less LessOrEqual Log LogSoftmax Loop LpNormalization LpPool LRN LSTM MatMul
-Max MaxPool Mean Min Mul Neg NonMaxSuppression NonZero Not Or Pad ParametricSoftplus Pow
-PRelu QuantizeLinear RandomUniform RandomUniformLike Range ReduceL1 ReduceL2
-ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize ReverseSequence RNN Round ScaledTanh Scan Scatter
-ScatterElements ScatterND Selu Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
-Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
-Transpose Trilu Unsqueeze Upsample Where Xor
-""".split()
-)
+TENSORRT_OPS = frozenset({
+    "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh",
+    "AveragePool", "BatchNormalization", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Concat",
+    "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum",
+    "DepthToSpace", "DequantizeLinear", "Div", "Dropout", "Einsum", "Elu", "Equal", "Erf",
+    "Exp", "Expand", "EyeLike", "Flatten", "Floor", "Gather", "GatherElements", "GatherND",
+    "Gemm", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
+    "GridSample", "GRU", "HardSigmoid", "Identity", "If", "ImageScaler",
+    "InstanceNormalization", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual",
+    "Log", "LogSoftmax", "Loop", "LpNormalization", "LpPool", "LRN", "LSTM", "MatMul", "Max",
+    "MaxPool", "Mean", "Min", "Mul", "Neg", "NonMaxSuppression", "NonZero", "Not", "Or", "Pad",
+    "ParametricSoftplus", "Pow", "PRelu", "QuantizeLinear", "RandomUniform",
+    "RandomUniformLike", "Range", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+    "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
+    "Relu", "Reshape", "Resize", "ReverseSequence", "RNN", "Round", "ScaledTanh", "Scan",
+    "Scatter", "ScatterElements", "ScatterND", "Selu", "Shape", "Sigmoid", "Sign", "Sin",
+    "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt",
+    "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose",
+    "Trilu", "Unsqueeze", "Upsample", "Where", "Xor",
+})
 """A conservative subset of what TensorRT 10's ONNX parser imports: the operators the
 onnx-tensorrt support matrix (docs/operators.md) marks supported since TensorRT 8.4, plus
 the opset-17+ LayerNormalization, Trilu, CastLike and GridSample. Operators added in later

@@ -47,6 +47,7 @@ class Router:
     b2: np.ndarray  # [E]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Scores tokens x_ND, [N, E]."""
         hidden = np.maximum(x @ self.w1 + self.b1, 0.0)
         return np.abs(hidden @ self.w2 + self.b2)
 
@@ -65,6 +66,7 @@ class LayerQuality:
     tokens: int
 
     def to_dict(self) -> dict[str, Any]:
+        """Returns the numbers rounded for report.json."""
         return {k: (round(v, 4) if isinstance(v, float) else v)
                 for k, v in dataclasses.asdict(self).items()}
 
@@ -143,13 +145,9 @@ def fit_router(x_ND: np.ndarray, norms_NE: np.ndarray, *, hidden: int = 128, ste
         loss.backward()
         opt.step()
         sched.step()
-    first, second = net[0], net[2]
-    return Router(
-        w1=first.weight.detach().numpy().T.astype(np.float32).copy(),
-        b1=first.bias.detach().numpy().astype(np.float32).copy(),
-        w2=(second.weight.detach().numpy().T * scale).astype(np.float32).copy(),
-        b2=(second.bias.detach().numpy() * scale).astype(np.float32).copy(),
-    )
+    (w1, b1, w2, b2) = (p.detach().numpy().astype(np.float64) for p in net.parameters())
+    return Router(w1=w1.T.astype(np.float32), b1=b1.astype(np.float32),
+                  w2=(w2.T * scale).astype(np.float32), b2=(b2 * scale).astype(np.float32))
 
 
 def select(scores_NE: np.ndarray, *, top_k: int | None = None,
@@ -165,7 +163,7 @@ def select(scores_NE: np.ndarray, *, top_k: int | None = None,
     if top_k is not None:
         kth = -np.sort(-scores_NE, axis=1)[:, top_k - 1:top_k]
         return scores_NE >= kth
-    threshold = scores_NE.max(axis=1, keepdims=True) * np.float32(1.0 - tau)  # type: ignore[operator]
+    threshold = scores_NE.max(axis=1, keepdims=True) * np.float32(1.0 - float(tau or 0.0))
     return scores_NE >= threshold
 
 
@@ -195,7 +193,8 @@ class FittedLayer:
         recall = float((self.holdout_norms * chosen).sum() / total)
         best = float((self.holdout_norms * oracle).sum() / total)
         dropped = np.einsum("ne,end->nd", (~chosen).astype(np.float32), self.holdout_expert_out)
-        error = float(np.linalg.norm(dropped) / max(np.linalg.norm(self.holdout_dense), 1e-12))
+        dense_norm = max(float(np.linalg.norm(self.holdout_dense)), 1e-12)
+        error = float(np.linalg.norm(dropped)) / dense_norm
         return LayerQuality(
             layer=self.layer, activation=self.activation, sparsity=self.sparsity,
             oracle_recall=best, router_recall=recall,
@@ -220,7 +219,16 @@ def fit_layers(
     """Fits experts and a router for each listed layer (layer index -> expert count).
 
     Args:
+        model: the model as the MoE pass will see it (after pruning); not changed.
+        spec: its blocks (`find_blocks` on that model).
+        calibration: fitting batches and a disjoint holdout for the quality numbers.
+        experts: layer index -> number of experts E (must divide the FFN width).
         method: "weights" (balanced k-means on W1 columns, DSTI) or "contiguous".
+        router_hidden: the router's hidden width h.
+        steps: Adam steps of router training.
+        max_tokens: fitting tokens kept (seeded subsample).
+        holdout_tokens: held-out tokens kept for the quality numbers.
+        seed: seeds clustering, subsampling and training.
     """
     fitted = {}
     for layer in spec.layers:
