@@ -109,7 +109,8 @@ class NodeBuilder:
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Registers a new initializer; the name must be unused (names come from block ids)."""
-    array = np.ascontiguousarray(array)
+    # ascontiguousarray turns 0-d arrays into [1]; keep scalars scalar (Gather/Range need it).
+    array = np.ascontiguousarray(array).reshape(np.shape(array))
     tensor = ir.tensor(array, name=name)
     value = ir.Value(
         name=name,

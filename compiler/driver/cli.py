@@ -32,7 +32,7 @@ from planer.compiler.plan import load_plan
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
-KNOWN_PASSES = {"prune"}
+KNOWN_PASSES = {"prune", "skim"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--refresh", action="store_true",
                           help="re-measure block latencies instead of reusing stored ones")
     compile_.add_argument("--passes", default="prune",
-                          help="comma-separated passes the search may use (default: prune)")
+                          help="comma-separated passes --target-flops may use: prune, skim "
+                               "(default: prune)")
+    compile_.add_argument("--target-runtime", choices=("ort", "tensorrt"), default="ort",
+                          help="lowering of dynamic sparsity (skim): ort (NonZero/ScatterND) "
+                               "or tensorrt (shape-computable only)")
     compile_.add_argument("--calibration", type=Path, metavar="FILE",
                           help="unlabelled inputs: .txt, .tsv/.csv (first column), .jsonl, .npz")
     compile_.add_argument("--tokenizer", type=Path, metavar="DIR",
@@ -233,6 +237,7 @@ def run_compile(args: argparse.Namespace) -> int:
             path, args.output, plan_data=plan_data, target_flops=args.target_flops,
             calibration=args.calibration, tokenizer=tokenizer, batch=args.batch,
             seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
+            passes=frozenset(passes), target_runtime=args.target_runtime,
             progress=lambda msg: status.update(msg),
         )
     _print_summary(result.report, time.perf_counter() - started, args.output)
@@ -310,13 +315,17 @@ def _err(record: dict[str, float] | None) -> str:
 
 def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None:
     table = Table(title="compiled")
-    for column in ("layer", "heads", "FFN", "attn err", "FFN err"):
+    skim = any("skim_keep" in layer for layer in report["layers"])
+    for column in ("layer", "heads", "FFN", "attn err", "FFN err", *(("skim",) if skim else ())):
         table.add_column(column, justify="right")
     for layer in report["layers"]:
         h, f = layer["heads"], layer["ffn"]
-        table.add_row(str(layer["index"]), f"{h['before']} → {h['after']}",
-                      f"{f['before']} → {f['after']}", _err(layer.get("attn")),
-                      _err(layer.get("ffn_fit")))
+        row = [str(layer["index"]), f"{h['before']} → {h['after']}",
+               f"{f['before']} → {f['after']}", _err(layer.get("attn")),
+               _err(layer.get("ffn_fit"))]
+        if skim:
+            row.append(f"{layer['skim_keep']:.2f}" if "skim_keep" in layer else "")
+        table.add_row(*row)
     out.print(table)
     fid = report.get("fidelity")
     if fid:

@@ -21,7 +21,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 import planer
 from planer.compiler import emit
 from planer.compiler.blocks import find_blocks
-from planer.compiler.calibration import build_calibration, model_input_infos, random_feeds
+from planer.compiler.calibration import (
+    CalibrationSet,
+    build_calibration,
+    model_input_infos,
+    random_feeds,
+)
 from planer.compiler.canonicalize import canonicalize
 from planer.compiler.driver.prune import (
     Selection,
@@ -40,6 +45,8 @@ from planer.passes import (
     HeadPruningPass,
 )
 from planer.passes.prune_fit import capture_layers
+from planer.passes.skim_fit import fit_predictors, skim_keep_for_flops, skim_report
+from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,8 @@ def compile_plan(
     seq_len: int = 128,
     reconstruct: bool = True,
     method: str = "calibrated",
+    passes: frozenset[str] = frozenset({"prune"}),
+    target_runtime: str = "ort",
     progress: Progress | None = None,
     model_name: str = emit.MODEL_NAME,
     extra_report: dict[str, Any] | None = None,
@@ -122,9 +131,8 @@ def compile_plan(
         say("capturing calibration activations")
         acts = capture_layers(model, spec, calib.batches)
         if target_flops is not None:
-            say(f"allocating heads and channels for {target_flops:.2f} of the FLOPs")
-            plan = plan_for_flops(model, spec, calib, target_flops, batch=batch,
-                                  seq_len=seq_len, acts=acts)
+            plan = _plan_for_flops_passes(model, spec, calib, target_flops, passes,
+                                          batch=batch, seq_len=seq_len, acts=acts, say=say)
         say("fitting kept units and refitting output projections")
         selection, fit_records = calibrated_selection(
             model, spec, plan, calib, acts=acts, reconstruct=reconstruct, method=method)
@@ -132,7 +140,13 @@ def compile_plan(
         selection = magnitude_selection(spec, plan)
     say("rewriting layers")
     apply_selection(model, spec, selection)
+    skim_info = None
+    if _skim_layers(plan):
+        say("fitting skim predictors and removing skimmed tokens")
+        skim_info = apply_skim(model, plan, calib, lowering=target_runtime)
     report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len)
+    if skim_info is not None:
+        report["skim"] = skim_info
     report.update(extra_report or {})
     for layer, record in zip(report["layers"], fit_records, strict=False):
         layer.update({k: v for k, v in record.items() if k != "index"})
@@ -148,6 +162,12 @@ def compile_plan(
         extra: dict[str, Any] = {"verification": compare_outputs(model_path, path, feeds)}
         if calib is not None and calib.holdout:
             extra["fidelity"] = fidelity(model_path, path, calib.holdout)
+            if skim_info is not None:
+                dense, _ = read_model(model_path)
+                compiled = load_model(path)
+                extra["skim"] = {**skim_info, **skim_report(
+                    dense, compiled, _skim_layers(plan), calib.holdout,
+                    num_layers=len(plan.layers))}
         if measure_more is not None:
             extra.update(measure_more(path))
         extra["compile_seconds"] = round(time.perf_counter() - started, 2)
@@ -166,11 +186,70 @@ def compile_plan(
 
 def _refuse_unbuilt_fields(plan: Plan) -> None:
     for i, layer in enumerate(plan.layers):
-        if layer.moe is not None or layer.skim_keep is not None:
-            field = "moe" if layer.moe is not None else "skim_keep"
+        if layer.moe is not None:
             raise BadInputError(
-                f"plan layer {i} sets {field}, which this pipeline cannot apply yet; remove it."
+                f"plan layer {i} sets moe, which this pipeline cannot apply yet; remove it."
             )
+
+
+def _plan_for_flops_passes(
+    model: ir.Model, spec: ModelSpec, calib: CalibrationSet, target: float,
+    passes: frozenset[str], *, batch: int, seq_len: int, acts: Any, say: Progress,
+) -> Plan:
+    """Splits a FLOPs target between the allowed passes and plans each part.
+
+    With both prune and skim, each gets the square root of the target, so their product
+    (they compose multiplicatively on layer FLOPs) meets it.
+    """
+    prune_part = skim_part = None
+    if "prune" in passes and "skim" in passes:
+        prune_part = skim_part = target ** 0.5
+    elif "skim" in passes:
+        skim_part = target
+    else:
+        prune_part = target
+    plan = Plan.neutral(spec)
+    if prune_part is not None:
+        say(f"allocating heads and channels for {prune_part:.2f} of the FLOPs")
+        plan = plan_for_flops(model, spec, calib, prune_part, batch=batch, seq_len=seq_len,
+                              acts=acts)
+    if skim_part is not None:
+        say(f"choosing skim ratios for {skim_part:.2f} of the FLOPs")
+        ratios = skim_keep_for_flops(spec, skim_part, seq_len=seq_len, batch=batch)
+        plan = Plan(tuple(dataclasses.replace(la, skim_keep=r)
+                          for la, r in zip(plan.layers, ratios, strict=True)))
+    return plan
+
+
+def _skim_layers(plan: Plan) -> list[int]:
+    return [i for i, la in enumerate(plan.layers) if la.skim_keep is not None and la.skim_keep < 1]
+
+
+def apply_skim(model: ir.Model, plan: Plan, calib: CalibrationSet | None, *,
+               lowering: str) -> dict[str, Any]:
+    """Skims tokens where the plan says, with fitted predictors when calibration exists.
+
+    Runs after pruning (it reads the re-emitted attention). Returns predictor fit records.
+    """
+    layers = _skim_layers(plan)
+    spec = find_blocks(model)
+    if 0 in layers and calib is None:
+        raise BadInputError("skim_keep before layer 0 needs a fitted predictor (there is no "
+                            "earlier attention to score tokens by); pass --calibration.")
+    predictors: dict[int, Any] = {}
+    records: dict[str, Any] = {}
+    if calib is not None:
+        fit = fit_predictors(model, spec, layers, calib.batches)
+        predictors = dict(fit.predictors)
+        records = {f"layer{i}": {"mse_before": round(fit.train_loss[i][0], 4),
+                                 "mse_after": round(fit.train_loss[i][1], 4),
+                                 "mse_holdout": round(fit.holdout_loss[i], 4)}
+                   for i in layers}
+    config = TokenSkimConfig.from_plan([la.skim_keep for la in plan.layers],
+                                       predictors=predictors, lowering=lowering)
+    apply_token_skim(model, spec, config)
+    return {"predictors": records, "score": "fitted" if predictors else "attention",
+            "lowering": lowering}
 
 
 def build_report(
@@ -181,10 +260,13 @@ def build_report(
     flops_after = 2 * batch * seq_len * spec.other_matmul_macs_per_token
     params_removed = 0
     layers = []
+    tokens = float(seq_len)
     for layer, choice in zip(spec.layers, plan.layers, strict=True):
         a, f = layer.attention, layer.ffn
+        if choice.skim_keep is not None:
+            tokens *= choice.skim_keep  # cumulative: a skimmed token never comes back
         flops_after += layer_flops(hidden=spec.hidden, heads=choice.heads, head_size=a.head_size,
-                                   ffn=choice.ffn, batch=batch, seq_len=seq_len)
+                                   ffn=choice.ffn, batch=batch, seq_len=max(1, round(tokens)))
         inner_removed = (a.heads - choice.heads) * a.head_size
         params_removed += inner_removed * (4 * spec.hidden + 3)
         params_removed += (f.width - choice.ffn) * (2 * spec.hidden + 1)
@@ -193,6 +275,7 @@ def build_report(
             "heads": {"before": a.heads, "after": choice.heads,
                       "kept": list(selection.heads[layer.index])},
             "ffn": {"before": f.width, "after": choice.ffn},
+            **({"skim_keep": choice.skim_keep} if choice.skim_keep is not None else {}),
         })
     return {
         "tool": "planer",

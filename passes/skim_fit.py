@@ -1,0 +1,260 @@
+"""Fits token-skim predictors on calibration data, picks keep ratios, and reports skimming.
+
+    calibration batches ─ ORT (extra outputs: layer inputs x_BSD, Softmax P_BHSS)
+        ─ target per real token: log(n · attention received)  (n real tokens; 0 = uniform)
+        ─ LayerNorm ─ Linear(D, Hp) ─ GELU ─ Linear(Hp, 1), MSE, Adam (torch, CPU)
+        ─ `Predictor` weights for `TokenSkimConfig.predictors`
+
+Targets (no labels):
+  "attention"  attention received in layer i-1 (what the training-free score computes
+               in the graph; the predictor reproduces it from the layer input alone).
+  "future"     attention received averaged over layers i..L-1 of the dense model. A
+               skimmed token stops serving as a key in every later layer, not only the
+               next one, so its importance is what all of them would have read from it;
+               only the dense model knows that, which is what a predictor can add.
+  "drift"      log ||y_L - x_i|| / mean over the sequence: how far the token's final
+               state moves from the state it would be forwarded with. For outputs read
+               at every position (mean pooling) this is the forwarding error itself.
+
+The log of the relative attention keeps sequences of different lengths on one scale
+(uniform attention is 0 whatever n is) and tames the heavy tail of [SEP]/punctuation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from planer.compiler.capture import ActivationReader
+from planer.compiler.spec import ModelSpec, layer_flops, model_flops
+from planer.passes.token_skim import Predictor, keep_count, stream_in
+
+logger = logging.getLogger(__name__)
+
+Feed = Mapping[str, np.ndarray]
+TARGETS = ("attention", "future", "drift")
+_TINY = 1e-2  # relative-attention floor inside the log
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Fitted predictors and their losses (mean squared error on the log target)."""
+
+    predictors: dict[int, Predictor]
+    train_loss: dict[int, tuple[float, float]]  # layer -> (before, after) fitting
+    holdout_loss: dict[int, float]  # layer -> after fitting, on rows never fitted
+
+
+def received_attention(probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Returns [B, S] attention each token receives: mean over heads and real queries."""
+    weights = mask.astype(np.float64) / np.maximum(mask.sum(1, keepdims=True), 1)
+    return np.einsum("bhqk,bq->bk", probs.astype(np.float64), weights) / probs.shape[1]
+
+
+def capture_skim_data(
+    model: ir.Model, spec: ModelSpec, layers: Sequence[int], batches: Iterable[Feed],
+    *, target: str = "attention",
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Returns layer -> (x [N, D], target [N]) over the real tokens of `batches`."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    probs = [layer.attention.nodes[0].outputs[0] for layer in spec.layers]
+    inputs = [stream_in(spec.layers[i]) for i in layers]
+    reader = ActivationReader(model, [*inputs, *probs])
+    rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
+    for feed in batches:
+        out = reader.run(feed)
+        mask = np.asarray(feed.get("attention_mask", np.ones(out[reader.names[0]].shape[:2])))
+        received = [received_attention(out[v.name], mask) for v in probs]
+        real = mask.astype(bool)
+        n = mask.sum(1, keepdims=True)
+        final = out[reader.model_outputs[0]]
+        for i, value in zip(layers, inputs, strict=True):
+            if target == "drift":
+                drift = np.linalg.norm(final - out[value.name], axis=-1) + 1e-6
+                mean = (drift * mask).sum(1, keepdims=True) / n
+                rows[i].append((out[value.name][real].astype(np.float32),
+                                np.log(drift / mean)[real]))
+                continue
+            # Layer 0 has no previous attention: its own stands in.
+            prev = received[max(i - 1, 0) : max(i, 1)]
+            sources = prev if target == "attention" else received[i:]
+            score = np.log(np.mean(sources, axis=0) * n + _TINY)
+            rows[i].append((out[value.name][real].astype(np.float32), score[real]))
+    return {i: (np.concatenate([r[0] for r in parts]), np.concatenate([r[1] for r in parts]))
+            for i, parts in rows.items()}
+
+
+def fit_predictor(
+    x: np.ndarray, y: np.ndarray, *, hidden: int = 64, steps: int = 400, lr: float = 3e-3,
+    holdout: float = 0.2, seed: int = 0,
+) -> tuple[Predictor, tuple[float, float], float]:
+    """Fits LayerNorm ─ Linear ─ GELU ─ Linear to y.
+
+    Returns:
+        The predictor, (training MSE before, after) and the MSE on held-out rows.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_hold = int(len(x) * holdout)
+    fit_rows, hold_rows = order[n_hold:], order[:n_hold]
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    ln, fc1, fc2 = (torch.nn.LayerNorm(x.shape[1]), torch.nn.Linear(x.shape[1], hidden),
+                    torch.nn.Linear(hidden, 1))
+    net = torch.nn.Sequential(ln, fc1, torch.nn.GELU(), fc2)
+    with torch.no_grad():
+        fc2.bias.fill_(float(y[fit_rows].mean()))
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    fx, fy = xt[fit_rows], yt[fit_rows]
+
+    def loss_on(rows: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(torch.mean((net(xt[rows]).squeeze(-1) - yt[rows]) ** 2))
+
+    before = loss_on(fit_rows)
+    batch = min(4096, len(fit_rows))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        pick = torch.randint(0, len(fit_rows), (batch,), generator=gen)
+        loss = torch.mean((net(fx[pick]).squeeze(-1) - fy[pick]) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    after = loss_on(fit_rows)
+    hold = loss_on(hold_rows) if n_hold else float("nan")
+    predictor = Predictor(
+        gamma=ln.weight.detach().numpy().copy(), beta=ln.bias.detach().numpy().copy(),
+        w1=fc1.weight.detach().numpy().T.copy(), b1=fc1.bias.detach().numpy().copy(),
+        w2=fc2.weight.detach().numpy().reshape(-1).copy(), b2=float(fc2.bias.item()),
+        epsilon=ln.eps,
+    )
+    return predictor, (before, after), hold
+
+
+def fit_predictors(
+    model: ir.Model, spec: ModelSpec, layers: Sequence[int], batches: Iterable[Feed],
+    *, target: str = "attention", hidden: int = 64, steps: int = 400, seed: int = 0,
+) -> FitResult:
+    """Fits one predictor per skim layer on the dense (canonical) model's activations."""
+    data = capture_skim_data(model, spec, layers, batches, target=target)
+    result = FitResult({}, {}, {})
+    for i, (x, y) in data.items():
+        p, losses, hold = fit_predictor(x, y, hidden=hidden, steps=steps, seed=seed)
+        result.predictors[i], result.train_loss[i], result.holdout_loss[i] = p, losses, hold
+        logger.info("layer%d skim predictor (%s): mse %.3f -> %.3f, holdout %.3f",
+                    i, target, losses[0], losses[1], hold)
+    return result
+
+
+# ---------------------------------------------------------------- ratios for a FLOPs target
+
+
+def skimmed_flops(spec: ModelSpec, keep: Sequence[float | None], *, seq_len: int,
+                  batch: int = 1) -> int:
+    """Counts FLOPs when layer i sees the tokens left by the cumulative keep ratios."""
+    total = 2 * batch * seq_len * spec.other_matmul_macs_per_token
+    tokens = seq_len
+    for layer, r in zip(spec.layers, keep, strict=True):
+        if r is not None:
+            tokens = keep_count(r, tokens)
+        a, f = layer.attention, layer.ffn
+        total += layer_flops(hidden=spec.hidden, heads=a.heads, head_size=a.head_size,
+                             ffn=f.width, batch=batch, seq_len=tokens)
+    return total
+
+
+def skim_keep_for_flops(
+    spec: ModelSpec, target_ratio: float, *, seq_len: int, batch: int = 1, start: int = 1,
+    mode: str = "geometric",
+) -> list[float | None]:
+    """Picks per-layer skim_keep so FLOPs are at most `target_ratio` of the dense model's.
+
+    `mode="geometric"` keeps the same ratio r before every layer from `start` on (tokens
+    thin out progressively, as in PoWER-BERT/Transkimmer schedules); `mode="single"`
+    skims once, before layer `start`. Start at 1 or later for training-free scores
+    (layer 0 has no previous attention). The largest r meeting the target is found by
+    bisection; if even one token per sequence cannot meet it, the smallest r is returned.
+
+    Returns:
+        One entry per layer: None (no skim point) or r in (0, 1].
+    """
+    if mode not in ("geometric", "single"):
+        raise ValueError(f"mode must be 'geometric' or 'single', not {mode!r}")
+    dense = model_flops(spec, batch=batch, seq_len=seq_len)
+
+    def plan(r: float) -> list[float | None]:
+        if mode == "single":
+            return [r if i == start else None for i in range(len(spec.layers))]
+        return [r if i >= start else None for i in range(len(spec.layers))]
+
+    if skimmed_flops(spec, plan(1.0), seq_len=seq_len, batch=batch) <= target_ratio * dense:
+        return [None] * len(spec.layers)
+    lo, hi = 1.0 / seq_len, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if skimmed_flops(spec, plan(mid), seq_len=seq_len, batch=batch) <= target_ratio * dense:
+            lo = mid
+        else:
+            hi = mid
+    return plan(round(math.floor(lo * 1000) / 1000, 3) or 1.0 / seq_len)
+
+
+# ---------------------------------------------------------------- report
+
+
+def skim_report(
+    dense: ir.Model, skimmed: ir.Model, points: Sequence[int], holdout: Sequence[Feed],
+    *, num_layers: int,
+) -> dict[str, object]:
+    """Measures kept tokens per skim point and output fidelity on held-out batches.
+
+    Returns mean kept tokens per layer (all layers: a layer sees what the last skim point
+    before it kept), mean real tokens, and cosine to the dense model's final hidden
+    states: per real token and mean-pooled per sequence, each as mean and 5th percentile.
+    """
+    names = {f"layer{i}/skim/active_next_out": i for i in points}
+    values = [v for node in skimmed.graph for v in node.outputs if v.name in names]
+    dense_reader = ActivationReader(dense, [])
+    skim_reader = ActivationReader(skimmed, values)
+    kept: dict[int, list[float]] = {i: [] for i in points}
+    real, token_cos, pooled_cos = [], [], []
+    for feed in holdout:
+        a = dense_reader.run(feed)[dense_reader.model_outputs[0]].astype(np.float64)
+        out = skim_reader.run(feed)
+        b = out[skim_reader.model_outputs[0]].astype(np.float64)
+        mask = np.asarray(feed["attention_mask"]).astype(bool)
+        real.extend(mask.sum(1).tolist())
+        for name, i in names.items():
+            kept[i].extend(out[name].sum(1).tolist())
+        token_cos.extend(_cosine(a[mask], b[mask]).tolist())
+        w = mask[..., None].astype(np.float64)
+        pooled_cos.extend(_cosine((a * w).sum(1) / w.sum(1), (b * w).sum(1) / w.sum(1)).tolist())
+    per_layer, current = [], float(np.mean(real))
+    for i in range(num_layers):
+        if i in kept:
+            current = float(np.mean(kept[i]))
+        per_layer.append(round(current, 2))
+    return {
+        "mean_real_tokens": round(float(np.mean(real)), 2),
+        "mean_kept_tokens_per_layer": per_layer,
+        "token_cosine": {"mean": float(np.mean(token_cos)),
+                         "p5": float(np.percentile(token_cos, 5))},
+        "pooled_cosine": {"mean": float(np.mean(pooled_cos)),
+                          "p5": float(np.percentile(pooled_cos, 5))},
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-12)

@@ -1,0 +1,79 @@
+"""Token skimming through `planer compile`: plans, FLOPs targets, reports, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from planer.compiler.driver.cli import main
+from planer.fixtures.build import fixture_path
+from tests.conftest import run_ort, text_feeds
+
+
+@pytest.fixture
+def calibration(tmp_path: Path) -> tuple[Path, Path]:
+    text = tmp_path / "calib.txt"
+    rng = np.random.default_rng(0)
+    text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
+                              for _ in range(80)))
+    vocab = tmp_path / "tok"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
+                                               [f"w{i}" for i in range(40)]) + "\n")
+    return text, vocab
+
+
+def _compile(tmp_path: Path, calibration: tuple[Path, Path], *extra: str) -> dict:
+    text, vocab = calibration
+    out = tmp_path / "out"
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--calibration", str(text),
+                 "--tokenizer", str(vocab), "--seq-len", "16", "-o", str(out), *extra])
+    assert code == 0
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    return json.loads((out / "report.json").read_text())
+
+
+def test_plan_with_skim_reports_kept_tokens(tmp_path: Path,
+                                            calibration: tuple[Path, Path]) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [{"heads": 3}, {"skim_keep": 0.5}]}))
+    report = _compile(tmp_path, calibration, "--plan", str(plan))
+    kept = report["skim"]["mean_kept_tokens_per_layer"]
+    assert kept[1] < kept[0] * 0.75  # half of the still-active tokens enter layer 1
+    assert report["skim"]["score"] == "fitted"
+    assert report["layers"][1]["skim_keep"] == 0.5
+    assert report["flops_ratio"] < 1.0
+    out = run_ort(tmp_path / "out" / "model.onnx",
+                  text_feeds(batch=3, seq_len=16, vocab=44, pad_last=6))[0]
+    assert out.shape == (3, 16, 64) and np.isfinite(out).all()
+
+
+def test_target_flops_with_skim_only(tmp_path: Path, calibration: tuple[Path, Path]) -> None:
+    report = _compile(tmp_path, calibration, "--target-flops", "0.7", "--passes", "skim")
+    assert report["flops_ratio"] <= 0.7
+    assert all(la["heads"]["after"] == 4 for la in report["layers"])  # pruning not allowed
+    assert any("skim_keep" in la for la in report["layers"])
+
+
+def test_tensorrt_lowering_has_no_nonzero_or_scatter(tmp_path: Path,
+                                                     calibration: tuple[Path, Path]) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [{}, {"skim_keep": 0.5}]}))
+    _compile(tmp_path, calibration, "--plan", str(plan), "--target-runtime", "tensorrt")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert not ops & {"NonZero", "ScatterND", "ScatterElements"}
+
+
+def test_skim_before_layer0_needs_calibration(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [{"skim_keep": 0.5}, {}]}))
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--plan", str(plan),
+                 "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert "needs a fitted predictor" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
