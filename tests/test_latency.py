@@ -122,3 +122,38 @@ def test_unreachable_target_exits_3_and_writes_the_fastest_model(
     assert report["plan"] == floor_plan(read_model(fixture_path("bert", "dynamo"))[1]).to_dict()
     for key in ("target_ms", "baseline_ms", "measured_ms", "speedup", "predicted_ms"):
         assert key in report
+
+
+def test_search_tightens_without_collapsing_to_the_floor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver import latency as loop
+
+    src = fixture_path("bert", "dynamo")
+    _, spec = read_model(src)
+    model = fit_latency_model(_linear("attn", range(1, 5), 0.1, 0.1),
+                              _linear("ffn", range(8, 129, 8), 0.01, 0.05), 4.0,
+                              Plan.neutral(spec))
+    monkeypatch.setattr(loop, "profile_model", lambda *a, **k: (model, {
+        "dense_ms": 4.0, "overhead_ms": model.overhead_ms, "device": "fake"}))
+    compiled: list[Plan] = []
+
+    def slower_than_predicted(dense, compiled_path, **kwargs):
+        plan = Plan(tuple(LayerPlan(**la) for la in json.loads(
+            (compiled_path.parent / "plan.json").read_text())["layers"]))
+        compiled.append(plan)
+        return model.predict(plan) * 1.05 / 4.0, {}
+
+    monkeypatch.setattr(loop, "measure_ratio", slower_than_predicted)
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(f"w{i % 5} w{i % 3}" for i in range(30)))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w0", "w1",
+                                              "w2", "w3", "w4"]) + "\n")
+    result = loop.compile_to_latency(src, tmp_path / "out", target_fraction=0.7,
+                                     calibration=calib, tokenizer=tok, batch=1, seq_len=16,
+                                     threads=1)
+    assert result.report["target_met"] is True
+    assert result.report["measured_ms"] <= 0.7 * 4.0
+    assert len(compiled) >= 2  # the first plan missed by 5% and was tightened
+    assert all(plan != floor_plan(spec) for plan in compiled)
