@@ -223,11 +223,13 @@ def run_compile(args: argparse.Namespace) -> int:
         from planer.fixtures.build import minilm_tokenizer_dir
 
         tokenizer = minilm_tokenizer_dir()
-    if plan_data is None and args.target_flops is None:
-        console.print("no --plan or --target-flops: compiling the neutral plan (everything kept)")
-    if args.calibration is None and (args.target_flops is not None or plan_data is not None):
-        console.print("no --calibration: choosing by weight magnitude" if args.target_flops
-                      is None else "no --calibration: fitting on random token inputs, a poor "
+    if plan_data is None and args.target_flops is None and args.target_latency is None:
+        console.print("no --plan, --target-flops or --target-latency: compiling the neutral "
+                      "plan (everything kept)")
+    if args.calibration is None and (args.target_flops is not None or plan_data is not None
+                                     or args.target_latency is not None):
+        console.print("no --calibration: choosing by weight magnitude" if plan_data is not None
+                      else "no --calibration: fitting on random token inputs, a poor "
                       "stand-in for real text")
     started = time.perf_counter()
     if args.target_latency is not None:

@@ -149,6 +149,7 @@ def compile_to_latency(
                               vocab_size=spec.vocab_size, seq_len=seq_len)
     say("capturing calibration activations")
     scores = importance(spec, capture_layers(model, spec, calib.batches))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".planer-search-", dir=out_dir.parent))
     rounds: list[Round] = []
     dense_ms = profile["dense_ms"]
@@ -229,8 +230,8 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
     result = CompileResult(model_path=out_dir / name, plan=chosen.plan, report=report)
     if not meeting:
         floor = floor_plan(spec) == chosen.plan
-        why = ("with every attention head and FFN channel removed; the rest of the model "
-               f"(embeddings, norms, residual adds) takes about {profile['overhead_ms']:.1f} ms"
+        why = ("with every attention head and FFN channel removed, the floor of head and "
+               "channel pruning (embeddings, norms and residual adds remain)"
                if floor else f"after {len(rounds)} rounds of tightening")
         raise TargetUnreachableError(
             f"the target of {target_ms:.1f} ms is out of reach: the fastest model found runs "
