@@ -794,3 +794,11 @@ def divergence(diff: Diff, feeds: Sequence[Feed], *, tolerance: float = DEFAULT_
         "first_divergent_boundary": first_boundary,
         "first_divergent_node": first_node,
     }
+
+
+def format_delta(pair: list[Any], scale: float = 1.0) -> str:
+    """Formats the change from pair[0] to pair[1] (divided by `scale`), or "-" if unknown."""
+    if None in pair:
+        return "-"
+    diff = (pair[1] - pair[0]) / scale
+    return f"{diff:+,.0f}" if scale == 1.0 else f"{diff:+.3f}"

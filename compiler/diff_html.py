@@ -17,6 +17,8 @@ import json
 import math
 from typing import Any
 
+from planer.compiler.diff import format_delta
+
 COLOURS = {"same": "#dcefdc", "changed": "#ffe1a6", "removed": "#f5c2c2", "added": "#c9dcff",
            "unmatched": "#e6e6e6"}
 
@@ -209,8 +211,8 @@ def _layers(data: dict[str, Any]) -> str:
         rows.append(
             f"<tr class='layer-row' data-status='{r['status']}'><td>{_e(r['a'])}</td>"
             f"<td>{_e(r['b'])}</td><td>{_pair(r['heads'])}</td><td>{_pair(r['ffn'])}</td>"
-            f"<td class='l'>{_e(changes)}</td><td>{_delta(r['params'])}</td>"
-            f"<td>{_delta(r['flops'], 1e9)}</td><td>+{n['added']} −{n['removed']} "
+            f"<td class='l'>{_e(changes)}</td><td>{format_delta(r['params'])}</td>"
+            f"<td>{format_delta(r['flops'], 1e9)}</td><td>+{n['added']} −{n['removed']} "
             f"~{n['changed']}</td></tr>")
         title = f"layer {_e(r['a'])} → {_e(r['b'])}: {len(r['node_list'])} nodes"
         passes = f" (passes: {_e(', '.join(r['passes']))})" if r["passes"] else ""
@@ -317,13 +319,6 @@ def _planer_files(data: dict[str, Any]) -> str:
 def _pair(pair: list[Any]) -> str:
     a, b = ("-" if v is None else str(v) for v in pair)
     return _e(a) if a == b else f"{_e(a)} → {_e(b)}"
-
-
-def _delta(pair: list[Any], scale: float = 1.0) -> str:
-    if None in pair:
-        return "-"
-    diff = (pair[1] - pair[0]) / scale
-    return f"{diff:+,.0f}" if scale == 1.0 else f"{diff:+.3f}"
 
 
 def _num(value: float | str) -> str:

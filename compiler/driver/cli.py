@@ -20,6 +20,7 @@ from rich.table import Table
 
 import planer
 from planer.compiler.driver import diff_cli
+from planer.compiler.driver.argtypes import positive_int
 from planer.compiler.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -80,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target-latency", type=_latency, metavar="T",
                           help="meet this median latency on the runtime: 20ms, 0.02s, or "
                                "relative to the measured dense model, 50%% or 0.5x")
-    compile_.add_argument("--threads", type=_positive_int, default=1,
+    compile_.add_argument("--threads", type=positive_int, default=1,
                           help="intra-op threads of the target runtime (default 1)")
     compile_.add_argument("--runtime", choices=("ort-cpu",), default="ort-cpu",
                           help="target runtime the latency is measured on (default ort-cpu)")
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="measure block latencies and report the model error")
     _model_arg(profile)
     _shape_args(profile)
-    profile.add_argument("--threads", type=_positive_int, default=1)
+    profile.add_argument("--threads", type=positive_int, default=1)
     profile.add_argument("--refresh", action="store_true", help="re-measure stored blocks")
     profile.add_argument("--report", action="store_true",
                          help="also measure compiled models and print the latency model's "
@@ -125,19 +126,9 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _shape_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
-    parser.add_argument("--seq-len", type=_positive_int, default=128,
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    parser.add_argument("--seq-len", type=positive_int, default=128,
                         help="sequence length (default 128)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _latency(text: str) -> tuple[str, float]:

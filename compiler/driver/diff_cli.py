@@ -25,8 +25,10 @@ from planer.compiler.diff import (
     calibration_feeds,
     diff_models,
     divergence,
+    format_delta,
     read_feeds,
 )
+from planer.compiler.driver.argtypes import positive_float, positive_int
 from planer.compiler.errors import EXIT_OK, BadInputError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -49,37 +51,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="calibration text (.txt/.tsv/.csv/.jsonl) or .npz to run both on")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR",
                         help="tokenizer folder or tokenizer.json for text calibration")
-    parser.add_argument("--samples", type=_positive_int, default=8,
+    parser.add_argument("--samples", type=positive_int, default=8,
                         help="calibration samples to run (default 8)")
-    parser.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
+    parser.add_argument("--tolerance", type=positive_float, default=DEFAULT_TOLERANCE,
                         help="a tensor diverges when its relative L2 error exceeds this or its "
                              f"cosine falls below 1 - this (default {DEFAULT_TOLERANCE:g})")
-    parser.add_argument("--batch", type=_positive_int, default=1,
+    parser.add_argument("--batch", type=positive_int, default=1,
                         help="batch size for FLOP counts (default 1)")
-    parser.add_argument("--seq-len", type=_positive_int, default=128,
+    parser.add_argument("--seq-len", type=positive_int, default=128,
                         help="sequence length for FLOP counts and text calibration (default 128)")
     parser.set_defaults(run=run_diff)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0")
-    return value
 
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -156,7 +138,7 @@ def _layer_table(data: dict[str, Any]) -> Table:
         changes = ", ".join(row["changes"]) or ("unmatched" if row["status"] == "unmatched"
                                                  else "unchanged")
         table.add_row(_idx(row["a"]), _idx(row["b"]), _arrow(row["heads"]), _arrow(row["ffn"]),
-                      changes, _delta(row["params"]), _delta(row["flops"], scale=1e9),
+                      changes, format_delta(row["params"]), format_delta(row["flops"], scale=1e9),
                       f"+{n['added']} -{n['removed']} ~{n['changed']}")
     return table
 
@@ -229,13 +211,6 @@ def _idx(value: int | None) -> str:
 def _arrow(pair: list[Any]) -> str:
     a, b = ("-" if v is None else str(v) for v in pair)
     return a if a == b else f"{a} -> {b}"
-
-
-def _delta(pair: list[Any], scale: float = 1.0) -> str:
-    if None in pair:
-        return "-"
-    diff = (pair[1] - pair[0]) / scale
-    return f"{diff:+,.0f}" if scale == 1.0 else f"{diff:+.3f}"
 
 
 def _num(value: float | str) -> str:
