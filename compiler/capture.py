@@ -110,12 +110,6 @@ def real_token_rows(feed: Feed) -> np.ndarray | None:
     return np.flatnonzero(np.asarray(mask).reshape(-1) != 0)
 
 
-def run_outputs(model: ir.Model, batches: Iterable[Feed]) -> list[list[np.ndarray]]:
-    """Runs the model's own outputs on every batch (for fidelity on held-out data)."""
-    reader = ActivationReader(model, [])
-    return [[reader.run(feed)[name] for name in reader.model_outputs] for feed in batches]
-
-
 def _ensure_name(value: ir.Value, index: int) -> str:
     if not value.name:
         value.name = f"planer/capture_{index}"

@@ -45,17 +45,6 @@ def scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
-def single_consumer(value: ir.Value, op_type: str | None = None) -> ir.Node | None:
-    """Returns the only node reading `value` (optionally of `op_type`), else None."""
-    consumers = list(value.consumers())
-    if len(consumers) != 1:
-        return None
-    node = consumers[0]
-    if op_type is not None and node.op_type != op_type:
-        return None
-    return node
-
-
 def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     """Returns the input of a two-input node that is not `value`."""
     ins = list(node.inputs)

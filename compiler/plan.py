@@ -80,9 +80,6 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [layer.to_dict() for layer in self.layers]}
 
-    def is_neutral(self, spec: ModelSpec) -> bool:
-        return self == Plan.neutral(spec)
-
 
 def load_plan(path: str | Path) -> dict[str, Any]:
     """Reads a plan file as JSON, with a clear error when it is missing or malformed."""

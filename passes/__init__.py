@@ -1,11 +1,12 @@
-"""Graph rewrites, one per module. The registry maps `--passes` names to pass classes."""
+"""Graph rewrites, one per module. REGISTRY maps each `--passes` name to its pass classes."""
 
 from planer.passes.channel_pruning import ChannelPruningConfig, ChannelPruningPass
 from planer.passes.head_pruning import HeadPruningConfig, HeadPruningPass
+from planer.passes.token_skim import TokenSkimConfig, TokenSkimPass
 
-REGISTRY = {
-    "heads": HeadPruningPass,
-    "channels": ChannelPruningPass,
+REGISTRY: dict[str, tuple[type, ...]] = {
+    "prune": (HeadPruningPass, ChannelPruningPass),
+    "skim": (TokenSkimPass,),
 }
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "ChannelPruningPass",
     "HeadPruningConfig",
     "HeadPruningPass",
+    "TokenSkimConfig",
+    "TokenSkimPass",
 ]

@@ -33,7 +33,6 @@ from planer.compiler.plan import load_plan
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
-KNOWN_PASSES = {"prune", "skim"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,11 +202,13 @@ def run_compile(args: argparse.Namespace) -> int:
     from planer.compiler.driver.pipeline import compile_plan
 
     path = resolve_model(args.model)
+    from planer.passes import REGISTRY
+
     passes = {p.strip() for p in args.passes.split(",") if p.strip()}
-    unknown = passes - KNOWN_PASSES
+    unknown = passes - set(REGISTRY)
     if unknown:
         raise BadInputError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(KNOWN_PASSES))}.")
+                            f"{', '.join(sorted(REGISTRY))}.")
     plan_data = load_plan(args.plan) if args.plan else None
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is None and args.calibration is not None:
