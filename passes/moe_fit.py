@@ -62,7 +62,8 @@ class LayerQuality:
     oracle_recall: float  # norm share of the best possible expert choice at the same count
     router_recall: float  # norm share of the router's chosen experts
     experts_per_token: float
-    reconstruction_error: float  # ||y_moe - y_dense|| / ||y_dense|| over held-out tokens
+    reconstruction_error: float  # ||y_moe - y_dense|| / ||y_dense|| (FFN output with b2)
+    expert_sum_error: float  # the same error relative to the FFN output without b2
     tokens: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def expert_norms(a_NF: np.ndarray, w2_FD: np.ndarray, experts_EG: np.ndarray) ->
 # ---------------------------------------------------------------- router
 
 
-def fit_router(x_ND: np.ndarray, norms_NE: np.ndarray, *, hidden: int = 128, steps: int = 800,
+def fit_router(x_ND: np.ndarray, norms_NE: np.ndarray, *, hidden: int = 64, steps: int = 800,
                batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> Router:
     """Trains `Linear(D,h) -> ReLU -> Linear(h,E) -> Abs` to regress expert norms (MSE)."""
     import torch  # local: only fitting needs it, and it is a heavy import
@@ -195,10 +196,12 @@ class FittedLayer:
         dropped = np.einsum("ne,end->nd", (~chosen).astype(np.float32), self.holdout_expert_out)
         dense_norm = max(float(np.linalg.norm(self.holdout_dense)), 1e-12)
         error = float(np.linalg.norm(dropped)) / dense_norm
+        experts_norm = max(float(np.linalg.norm(self.holdout_expert_out.sum(0))), 1e-12)
         return LayerQuality(
             layer=self.layer, activation=self.activation, sparsity=self.sparsity,
             oracle_recall=best, router_recall=recall,
             experts_per_token=float(chosen.sum(1).mean()), reconstruction_error=error,
+            expert_sum_error=float(np.linalg.norm(dropped)) / experts_norm,
             tokens=int(chosen.shape[0]),
         )
 
@@ -210,7 +213,7 @@ def fit_layers(
     experts: Mapping[int, int],
     *,
     method: str = "weights",
-    router_hidden: int = 128,
+    router_hidden: int = 64,
     steps: int = 800,
     max_tokens: int = 8192,
     holdout_tokens: int = 2048,
@@ -311,7 +314,7 @@ def choose_moe_plans(
     seq_len: int = 128,
     candidates: Sequence[MoePlan] | None = None,
     max_error: float = 0.35,
-    router_hidden: int = 128,
+    router_hidden: int = 64,
 ) -> tuple[dict[int, MoePlan], dict[int, LayerQuality]]:
     """Picks per-layer MoE settings that remove the most FFN FLOPs per unit of error.
 

@@ -299,6 +299,14 @@ def run_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _moe_cell(choice: dict[str, Any] | None, quality: dict[str, Any] | None) -> str:
+    if not choice:
+        return ""
+    how = f"top-{choice['top_k']}" if "top_k" in choice else f"tau {choice['tau']}"
+    recall = f", recall {quality['router_recall']:.2f}" if quality else ""
+    return f"{choice['experts']} experts {how}{recall}"
+
+
 def _err(record: dict[str, float] | None) -> str:
     if not record:
         return "-"
@@ -310,7 +318,9 @@ def _err(record: dict[str, float] | None) -> str:
 def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None:
     table = Table(title="compiled")
     skim = any("skim_keep" in layer for layer in report["layers"])
-    for column in ("layer", "heads", "FFN", "attn err", "FFN err", *(("skim",) if skim else ())):
+    moe = any("moe" in layer for layer in report["layers"])
+    for column in ("layer", "heads", "FFN", "attn err", "FFN err", *(("skim",) if skim else ()),
+                   *(("MoE",) if moe else ())):
         table.add_column(column, justify="right")
     for layer in report["layers"]:
         h, f = layer["heads"], layer["ffn"]
@@ -319,6 +329,9 @@ def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None
                _err(layer.get("ffn_fit"))]
         if skim:
             row.append(f"{layer['skim_keep']:.2f}" if "skim_keep" in layer else "")
+        if moe:
+            row.append(_moe_cell(layer.get("moe"), report.get("moe", {})
+                                 .get(f"layer{layer['index']}")))
         table.add_row(*row)
     out.print(table)
     fid = report.get("fidelity")

@@ -44,6 +44,8 @@ from planer.passes import (
     HeadPruningConfig,
     HeadPruningPass,
 )
+from planer.passes.ffn_to_moe import apply_ffn_to_moe, config_from_fits
+from planer.passes.moe_fit import choose_moe_plans, fit_layers
 from planer.passes.prune_fit import capture_layers
 from planer.passes.skim_fit import fit_predictors, skim_keep_for_flops, skim_report
 from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
@@ -118,8 +120,12 @@ def compile_plan(
     say(f"reading {model_path}")
     model, spec = read_model(model_path)
     plan = parse_plan(plan_data, spec) if plan_data is not None else Plan.neutral(spec)
-    _refuse_unbuilt_fields(plan)
     calib = None
+    moe_layers = [i for i, la in enumerate(plan.layers) if la.moe is not None]
+    if calibration is None and (moe_layers or (target_flops is not None and "moe" in passes)):
+        where = f"plan layer {moe_layers[0]} sets moe" if moe_layers else "--passes moe"
+        raise BadInputError(f"{where}, whose routers are fitted on calibration data; pass "
+                            "--calibration.")
     if calibration is not None or target_flops is not None:
         say("tokenizing calibration data")
         calib = build_calibration(
@@ -127,6 +133,14 @@ def compile_plan(
             vocab_size=spec.vocab_size, seq_len=seq_len,
         )
     fit_records: list[dict[str, Any]] = []
+    if calib is not None and target_flops is not None and "moe" in passes:
+        if passes != {"moe"}:
+            raise BadInputError("--passes moe cannot be combined with other passes under "
+                                "--target-flops yet; use --plan for mixed plans.")
+        say("fitting experts and routers for every layer")
+        plan = _plan_for_moe(model, spec, calib, target_flops, batch=batch, seq_len=seq_len)
+        target_flops = None  # the plan is chosen; pruning keeps every head and channel
+    _refuse_unsupported_mixes(plan)
     if calib is not None:
         say("capturing calibration activations")
         acts = capture_layers(model, spec, calib.batches)
@@ -140,13 +154,20 @@ def compile_plan(
         selection = magnitude_selection(spec, plan)
     say("rewriting layers")
     apply_selection(model, spec, selection)
+    if calib is not None and any(la.moe is not None for la in plan.layers):
+        say("splitting FFNs into experts and fitting routers")
+        moe_info = apply_moe(model, plan, calib, lowering=target_runtime, tokens=batch * seq_len)
+    else:
+        moe_info = None
     skim_info = None
     if _skim_layers(plan):
         say("fitting skim predictors and removing skimmed tokens")
         skim_info = apply_skim(model, plan, calib, lowering=target_runtime)
-    report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len)
+    report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len, moe=moe_info)
     if skim_info is not None:
         report["skim"] = skim_info
+    if moe_info is not None:
+        report["moe"] = moe_info
     report.update(extra_report or {})
     for layer, record in zip(report["layers"], fit_records, strict=False):
         layer.update({k: v for k, v in record.items() if k != "index"})
@@ -184,12 +205,27 @@ def compile_plan(
                          report=written["report.json"])
 
 
-def _refuse_unbuilt_fields(plan: Plan) -> None:
-    for i, layer in enumerate(plan.layers):
-        if layer.moe is not None:
-            raise BadInputError(
-                f"plan layer {i} sets moe, which this pipeline cannot apply yet; remove it."
-            )
+def _refuse_unsupported_mixes(plan: Plan) -> None:
+    moe = [i for i, la in enumerate(plan.layers) if la.moe is not None]
+    if moe and _skim_layers(plan):
+        raise BadInputError("a plan cannot combine moe and skim_keep yet; the skim pass "
+                            "cannot read MoE layers.")
+
+
+def apply_moe(model: ir.Model, plan: Plan, calib: CalibrationSet, *, lowering: str,
+              tokens: int) -> dict[str, Any]:
+    """Splits the planned FFNs into experts with fitted routers; returns per-layer quality.
+
+    Runs after pruning, so experts split the pruned width.
+    """
+    wanted = {i: la.moe for i, la in enumerate(plan.layers) if la.moe is not None}
+    spec = find_blocks(model)
+    fitted = fit_layers(model, spec, calib, {i: p.experts for i, p in wanted.items()})
+    config = config_from_fits(fitted, wanted, target=lowering, tokens=tokens)
+    apply_ffn_to_moe(model, spec, config)
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    return {f"layer{i}": fitted[i].quality(p).to_dict() for i, p in wanted.items()}
 
 
 def _plan_for_flops_passes(
@@ -219,6 +255,17 @@ def _plan_for_flops_passes(
         plan = Plan(tuple(dataclasses.replace(la, skim_keep=r)
                           for la, r in zip(plan.layers, ratios, strict=True)))
     return plan
+
+
+def _plan_for_moe(model: ir.Model, spec: ModelSpec, calib: CalibrationSet, target: float, *,
+                  batch: int, seq_len: int) -> Plan:
+    """Picks per-layer MoE settings meeting a FLOPs target where they pay (moe_fit)."""
+    experts = {layer.index: 8 for layer in spec.layers if layer.ffn.width % 8 == 0}
+    fitted = fit_layers(model, spec, calib, experts)
+    chosen, _ = choose_moe_plans(spec, fitted, target_flops=target, batch=batch,
+                                 seq_len=seq_len)
+    return Plan(tuple(dataclasses.replace(la, moe=chosen.get(i))
+                      for i, la in enumerate(Plan.neutral(spec).layers)))
 
 
 def _skim_layers(plan: Plan) -> list[int]:
@@ -253,7 +300,8 @@ def apply_skim(model: ir.Model, plan: Plan, calib: CalibrationSet | None, *,
 
 
 def build_report(
-    spec: ModelSpec, plan: Plan, selection: Selection, *, batch: int, seq_len: int
+    spec: ModelSpec, plan: Plan, selection: Selection, *, batch: int, seq_len: int,
+    moe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Builds report.json's static part: the plan as applied, params and FLOPs."""
     flops_before = model_flops(spec, batch=batch, seq_len=seq_len)
@@ -265,8 +313,12 @@ def build_report(
         a, f = layer.attention, layer.ffn
         if choice.skim_keep is not None:
             tokens *= choice.skim_keep  # cumulative: a skimmed token never comes back
+        ffn = float(choice.ffn)
+        if choice.moe is not None:  # each token runs only its experts (router cost aside)
+            per_token = (moe or {}).get(f"layer{layer.index}", {}).get("experts_per_token")
+            ffn *= (per_token or choice.moe.top_k or choice.moe.experts) / choice.moe.experts
         flops_after += layer_flops(hidden=spec.hidden, heads=choice.heads, head_size=a.head_size,
-                                   ffn=choice.ffn, batch=batch, seq_len=max(1, round(tokens)))
+                                   ffn=round(ffn), batch=batch, seq_len=max(1, round(tokens)))
         inner_removed = (a.heads - choice.heads) * a.head_size
         params_removed += inner_removed * (4 * spec.hidden + 3)
         params_removed += (f.width - choice.ffn) * (2 * spec.hidden + 1)
@@ -276,6 +328,7 @@ def build_report(
                       "kept": list(selection.heads[layer.index])},
             "ffn": {"before": f.width, "after": choice.ffn},
             **({"skim_keep": choice.skim_keep} if choice.skim_keep is not None else {}),
+            **({"moe": choice.moe.to_dict()} if choice.moe is not None else {}),
         })
     return {
         "tool": "planer",

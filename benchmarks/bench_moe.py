@@ -1,0 +1,295 @@
+"""FFN -> MoE benchmark: FFN-alone speed, whole-model latency, held-out quality, recall.
+
+    python benchmarks/bench_moe.py ffn   [--tokens 128 1] [--lowering gather kernel]
+    python benchmarks/bench_moe.py model [--experts 8 --top-k 2] [--probe]
+
+`ffn` builds one-FFN ONNX models from MiniLM's layer-0 weights (dense vs MoE, each
+lowering) and times them interleaved (ORT CPU, one thread, optimization "all").
+`model` fits experts and routers for every MiniLM layer on sst2/train.tsv rows the probe
+does not use, prints per-layer quality (sparsity, router recall, experts per token,
+reconstruction error on held-out calibration tokens), times dense vs MoE at batch 1 x 128
+tokens interleaved in one run, and with --probe runs the quality probe of
+shared/data/README.md (logistic regression on mean-pooled embeddings: 5000 sst2/train
+rows -> sst2/dev; agnews/dev first 4000 -> last 2000) on both models.
+Timings are medians of per-round ratios (cost_model.timing); never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from planer.compiler.calibration import build_calibration, model_input_infos, read_texts
+from planer.compiler.driver.pipeline import read_model
+from planer.compiler.plan import MoePlan
+from planer.compiler.spec import FfnSpec, Linear
+from planer.cost_model.timing import SessionOptions, make_session, ratios, time_interleaved
+from planer.passes.ffn_to_moe import FfnToMoeConfig, MoeLayer, apply_ffn_to_moe
+from planer.passes.moe_fit import Router, cluster_experts, fit_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OPTS = SessionOptions(threads=1, optimization="all")
+
+
+# ---------------------------------------------------------------- one-FFN models
+
+
+def one_ffn_model(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
+                  fusable: bool = False) -> onnx.ModelProto:
+    """Builds x_BSD -> MatMul -> Add -> erf-GELU (as exported) -> MatMul -> Add -> y_BSD."""
+    d, f = w1.shape
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"),
+              (np.array(np.sqrt(2.0), np.float32), "sqrt2"), (np.array(1.0, np.float32), "one"),
+              (np.array(0.5, np.float32), "half")]]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1_add"),
+        # MiniLM's dynamo spelling, 0.5·x·(1 + erf(x/√2)), which ORT does not fuse;
+        # --spelling fusable uses x·(1 + erf(x/√2))·0.5, which ORT fuses into BiasGelu.
+        *([helper.make_node("Div", ["h", "sqrt2"], ["g0"], name="gelu_div"),
+           helper.make_node("Erf", ["g0"], ["g1"], name="gelu_erf"),
+           helper.make_node("Add", ["g1", "one"], ["g2"], name="gelu_add"),
+           helper.make_node("Mul", ["h", "g2"], ["g3"], name="gelu_mul"),
+           helper.make_node("Mul", ["g3", "half"], ["a"], name="gelu_half")]
+          if fusable else
+          [helper.make_node("Mul", ["h", "half"], ["g3"], name="gelu_half"),
+           helper.make_node("Div", ["h", "sqrt2"], ["g0"], name="gelu_div"),
+           helper.make_node("Erf", ["g0"], ["g1"], name="gelu_erf"),
+           helper.make_node("Add", ["g1", "one"], ["g2"], name="gelu_add"),
+           helper.make_node("Mul", ["g3", "g2"], ["a"], name="gelu_mul")]),
+        helper.make_node("MatMul", ["a", "w2"], ["y0"], name="fc2"),
+        helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2_add"),
+        helper.make_node("Identity", ["attention_mask"], ["mask_out"], name="keep_mask"),
+    ]
+    graph = helper.make_graph(
+        nodes, "ffn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d]),
+         helper.make_tensor_value_info("mask_out", TensorProto.INT64, ["B", "S"])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def ffn_spec_of(model: ir.Model) -> FfnSpec:
+    """Describes the one-FFN model by hand (it has no attention for the finder to anchor on)."""
+    nodes = {n.name: n for n in model.graph}
+    init = model.graph.initializers
+
+    def lin(mm: str, w: str, b: str) -> Linear:
+        return Linear(init[w], init[b], nodes[mm], slice(0, init[w].const_value.shape[1]))
+
+    act = [nodes[n] for n in ("gelu_div", "gelu_erf", "gelu_add", "gelu_mul", "gelu_half")]
+    return FfnSpec(block="layer0/ffn", x=model.graph.inputs[0],
+                   out=nodes["fc2_add"].outputs[0], w1=lin("fc1", "w1", "b1"),
+                   w2=lin("fc2", "w2", "b2"), activation="gelu", nodes=act)
+
+
+class _Spec:
+    """The minimal ModelSpec face `apply_ffn_to_moe` reads (layers with index and ffn)."""
+
+    def __init__(self, ffn: FfnSpec):
+        self.layers = [type("L", (), {"index": 0, "ffn": ffn})()]
+
+
+def moe_one_ffn(proto: onnx.ModelProto, moe: MoeLayer, *, target: str,
+                lowering: str, activation: str = "gelu") -> onnx.ModelProto:
+    model = ir.from_proto(proto)
+    ffn = ffn_spec_of(model)
+    ffn.activation = activation
+    apply_ffn_to_moe(model, _Spec(ffn), FfnToMoeConfig({0: moe}, target=target,
+                                                        lowering=lowering))  # type: ignore[arg-type]
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    return ir.to_proto(model)
+
+
+def bench_ffn(args: argparse.Namespace) -> dict[str, Any]:
+    """Times dense vs MoE FFN alone on MiniLM layer-0 weights."""
+    from planer.fixtures.build import minilm_path
+
+    _, spec = read_model(minilm_path("dynamo"))
+    ffn = spec.layers[0].ffn
+    w1, b1, w2, b2 = ffn.w1.w(), ffn.w1.b(), ffn.w2.w(), ffn.w2.b()
+    dense = one_ffn_model(w1, b1, w2, b2, fusable=args.spelling == "fusable")
+    rng = np.random.default_rng(0)
+    experts = cluster_experts(w1, args.experts)
+    d = w1.shape[0]
+    h = args.router_hidden
+    router = Router(rng.standard_normal((d, h)).astype(np.float32) / np.sqrt(d),
+                    np.zeros(h, np.float32),
+                    rng.standard_normal((h, args.experts)).astype(np.float32),
+                    np.zeros(args.experts, np.float32))
+    results: dict[str, Any] = {}
+    for tokens in args.tokens:
+        moe = MoeLayer(experts, router, top_k=args.top_k,
+                       capacity=max(1, int(np.ceil(1.25 * tokens * args.top_k / args.experts))))
+        models = {"dense": dense}
+        for lowering in args.lowering:
+            # The kernel's "gelu" is the tanh approximation: timed as the kernel would run.
+            act = "gelu_tanh" if lowering == "kernel" else "gelu"
+            models[lowering] = moe_one_ffn(dense, moe, target="ort", lowering=lowering,
+                                           activation=act)
+        models["tensorrt"] = moe_one_ffn(dense, moe, target="tensorrt", lowering="auto")
+        sessions = {k: make_session(m, OPTS) for k, m in models.items()}
+        feed = {"x": rng.standard_normal((1, tokens, d)).astype(np.float32),
+                "attention_mask": np.ones((1, tokens), np.int64)}
+        timings = time_interleaved(sessions, feed, warmup=5, repeats=args.repeats)
+        rel = ratios(timings, "dense")
+        results[f"tokens={tokens}"] = {
+            k: {"median_ms": round(t.median_ms, 4), "speedup_vs_dense": round(1 / rel[k], 3)}
+            for k, t in timings.items()}
+    return results
+
+
+# ---------------------------------------------------------------- whole model
+
+
+def save(model: ir.Model, path: Path) -> Path:
+    ir.external_data.load_to_model(model)
+    ir.save(model, path)
+    return path
+
+
+def fit_minilm(args: argparse.Namespace) -> tuple[Path, dict[int, Any], dict[str, Any]]:
+    from planer.fixtures.build import minilm_path, minilm_tokenizer_dir
+
+    src = minilm_path("dynamo")
+    model, spec = read_model(src)
+    # Calibrate on sst2/train rows the probe never uses (the probe takes the first 5000).
+    texts = read_texts(DATA / "sst2" / "train.tsv")[args.probe_rows:]
+    calib_file = Path(tempfile.mkdtemp()) / "calib.txt"
+    calib_file.write_text("\n".join(texts[: args.calib_rows * 4]) + "\n")
+    calib = build_calibration(calib_file, model_input_infos(model),
+                              tokenizer=minilm_tokenizer_dir(), vocab_size=spec.vocab_size,
+                              batch_size=32, max_samples=args.calib_rows, seed=0)
+    started = time.perf_counter()
+    fitted = fit_layers(model, spec, calib, {la.index: args.experts for la in spec.layers},
+                        steps=args.steps, max_tokens=args.max_tokens,
+                        router_hidden=args.router_hidden)
+    fit_s = time.perf_counter() - started
+    plan = (MoePlan(args.experts, top_k=args.top_k) if args.tau is None
+            else MoePlan(args.experts, tau=args.tau))
+    quality = {i: f.quality(plan).to_dict() for i, f in fitted.items()}
+    layers = {i: MoeLayer(f.experts, f.router, top_k=plan.top_k, tau=plan.tau)
+              for i, f in fitted.items()}
+    apply_ffn_to_moe(model, spec, FfnToMoeConfig(layers, lowering=args.lowering[0]))
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save(model, out / "minilm_moe.onnx")
+    return path, quality, {"fit_seconds": round(fit_s, 1), "calibration": calib.source,
+                           "plan": plan.to_dict()}
+
+
+def bench_model(args: argparse.Namespace) -> dict[str, Any]:
+    from planer.fixtures.build import minilm_path
+
+    src = minilm_path("dynamo")
+    moe_path, quality, info = fit_minilm(args)
+    results: dict[str, Any] = {**info, "layers": quality}
+    sessions = {"dense": make_session(src, OPTS), "moe": make_session(moe_path, OPTS)}
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(1000, 30522, (1, 128)).astype(np.int64),
+            "attention_mask": np.ones((1, 128), np.int64),
+            "token_type_ids": np.zeros((1, 128), np.int64)}
+    timings = time_interleaved(sessions, feed, warmup=3, repeats=args.repeats)
+    results["latency_ms"] = {k: round(t.median_ms, 2) for k, t in timings.items()}
+    results["latency_ratio_moe_over_dense"] = round(ratios(timings, "dense")["moe"], 3)
+    if args.probe:
+        results["probe"] = {name: probe(path) for name, path in
+                            [("dense", src), ("moe", moe_path)]}
+    return results
+
+
+def embed(path: Path, texts: list[str], batch: int = 64) -> np.ndarray:
+    """Mean-pooled last hidden state over real tokens (ORT, default optimizations)."""
+    import tokenizers
+
+    from planer.fixtures.build import minilm_tokenizer_dir
+
+    tok = tokenizers.Tokenizer.from_file(str(Path(minilm_tokenizer_dir()) / "tokenizer.json"))
+    tok.enable_truncation(128)
+    tok.enable_padding(pad_id=0)
+    session = make_session(path, SessionOptions(threads=2, optimization="all"))
+    out = []
+    order = np.argsort([len(t) for t in texts])  # similar lengths per batch: less padding
+    for i in range(0, len(texts), batch):
+        rows = order[i:i + batch]
+        enc = tok.encode_batch([texts[j] for j in rows])
+        ids = np.array([e.ids for e in enc], np.int64)
+        mask = np.array([e.attention_mask for e in enc], np.int64)
+        (hidden,) = session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                       "token_type_ids": np.zeros_like(ids)})[:1]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        out.append((rows, pooled))
+    result = np.zeros((len(texts), out[0][1].shape[1]), np.float32)
+    for rows, pooled in out:
+        result[rows] = pooled
+    return result
+
+
+def _labelled(path: Path) -> tuple[list[str], np.ndarray]:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    rows = [ln.rsplit("\t", 1) for ln in lines if "\t" in ln]
+    labels = [r[1].strip() for r in rows]
+    return [r[0] for r in rows], np.unique(labels, return_inverse=True)[1]
+
+
+def probe(path: Path, train_rows: int = 5000) -> dict[str, float]:
+    """The shared probe recipe: logistic regression on mean-pooled embeddings."""
+    from sklearn.linear_model import LogisticRegression
+
+    scores = {}
+    tr_x, tr_y = _labelled(DATA / "sst2" / "train.tsv")
+    dv_x, dv_y = _labelled(DATA / "sst2" / "dev.tsv")
+    clf = LogisticRegression(max_iter=2000).fit(embed(path, tr_x[:train_rows]), tr_y[:train_rows])
+    scores["sst2_dev_acc"] = float(clf.score(embed(path, dv_x), dv_y))
+    ag_x, ag_y = _labelled(DATA / "agnews" / "dev.tsv")
+    emb = embed(path, ag_x[:6000])
+    clf = LogisticRegression(max_iter=2000).fit(emb[:4000], ag_y[:4000])
+    scores["agnews_acc"] = float(clf.score(emb[4000:6000], ag_y[4000:6000]))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["ffn", "model"])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1])
+    parser.add_argument("--lowering", nargs="+", default=["gather", "kernel"])
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--router-hidden", type=int, default=64)
+    parser.add_argument("--spelling", choices=["minilm", "fusable"], default="minilm")
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--calib-rows", type=int, default=1024)
+    parser.add_argument("--probe-rows", type=int, default=5000)
+    parser.add_argument("--probe", action="store_true")
+    parser.add_argument("--out", default="/tmp/planer_bench_moe")
+    args = parser.parse_args(argv)
+    result = bench_ffn(args) if args.what == "ffn" else bench_model(args)
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
