@@ -76,7 +76,6 @@ def write_outputs(
     external_data: bool,
     feeds: Mapping[str, np.ndarray],
     before_commit: Callable[[Path], Mapping[str, Any]] | None = None,
-    model_name: str = MODEL_NAME,
 ) -> dict[str, Any]:
     """Saves `model` plus JSON `documents` into `out_dir` after verifying the model.
 
@@ -88,8 +87,6 @@ def write_outputs(
         feeds: inputs for the ORT load-and-run check.
         before_commit: called with the verified temporary model path; the dict it
             returns is merged into `report.json` (measured fidelity, latency).
-        model_name: the model's file name (a best-effort model that missed its latency
-            target is written under a name that says so).
 
     Returns:
         The documents as written (report.json with the measurements merged in).
@@ -99,10 +96,9 @@ def write_outputs(
     tmp = Path(tempfile.mkdtemp(prefix=".planer-tmp-", dir=out_dir))
     try:
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        path = tmp / model_name
-        data_name = f"{model_name}.data"
+        path = tmp / MODEL_NAME
         big = _weight_bytes(model) >= TWO_GB
-        ir.save(model, path, external_data=data_name if (external_data or big) else None)
+        ir.save(model, path, external_data=DATA_NAME if (external_data or big) else None)
         verify_model(path, feeds)
         docs = dict(documents)
         if before_commit is not None:
@@ -110,7 +106,7 @@ def write_outputs(
             docs["report.json"] = {**docs.get("report.json", {}), **extra}
         for name, content in docs.items():
             (tmp / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
-        _commit(tmp, out_dir, [data_name, *docs, model_name])
+        _commit(tmp, out_dir, [DATA_NAME, *docs, MODEL_NAME])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created:
@@ -149,7 +145,7 @@ def _commit(tmp: Path, out_dir: Path, names: list[str]) -> None:
         source = tmp / name
         if source.exists():
             os.replace(source, out_dir / name)
-        elif name.endswith(".data") and (out_dir / name).exists():
+        elif name == DATA_NAME and (out_dir / name).exists():
             (out_dir / name).unlink()  # a previous run's data file no model refers to now
 
 

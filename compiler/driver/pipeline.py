@@ -101,9 +101,6 @@ def compile_plan(
     passes: frozenset[str] = frozenset({"prune"}),
     target_runtime: str = "ort",
     progress: Progress | None = None,
-    model_name: str = emit.MODEL_NAME,
-    extra_report: dict[str, Any] | None = None,
-    measure_more: Callable[[Path], dict[str, Any]] | None = None,
 ) -> CompileResult:
     """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
 
@@ -120,57 +117,28 @@ def compile_plan(
     say(f"reading {model_path}")
     model, spec = read_model(model_path)
     plan = parse_plan(plan_data, spec) if plan_data is not None else Plan.neutral(spec)
+    _require_calibration(plan, calibration, target_flops, passes)
     calib = None
-    moe_layers = [i for i, la in enumerate(plan.layers) if la.moe is not None]
-    if calibration is None and (moe_layers or (target_flops is not None and "moe" in passes)):
-        where = f"plan layer {moe_layers[0]} sets moe" if moe_layers else "--passes moe"
-        raise BadInputError(f"{where}, whose routers are fitted on calibration data; pass "
-                            "--calibration.")
     if calibration is not None or target_flops is not None:
         say("tokenizing calibration data")
-        calib = build_calibration(
-            calibration, model_input_infos(model), tokenizer=tokenizer,
-            vocab_size=spec.vocab_size, seq_len=seq_len,
-        )
-    fit_records: list[dict[str, Any]] = []
-    if calib is not None and target_flops is not None and "moe" in passes:
-        if passes != {"moe"}:
-            raise BadInputError("--passes moe cannot be combined with other passes under "
-                                "--target-flops yet; use --plan for mixed plans.")
-        say("fitting experts and routers for every layer")
-        plan = _plan_for_moe(model, spec, calib, target_flops, batch=batch, seq_len=seq_len)
-        target_flops = None  # the plan is chosen; pruning keeps every head and channel
-    _refuse_unsupported_mixes(plan)
-    if calib is not None:
-        say("capturing calibration activations")
-        acts = capture_layers(model, spec, calib.batches)
-        if target_flops is not None:
-            plan = _plan_for_flops_passes(model, spec, calib, target_flops, passes,
-                                          batch=batch, seq_len=seq_len, acts=acts, say=say)
-        say("fitting kept units and refitting output projections")
-        selection, fit_records = calibrated_selection(
-            model, spec, plan, calib, acts=acts, reconstruct=reconstruct, method=method)
-    else:
-        selection = magnitude_selection(spec, plan)
+        calib = build_calibration(calibration, model_input_infos(model), tokenizer=tokenizer,
+                                  vocab_size=spec.vocab_size, seq_len=seq_len)
+    plan, selection, fit_records = _choose(model, spec, plan, calib, target_flops, passes,
+                                           batch=batch, seq_len=seq_len,
+                                           reconstruct=reconstruct, method=method, say=say)
     say("rewriting layers")
     apply_selection(model, spec, selection)
+    moe_info = skim_info = None
     if calib is not None and any(la.moe is not None for la in plan.layers):
         say("splitting FFNs into experts and fitting routers")
         moe_info = apply_moe(model, plan, calib, lowering=target_runtime, tokens=batch * seq_len)
-    else:
-        moe_info = None
-    skim_info = None
     if _skim_layers(plan):
         say("fitting skim predictors and removing skimmed tokens")
         skim_info = apply_skim(model, plan, calib, lowering=target_runtime)
     report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len, moe=moe_info)
-    if skim_info is not None:
-        report["skim"] = skim_info
-    if moe_info is not None:
-        report["moe"] = moe_info
-    report.update(extra_report or {})
     for layer, record in zip(report["layers"], fit_records, strict=False):
         layer.update({k: v for k, v in record.items() if k != "index"})
+    report.update({k: v for k, v in (("moe", moe_info), ("skim", skim_info)) if v is not None})
     if calib is not None:
         report["calibration"] = {"source": calib.source, "synthetic": calib.synthetic,
                                  "fit_samples": calib.num_samples(),
@@ -180,17 +148,7 @@ def compile_plan(
 
     def measure(path: Path) -> dict[str, Any]:
         say("verifying against the original model")
-        extra: dict[str, Any] = {"verification": compare_outputs(model_path, path, feeds)}
-        if calib is not None and calib.holdout:
-            extra["fidelity"] = fidelity(model_path, path, calib.holdout)
-            if skim_info is not None:
-                dense, _ = read_model(model_path)
-                compiled = load_model(path)
-                extra["skim"] = {**skim_info, **skim_report(
-                    dense, compiled, _skim_layers(plan), calib.holdout,
-                    num_layers=len(plan.layers))}
-        if measure_more is not None:
-            extra.update(measure_more(path))
+        extra = _verify(model_path, path, feeds, calib, plan, skim_info)
         extra["compile_seconds"] = round(time.perf_counter() - started, 2)
         return extra
 
@@ -199,10 +157,60 @@ def compile_plan(
         model, out_dir,
         documents={"plan.json": plan.to_dict(), "report.json": report},
         external_data=has_external_data(model_path), feeds=feeds, before_commit=measure,
-        model_name=model_name,
     )
-    return CompileResult(model_path=out_dir / model_name, plan=plan,
+    return CompileResult(model_path=out_dir / emit.MODEL_NAME, plan=plan,
                          report=written["report.json"])
+
+
+def _require_calibration(plan: Plan, calibration: Path | None, target_flops: float | None,
+                         passes: frozenset[str]) -> None:
+    moe_layers = [i for i, la in enumerate(plan.layers) if la.moe is not None]
+    if calibration is None and (moe_layers or (target_flops is not None and "moe" in passes)):
+        where = f"plan layer {moe_layers[0]} sets moe" if moe_layers else "--passes moe"
+        raise BadInputError(f"{where}, whose routers are fitted on calibration data; pass "
+                            "--calibration.")
+
+
+def _choose(
+    model: ir.Model, spec: ModelSpec, plan: Plan, calib: CalibrationSet | None,
+    target_flops: float | None, passes: frozenset[str], *, batch: int, seq_len: int,
+    reconstruct: bool, method: str, say: Progress,
+) -> tuple[Plan, Selection, list[dict[str, Any]]]:
+    """Settles the plan (FLOPs target) and which heads/channels each layer keeps."""
+    if calib is not None and target_flops is not None and "moe" in passes:
+        if passes != {"moe"}:
+            raise BadInputError("--passes moe cannot be combined with other passes under "
+                                "--target-flops yet; use --plan for mixed plans.")
+        say("fitting experts and routers for every layer")
+        plan = _plan_for_moe(model, spec, calib, target_flops, batch=batch, seq_len=seq_len)
+        target_flops = None  # the plan is chosen; pruning keeps every head and channel
+    _refuse_unsupported_mixes(plan)
+    if calib is None:
+        return plan, magnitude_selection(spec, plan), []
+    say("capturing calibration activations")
+    acts = capture_layers(model, spec, calib.batches)
+    if target_flops is not None:
+        plan = _plan_for_flops_passes(model, spec, calib, target_flops, passes, batch=batch,
+                                      seq_len=seq_len, acts=acts, say=say)
+    say("fitting kept units and refitting output projections")
+    selection, records = calibrated_selection(model, spec, plan, calib, acts=acts,
+                                              reconstruct=reconstruct, method=method)
+    return plan, selection, records
+
+
+def _verify(model_path: Path, path: Path, feeds: dict[str, np.ndarray],
+            calib: CalibrationSet | None, plan: Plan,
+            skim_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Measures the written model against the original: random inputs, then held-out data."""
+    extra: dict[str, Any] = {"verification": compare_outputs(model_path, path, feeds)}
+    if calib is not None and calib.holdout:
+        extra["fidelity"] = fidelity(model_path, path, calib.holdout)
+        if skim_info is not None:
+            dense, _ = read_model(model_path)
+            extra["skim"] = {**skim_info, **skim_report(
+                dense, load_model(path), _skim_layers(plan), calib.holdout,
+                num_layers=len(plan.layers))}
+    return extra
 
 
 def _refuse_unsupported_mixes(plan: Plan) -> None:
