@@ -15,7 +15,7 @@ from scipy.special import erf
 
 from planer.compiler.calibration import build_calibration, model_input_infos
 from planer.compiler.driver.pipeline import read_model
-from planer.compiler.errors import PreconditionError
+from planer.compiler.errors import PreconditionError, UnsupportedModelError
 from planer.compiler.plan import MoePlan
 from planer.compiler.spec import FfnSpec, Linear
 from planer.compiler.targets import check_ops
@@ -313,12 +313,9 @@ def test_balanced_clustering_gives_equal_groups() -> None:
     assert np.array_equal(np.sort(groups.reshape(-1)), np.arange(64))
 
 
-def test_second_run_changes_nothing(tmp_path: Path) -> None:
-    # The replayed activation keeps the finder able to read the model (it takes one
-    # expert for the layer's FFN); the pass must recognise its own work and skip it.
+def test_second_run_refuses_instead_of_resplitting(tmp_path: Path) -> None:
+    # The finder skips the MoE pass's own nodes, so an expert is never mistaken for an
+    # FFN and split again: reading the output back fails with a sentence saying why.
     path = _moe_fixture(tmp_path, "bert", "gather", top_k=2, fuse=False)
-    model, spec = read_model(path)
-    moe = {la.index: MoeLayer(contiguous_experts(la.ffn.width, 2),
-                              _random_router(spec.hidden, 2, 0), top_k=1)
-           for la in spec.layers}
-    assert apply_ffn_to_moe(model, spec, FfnToMoeConfig(moe)) == 0
+    with pytest.raises(UnsupportedModelError, match="already split into experts by planer"):
+        read_model(path)

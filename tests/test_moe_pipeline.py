@@ -80,3 +80,11 @@ def test_bad_moe_plans(layers: list[dict], message: str, tmp_path: Path,
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_inspecting_a_moe_output_says_why_it_cannot(tmp_path: Path, calibration: list[str],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _compile(tmp_path, [{"moe": {"experts": 4, "top_k": 2}}, {}], calibration)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out" / "model.onnx")]) == 2
+    assert "already split into experts by planer" in capsys.readouterr().err
