@@ -243,6 +243,11 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
 def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any]) -> None:
     """Moves a verified round's files into OUT (data file first), renaming the model."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # OUT passed check_output_location, so a model under the other name is planer's own from
+    # an earlier run; it must not stay beside a report that no longer describes it.
+    other = emit.UNREACHABLE_NAME if name == emit.MODEL_NAME else emit.MODEL_NAME
+    for stale in (out_dir / other, out_dir / f"{other}.data"):
+        stale.unlink(missing_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     data = folder / f"{emit.MODEL_NAME}.data"
     if data.exists():
