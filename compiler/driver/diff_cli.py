@@ -20,12 +20,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from planer.compiler.diff import (
+from planer.compiler.diff import diff_models, format_delta
+from planer.compiler.diff_numbers import (
     DEFAULT_TOLERANCE,
     calibration_feeds,
-    diff_models,
     divergence,
-    format_delta,
     read_feeds,
 )
 from planer.compiler.driver.argtypes import positive_float, positive_int
