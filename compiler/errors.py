@@ -40,3 +40,19 @@ class TargetUnreachableError(PlanerError):
     def __init__(self, message: str, result: object = None):
         super().__init__(message)
         self.result = result
+
+
+def require_torch(purpose: str):  # noqa: ANN201 - returns the torch module
+    """Imports torch, or says in one sentence which extra provides it.
+
+    Raises:
+        BadInputError: torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError as exc:
+        raise BadInputError(
+            f"{purpose} needs torch; install it with `pip install torch==2.13.0` "
+            "(or the project's `export` extra)."
+        ) from exc
+    return torch

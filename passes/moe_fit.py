@@ -31,6 +31,7 @@ from scipy.optimize import linear_sum_assignment
 
 from planer.compiler.calibration import CalibrationSet
 from planer.compiler.capture import capture_tokens
+from planer.compiler.errors import require_torch
 from planer.compiler.plan import MoePlan
 from planer.compiler.spec import FfnSpec, ModelSpec
 
@@ -128,8 +129,7 @@ def expert_norms(a_NF: np.ndarray, w2_FD: np.ndarray, experts_EG: np.ndarray) ->
 def fit_router(x_ND: np.ndarray, norms_NE: np.ndarray, *, hidden: int = 64, steps: int = 800,
                batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> Router:
     """Trains `Linear(D,h) -> ReLU -> Linear(h,E) -> Abs` to regress expert norms (MSE)."""
-    import torch  # local: only fitting needs it, and it is a heavy import
-
+    torch = require_torch("fitting MoE routers")  # local: a heavy import only fitting needs
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(x_ND, dtype=torch.float32)

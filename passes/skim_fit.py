@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from planer.compiler.capture import ActivationReader
+from planer.compiler.errors import require_torch
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
 from planer.passes.token_skim import Predictor, keep_count, stream_in
 
@@ -99,8 +100,7 @@ def fit_predictor(
     Returns:
         The predictor, (training MSE before, after) and the MSE on held-out rows.
     """
-    import torch
-
+    torch = require_torch("fitting skim predictors")
     torch.manual_seed(seed)
     order = np.random.default_rng(seed).permutation(len(x))
     n_hold = int(len(x) * holdout)
