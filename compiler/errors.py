@@ -6,6 +6,8 @@ Exit codes (documented in the README): 0 success, 1 internal error, 2 bad input,
 
 from __future__ import annotations
 
+from types import ModuleType
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -42,7 +44,7 @@ class TargetUnreachableError(PlanerError):
         self.result = result
 
 
-def require_torch(purpose: str):  # noqa: ANN201 - returns the torch module
+def require_torch(purpose: str) -> ModuleType:
     """Imports torch, or says in one sentence which extra provides it.
 
     Raises:
