@@ -437,18 +437,21 @@ def _json_texts(path: Path, content: str) -> list[str]:
 # --- tensors ---------------------------------------------------------------------------
 
 
+def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
+    """Reads every array of an .npz, or raises one sentence naming `what` and the path."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise BadInputError(f"{what} {path} does not exist.") from None
+    except Exception as exc:  # zipfile, pickle and OS errors alike mean "unreadable"
+        raise BadInputError(f"{what} {path} is not a readable .npz ({_short(exc)}).") from exc
+
+
 def _npz_set(
     path: Path, inputs: Sequence[ModelInputInfo], seq_len: int | None, sampling: _Sampling
 ) -> CalibrationSet:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise BadInputError(f"calibration file {path} does not exist.") from None
-    except Exception as exc:  # zipfile, pickle and OS errors alike mean "unreadable"
-        raise BadInputError(
-            f"calibration file {path} is not a readable .npz ({_short(exc)})."
-        ) from exc
+    arrays = read_npz(path, "calibration file")
     expected = sorted(info.name for info in inputs)
     if sorted(arrays) != expected:
         raise BadInputError(

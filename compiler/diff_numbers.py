@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from planer.compiler.calibration import build_calibration, model_input_infos
+from planer.compiler.calibration import build_calibration, model_input_infos, read_npz
 from planer.compiler.capture import ActivationReader
 from planer.compiler.diff import Diff, Side, attributes_key, boundaries
 from planer.compiler.errors import BadInputError
@@ -33,13 +33,7 @@ Feed = Mapping[str, np.ndarray]
 
 def read_feeds(side: Side, npz: str | Path) -> list[dict[str, np.ndarray]]:
     """Reads one batch of inputs from an .npz whose arrays are named after the model inputs."""
-    try:
-        with np.load(npz, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise BadInputError(f"inputs file {npz} does not exist.") from None
-    except Exception as exc:  # zipfile, pickle and OS errors alike mean "unreadable"
-        raise BadInputError(f"inputs file {npz} is not a readable .npz ({exc}).") from exc
+    arrays = read_npz(npz, "inputs file")
     feed = {}
     for info in model_input_infos(side.model):
         if info.name not in arrays:

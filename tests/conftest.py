@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
@@ -67,3 +69,38 @@ def text_feeds(*, batch: int, seq_len: int, vocab: int, seed: int = 0,
 def image_feeds(*, batch: int, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"pixel_values": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
+
+
+@pytest.fixture
+def word_calibration(tmp_path: Path) -> tuple[Path, Path]:
+    """Seeded texts over a 40-word vocabulary plus a matching WordPiece vocab folder."""
+    text = tmp_path / "calib.txt"
+    rng = np.random.default_rng(0)
+    text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
+                              for _ in range(120)))
+    vocab = tmp_path / "tok"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
+                                               [f"w{i}" for i in range(40)]) + "\n")
+    return text, vocab
+
+
+def cnn_model(path: Path, seed: int = 0) -> Path:
+    """Writes a small CNN (no Transformer layers) to `path`."""
+    rng = np.random.default_rng(seed)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
+                           rng.standard_normal(108).astype(np.float32))
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [4, 2],
+                            rng.standard_normal(8).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+         helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc")],
+        "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

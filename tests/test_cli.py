@@ -6,30 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from planer.compiler.driver.cli import main
-
-
-def _cnn(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
-                           rng.standard_normal(108).astype(np.float32))
-    fc = helper.make_tensor("fc", TensorProto.FLOAT, [4, 2],
-                            rng.standard_normal(8).astype(np.float32))
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-         helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])],
-        "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+from tests.conftest import cnn_model
 
 
 def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *, contains: str) -> str:
@@ -78,7 +58,7 @@ def test_truncated_external_data(minilm_dynamo: Path, tmp_path: Path,
 
 
 def test_cnn_has_no_transformer_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cnn = _cnn(tmp_path / "cnn.onnx")
+    cnn = cnn_model(tmp_path / "cnn.onnx")
     _fails(["compile", str(cnn), "-o", str(tmp_path / "out")], capsys,
            contains="no Transformer layers were found")
     assert not (tmp_path / "out").exists()

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from planer.compiler.diff import diff_models
 from planer.compiler.errors import PlanerError
+from tests.conftest import cnn_model
 
 PLAN = {"layers": [{"heads": 12, "ffn": 1536}, {"heads": 8, "ffn": 640},
                    {"heads": 6, "ffn": 1024}, {"heads": 12, "ffn": 512},
@@ -137,29 +136,9 @@ def test_unrelated_models_are_reported_unmatched(capsys: pytest.CaptureFixture[s
     assert data["unmatched"]["nodes_a"] and data["unmatched"]["nodes_b"]
 
 
-def _cnn(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
-                           rng.standard_normal(108).astype(np.float32))
-    fc = helper.make_tensor("fc", TensorProto.FLOAT, [4, 2],
-                            rng.standard_normal(8).astype(np.float32))
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-         helper.make_node("Relu", ["c"], ["r"], name="relu"),
-         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-         helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-         helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc")],
-        "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
-
-
 def test_models_without_layers_diff_node_by_node(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    a, b = _cnn(tmp_path / "a.onnx", 0), _cnn(tmp_path / "b.onnx", 1)
+    a, b = cnn_model(tmp_path / "a.onnx", 0), cnn_model(tmp_path / "b.onnx", 1)
     x = tmp_path / "x.npz"
     np.savez(x, x=np.ones((1, 3, 8, 8), dtype=np.float32))
     code, out, _ = run_cli(["diff", str(a), str(b), "--json", "--inputs", str(x)], capsys)
@@ -172,14 +151,14 @@ def test_models_without_layers_diff_node_by_node(tmp_path: Path,
 
 
 def test_diff_finds_no_layers_without_crashing_in_code(tmp_path: Path) -> None:
-    a = _cnn(tmp_path / "a.onnx", 0)
+    a = cnn_model(tmp_path / "a.onnx", 0)
     diff = diff_models(a, a)
     assert diff.to_dict()["identical"]
 
 
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    a = _cnn(tmp_path / "a.onnx", 0)
+    a = cnn_model(tmp_path / "a.onnx", 0)
     code, _, err = run_cli(["diff", str(a), str(tmp_path / "missing.onnx")], capsys)
     assert code == 2 and "does not exist" in err
     bad = tmp_path / "x.npz"

@@ -17,15 +17,8 @@ from tests.conftest import run_ort, text_feeds
 
 
 @pytest.fixture
-def calibration(tmp_path: Path) -> list[str]:
-    text = tmp_path / "calib.txt"
-    rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
-                              for _ in range(120)))
-    vocab = tmp_path / "tok"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
-                                               [f"w{i}" for i in range(40)]) + "\n")
+def calibration(word_calibration: tuple[Path, Path]) -> list[str]:
+    text, vocab = word_calibration
     return ["--calibration", str(text), "--tokenizer", str(vocab), "--seq-len", "16"]
 
 

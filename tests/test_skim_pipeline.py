@@ -14,19 +14,6 @@ from planer.fixtures.build import fixture_path
 from tests.conftest import run_ort, text_feeds
 
 
-@pytest.fixture
-def calibration(tmp_path: Path) -> tuple[Path, Path]:
-    text = tmp_path / "calib.txt"
-    rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
-                              for _ in range(80)))
-    vocab = tmp_path / "tok"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
-                                               [f"w{i}" for i in range(40)]) + "\n")
-    return text, vocab
-
-
 def _compile(tmp_path: Path, calibration: tuple[Path, Path], *extra: str) -> dict:
     text, vocab = calibration
     out = tmp_path / "out"
@@ -38,10 +25,10 @@ def _compile(tmp_path: Path, calibration: tuple[Path, Path], *extra: str) -> dic
 
 
 def test_plan_with_skim_reports_kept_tokens(tmp_path: Path,
-                                            calibration: tuple[Path, Path]) -> None:
+                                            word_calibration: tuple[Path, Path]) -> None:
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"layers": [{"heads": 3}, {"skim_keep": 0.5}]}))
-    report = _compile(tmp_path, calibration, "--plan", str(plan))
+    report = _compile(tmp_path, word_calibration, "--plan", str(plan))
     kept = report["skim"]["mean_kept_tokens_per_layer"]
     assert kept[1] < kept[0] * 0.75  # half of the still-active tokens enter layer 1
     assert report["skim"]["score"] == "fitted"
@@ -52,18 +39,18 @@ def test_plan_with_skim_reports_kept_tokens(tmp_path: Path,
     assert out.shape == (3, 16, 64) and np.isfinite(out).all()
 
 
-def test_target_flops_with_skim_only(tmp_path: Path, calibration: tuple[Path, Path]) -> None:
-    report = _compile(tmp_path, calibration, "--target-flops", "0.7", "--passes", "skim")
+def test_target_flops_with_skim_only(tmp_path: Path, word_calibration: tuple[Path, Path]) -> None:
+    report = _compile(tmp_path, word_calibration, "--target-flops", "0.7", "--passes", "skim")
     assert report["flops_ratio"] <= 0.7
     assert all(la["heads"]["after"] == 4 for la in report["layers"])  # pruning not allowed
     assert any("skim_keep" in la for la in report["layers"])
 
 
 def test_tensorrt_lowering_has_no_nonzero_or_scatter(tmp_path: Path,
-                                                     calibration: tuple[Path, Path]) -> None:
+                                                     word_calibration: tuple[Path, Path]) -> None:
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"layers": [{}, {"skim_keep": 0.5}]}))
-    _compile(tmp_path, calibration, "--plan", str(plan), "--target-runtime", "tensorrt")
+    _compile(tmp_path, word_calibration, "--plan", str(plan), "--target-runtime", "tensorrt")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
     assert not ops & {"NonZero", "ScatterND", "ScatterElements"}
 
