@@ -28,14 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from planer.compiler.blocks import find_blocks
 from planer.compiler.calibration import load_tokenizer, read_texts
-from planer.compiler.driver.pipeline import read_model
-from planer.compiler.spec import ModelSpec
+from planer.compiler.driver.pipeline import read_canonical
 from planer.cost_model.timing import SessionOptions, make_session, ratios, time_interleaved
-from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
 from planer.passes.skim_fit import fit_predictors, skim_report
 from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 
@@ -44,19 +40,9 @@ DATA = ROOT.parent / "shared" / "data"
 OUT = Path("/tmp/planer-bench-skim")
 
 
-def canonical(path: Path) -> tuple[ir.Model, ModelSpec]:
-    """Reads the model and re-emits attention in canonical form (all heads kept)."""
-    model, spec = read_model(path)
-    keep = {layer.index: tuple(range(layer.attention.heads)) for layer in spec.layers}
-    apply_head_pruning(model, spec, HeadPruningConfig(keep))
-    RemoveUnusedNodesPass()(model)
-    ir.external_data.load_to_model(model)
-    return model, find_blocks(model)
-
-
 def build(path: Path, config: TokenSkimConfig | None, out: Path) -> Path:
     """Writes the canonical model, skimmed per `config` (dense when None), to `out`."""
-    model, spec = canonical(path)
+    model, spec = read_canonical(path)
     if config is not None:
         apply_token_skim(model, spec, config)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +179,7 @@ def variants(source: Path, keep: dict[int, float], which: list[str],
         else:
             target = name.split("-", 1)[1]
             if target not in fitted:
-                model, spec = canonical(source)
+                model, spec = read_canonical(source)
                 fit = fit_predictors(model, spec, sorted(keep), calibration_feeds(), target=target)
                 print(f"fitted {target}: train mse {fit.train_loss}, holdout {fit.holdout_loss}",
                       flush=True)
@@ -229,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         del paths["original"]
         report["probe"] = probe(paths, args.batch or [1])
     else:
-        model, spec = canonical(source)
+        model, spec = read_canonical(source)
         holdout = calibration_feeds(n=512, holdout=True)
         for name in which:
             skimmed = ir.load(paths[name])

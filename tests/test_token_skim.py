@@ -8,13 +8,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from planer.compiler.blocks import find_blocks
-from planer.compiler.driver.pipeline import read_model
+from planer.compiler.driver.pipeline import read_canonical, read_model
 from planer.compiler.errors import PreconditionError
-from planer.compiler.spec import ModelSpec, model_flops
-from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
+from planer.compiler.spec import model_flops
 from planer.passes.skim_fit import (
     capture_skim_data,
     fit_predictor,
@@ -38,15 +35,6 @@ def bert() -> Path:
     return fixture_path("bert", "dynamo")
 
 
-def canonical(path: Path) -> tuple[ir.Model, ModelSpec]:
-    model, spec = read_model(path)
-    keep = {layer.index: tuple(range(layer.attention.heads)) for layer in spec.layers}
-    apply_head_pruning(model, spec, HeadPruningConfig(keep))
-    RemoveUnusedNodesPass()(model)
-    ir.external_data.load_to_model(model)
-    return model, find_blocks(model)
-
-
 def random_predictor(width: int, seed: int = 0) -> Predictor:
     rng = np.random.default_rng(seed)
     return Predictor(gamma=np.ones(width, np.float32), beta=np.zeros(width, np.float32),
@@ -57,7 +45,7 @@ def random_predictor(width: int, seed: int = 0) -> Predictor:
 
 def skimmed(path: Path, config: TokenSkimConfig, out: Path, *, expose: list[int] = ()) -> Path:
     """Writes the skimmed model; `expose` adds those layers' (full-length) inputs as outputs."""
-    model, spec = canonical(path)
+    model, spec = read_canonical(path)
     inputs = [stream_in(spec.layers[i]) for i in expose]
     apply_token_skim(model, spec, config)
     for value in inputs:
@@ -75,7 +63,7 @@ def skimmed(path: Path, config: TokenSkimConfig, out: Path, *, expose: list[int]
 
 
 def dense(path: Path, out: Path) -> Path:
-    model, _ = canonical(path)
+    model, _ = read_canonical(path)
     ir.save(model, out)
     return out
 
@@ -154,7 +142,7 @@ def test_tensorrt_lowering_is_shape_computable_and_matches_ort(bert: Path,
 
 
 def test_training_free_scores_before_layer0_are_refused(bert: Path) -> None:
-    model, spec = canonical(bert)
+    model, spec = read_canonical(bert)
     with pytest.raises(PreconditionError, match="layer 0 has none"):
         apply_token_skim(model, spec, TokenSkimConfig(keep={0: 0.5}))
 
@@ -168,7 +156,7 @@ def test_requires_canonical_attention(bert: Path) -> None:
 def test_nodes_carry_provenance_and_names_are_deterministic(bert: Path) -> None:
     protos = []
     for _ in range(2):
-        model, spec = canonical(bert)
+        model, spec = read_canonical(bert)
         apply_token_skim(model, spec, TokenSkimConfig(keep={1: 0.5}))
         added = [n for n in model.graph if n.metadata_props.get("planer.pass") == "token_skim"]
         assert added and all(n.metadata_props.get("planer.block", "").startswith(
@@ -179,7 +167,7 @@ def test_nodes_carry_provenance_and_names_are_deterministic(bert: Path) -> None:
 
 
 def test_predictor_fitting_reduces_its_loss(bert: Path) -> None:
-    model, spec = canonical(bert)
+    model, spec = read_canonical(bert)
     batches = [padded_feeds([16, 12, 9, 14], 16, seed=s) for s in range(6)]
     data = capture_skim_data(model, spec, [1], batches, target="attention")
     x, y = data[1]
@@ -192,7 +180,7 @@ def test_predictor_fitting_reduces_its_loss(bert: Path) -> None:
 
 def test_predictor_graph_scores_match_numpy(bert: Path, tmp_path: Path) -> None:
     predictor = random_predictor(64, seed=5)
-    model, spec = canonical(bert)
+    model, spec = read_canonical(bert)
     layer_in = stream_in(spec.layers[1])
     apply_token_skim(model, spec, TokenSkimConfig(keep={1: 0.5}, predictors={1: predictor}))
     score = next(v for n in model.graph for v in n.outputs
@@ -207,7 +195,7 @@ def test_predictor_graph_scores_match_numpy(bert: Path, tmp_path: Path) -> None:
 
 
 def test_keep_ratios_for_a_flops_target(bert: Path) -> None:
-    _, spec = canonical(bert)
+    _, spec = read_canonical(bert)
     dense_flops = model_flops(spec, batch=1, seq_len=128)
     for mode in ("geometric", "single"):
         keep = skim_keep_for_flops(spec, 0.7, seq_len=128, mode=mode)

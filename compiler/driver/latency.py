@@ -42,7 +42,13 @@ from planer.compiler.plan import Plan
 from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
 from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
 from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss
-from planer.cost_model.timing import SessionOptions, make_session, ratios, time_interleaved
+from planer.cost_model.timing import (
+    SessionOptions,
+    Timing,
+    make_session,
+    ratios,
+    time_interleaved,
+)
 from planer.passes.prune_fit import capture_layers, importance
 
 logger = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ def profile_model(
     say("profiling block variants (stored ones are reused)")
     measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh)
     say("timing the dense model")
-    dense_ms = measure_ms({"dense": model_path}, model_path, batch=batch, seq_len=seq_len,
+    dense_ms = measure_ms({"dense": model_path}, batch=batch, seq_len=seq_len,
                           threads=threads, vocab=spec.vocab_size)["dense"]
     latency = fit_latency_model(measured["attn"], measured["ffn"], dense_ms, Plan.neutral(spec))
     info = {"device": store.device, "store": str(store.path), "dense_ms": round(dense_ms, 3),
@@ -98,16 +104,25 @@ def profile_model(
 
 
 def measure_ms(
-    models: dict[str, Path], reference: Path, *, batch: int, seq_len: int, threads: int,
-    vocab: int | None, repeats: int = 20,
+    models: dict[str, Path], *, batch: int, seq_len: int, threads: int, vocab: int | None,
+    repeats: int = 20,
 ) -> dict[str, float]:
     """Times models interleaved in one process (ORT, all optimizations); median ms each."""
+    timings = _time_models(models, batch=batch, seq_len=seq_len, threads=threads, vocab=vocab,
+                           repeats=repeats)
+    return {name: t.median_ms for name, t in timings.items()}
+
+
+def _time_models(
+    models: dict[str, Path], *, batch: int, seq_len: int, threads: int, vocab: int | None,
+    repeats: int,
+) -> dict[str, Timing]:
+    """Runs the models in interleaved rounds on one set of random inputs."""
     opts = SessionOptions(threads=threads)
     sessions = {name: make_session(path, opts) for name, path in models.items()}
     infos = model_input_infos_from_session(sessions[next(iter(sessions))])
     feeds = random_feeds(infos, batch=batch, seq_len=seq_len, vocab_size=vocab, seed=0)
-    timings = time_interleaved(sessions, feeds, warmup=3, repeats=repeats)
-    return {name: t.median_ms for name, t in timings.items()}
+    return time_interleaved(sessions, feeds, warmup=3, repeats=repeats)
 
 
 def model_input_infos_from_session(session: ort.InferenceSession) -> list[ModelInputInfo]:
@@ -195,11 +210,8 @@ def measure_ratio(
     repeats: int = 30,
 ) -> tuple[float, dict[str, float]]:
     """Times compiled against dense interleaved; returns the median per-round ratio and medians."""
-    opts = SessionOptions(threads=threads)
-    sessions = {"dense": make_session(dense, opts), "compiled": make_session(compiled, opts)}
-    infos = model_input_infos_from_session(sessions["dense"])
-    feeds = random_feeds(infos, batch=batch, seq_len=seq_len, vocab_size=vocab, seed=0)
-    timings = time_interleaved(sessions, feeds, warmup=3, repeats=repeats)
+    timings = _time_models({"dense": dense, "compiled": compiled}, batch=batch,
+                           seq_len=seq_len, threads=threads, vocab=vocab, repeats=repeats)
     medians = {name: t.median_ms for name, t in timings.items()}
     return ratios(timings, "dense")["compiled"], medians
 
@@ -290,7 +302,7 @@ def validate_latency_model(
             result = compile_plan(model_path, scratch / f"m{i}", plan_data={"layers": layers})
             paths[f"m{i}"], plans[f"m{i}"] = result.model_path, result.plan
         say("timing validation models")
-        times = measure_ms(paths, model_path, batch=batch, seq_len=seq_len, threads=threads,
+        times = measure_ms(paths, batch=batch, seq_len=seq_len, threads=threads,
                            vocab=spec.vocab_size)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

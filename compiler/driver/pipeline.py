@@ -71,6 +71,18 @@ def read_model(path: Path) -> tuple[ir.Model, ModelSpec]:
     return model, find_blocks(model)
 
 
+def read_canonical(path: Path) -> tuple[ir.Model, ModelSpec]:
+    """Reads the model with every attention block re-emitted in planer's canonical form.
+
+    All heads are kept, so outputs are unchanged; passes that follow head pruning (token
+    skimming) can then be fitted or benchmarked on their own.
+    """
+    model, spec = read_model(path)
+    apply_selection(model, spec, magnitude_selection(spec, Plan.neutral(spec)))
+    ir.external_data.load_to_model(model)
+    return model, find_blocks(model)
+
+
 def apply_selection(model: ir.Model, spec: ModelSpec, selection: Selection) -> ir.Model:
     """Runs the rewrite pipeline on `model` in place."""
     stages = Sequential(
