@@ -139,7 +139,8 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
     v, v_scale, v_shapes = _trace_projection(ctx_mm.inputs[1], nodes)
     if v_scale != 1.0:
         raise _NoMatch("V is scaled")
-    o = _trace_output_projection(ctx_mm, nodes)
+    o, guarded_ctx = _trace_output_projection(ctx_mm, nodes)
+    nan_guard = nan_guard or guarded_ctx
     x = q.matmul.inputs[0]
     if k.matmul.inputs[0] is not x or v.matmul.inputs[0] is not x:
         raise _NoMatch("Q, K and V read different inputs (cross-attention)")
@@ -372,13 +373,9 @@ def _skip_softmax_epilogue(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Va
     nan_guard = False
     for _ in range(4):
         consumers = list(value.consumers())
-        isnan = next((c for c in consumers if c.op_type == "IsNaN"), None)
-        if isnan is not None:
-            where = next((c for c in isnan.outputs[0].consumers() if c.op_type == "Where"), None)
-            if where is None:
-                break
-            nodes.extend([isnan, where])
-            value, nan_guard = where.outputs[0], True
+        guarded = _skip_nan_guard(value, nodes)
+        if guarded is not value:
+            value, nan_guard = guarded, True
             continue
         if len(consumers) == 1 and consumers[0].op_type in ("Dropout", "Cast", "Identity"):
             nodes.append(consumers[0])
@@ -388,9 +385,28 @@ def _skip_softmax_epilogue(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Va
     return value, nan_guard
 
 
-def _trace_output_projection(ctx_mm: ir.Node, nodes: list[ir.Node]) -> Linear:
-    value = ctx_mm.outputs[0]
+def _skip_nan_guard(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
+    """Returns Where(IsNaN(value), 0, value)'s output (recording both nodes), else value."""
+    isnan = next((c for c in value.consumers() if c.op_type == "IsNaN"), None)
+    if isnan is None:
+        return value
+    where = next((c for c in isnan.outputs[0].consumers() if c.op_type == "Where"
+                  and c.inputs[2] is value), None)
+    if where is None:
+        return value
+    nodes.extend([isnan, where])
+    return where.outputs[0]
+
+
+def _trace_output_projection(ctx_mm: ir.Node, nodes: list[ir.Node]) -> tuple[Linear, bool]:
+    """Returns the O projection after the context, and whether a NaN guard sits there.
+
+    planer's own attention puts the exporter's NaN guard after the context MatMul
+    (passes.head_pruning), where it runs on fewer elements.
+    """
     nodes.append(ctx_mm)
+    value = _skip_nan_guard(ctx_mm.outputs[0], nodes)
+    guarded = value is not ctx_mm.outputs[0]
     for _ in range(8):
         # Exporters read dims off the context with Shape; those readers die with the region.
         consumers = [c for c in value.consumers() if c.op_type != "Shape"]
@@ -411,7 +427,7 @@ def _trace_output_projection(ctx_mm: ir.Node, nodes: list[ir.Node]) -> Linear:
             nodes.append(node)
             if add is not None:
                 nodes.append(add)
-            return linear
+            return linear, guarded
         break
     raise _NoMatch("no constant output projection after the attention context")
 

@@ -6,6 +6,9 @@
     Reshape(x,[-1,K]) ─ MatMul ─ Reshape(·,[..,N])  ─▶ MatMul(x, W_KN)   (GPT-2 Conv1D)
     decomposed LayerNorm    ─▶ LayerNormalization (opset >= 17)
     ReduceMean ─ Sub ─ Pow ─ ReduceMean ─ Add(eps) ─ Sqrt ─ Div ─ Mul(γ) ─ Add(β)
+    Sum(a, b)               ─▶ Add(a, b)         (planer's own ort_kernels spellings,
+    BiasGelu(h, b)          ─▶ Add(h, b) ─ erf-GELU    so a compiled model reads back)
+    com.microsoft Gelu(x)   ─▶ x·(1 + erf(x/√2))·0.5
 
 GELU (erf or tanh, fused or decomposed) and other activations are left as they are:
 the FFN finder treats whatever elementwise region lies between the two FFN MatMuls
@@ -13,13 +16,15 @@ as the activation, and channel pruning only slices the weights around it. Shape/
 Gather/Concat reshape chains inside attention are not folded here; the attention
 rewrite replaces the whole region with constant per-layer shapes.
 
-Every rewrite here is exact (same arithmetic in one op), so the canonical model
-reproduces the original outputs; tests pin this down per exporter.
+Every rewrite here is exact (same arithmetic in one op; the GELU expansion up to float
+rounding), so the canonical model reproduces the original outputs; tests pin this down
+per exporter.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -159,6 +164,59 @@ def _ends_with(value: ir.Value | None, size: int) -> bool:
     return last is not None and int(last.reshape(-1)[-1]) == size
 
 
+class ExpandOrtKernelsPass(InPlacePass):
+    """Spells passes.ort_kernels' Sum / BiasGelu / Gelu back in the standard ONNX ops.
+
+    Experts of an MoE block (ffn_to_moe) keep their kernels: the finder skips them.
+    """
+
+    def call(self, model: ir.Model) -> PassResult:
+        count = 0
+        for node in list(model.graph):
+            if node.metadata_props.get("planer.pass") == "ffn_to_moe":
+                continue
+            if node.op_type == "Sum" and node.domain == "" and len(node.inputs) == 2:
+                out = _add_node(model.graph, node, list(node.inputs), f"{node.name}/Add",
+                                provenance=node.metadata_props)
+            elif node.domain == "com.microsoft" and node.op_type in ("BiasGelu", "Gelu"):
+                x = node.inputs[0]
+                if node.op_type == "BiasGelu":
+                    x = _add_node(model.graph, node, list(node.inputs), f"{node.name}/Add",
+                                  provenance=node.metadata_props)
+                out = _erf_gelu(model.graph, node, x)  # type: ignore[arg-type]
+            else:
+                continue
+            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+            replace_uses(node.outputs[0], out)
+            model.graph.remove(node, safe=True)
+            count += 1
+        return PassResult(model, modified=count > 0)
+
+
+def _add_node(graph: ir.Graph, anchor: ir.Node, inputs: list, name: str,
+              op_type: str = "Add", provenance: Mapping[str, str] | None = None) -> ir.Value:
+    # Re-spelled nodes keep the provenance of the node they expand (ort_kernels), so
+    # `planer diff` knows them for planer's spelling rather than the exporter's.
+    meta = dict(provenance) if provenance else {"planer.pass": PASS_NAME}
+    node = ir.node(op_type, inputs, name=name, metadata_props=meta)
+    node.outputs[0].name = f"{name}_out"
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
+
+
+def _erf_gelu(graph: ir.Graph, anchor: ir.Node, x: ir.Value) -> ir.Value:
+    """Emits x·(1 + erf(x/√2))·0.5, the spelling ORT's own GELU fusion matches."""
+    base = anchor.name or "gelu"
+    consts = {name: add_initializer(graph, f"{base}/{name}", np.array(value, np.float32))
+              for name, value in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))}
+    meta = anchor.metadata_props
+    scaled = _add_node(graph, anchor, [x, consts["sqrt2"]], f"{base}/Div", "Div", meta)
+    erf = _add_node(graph, anchor, [scaled], f"{base}/Erf", "Erf", meta)
+    plus = _add_node(graph, anchor, [erf, consts["one"]], f"{base}/Add1", "Add", meta)
+    times = _add_node(graph, anchor, [x, plus], f"{base}/Mul", "Mul", meta)
+    return _add_node(graph, anchor, [times, consts["half"]], f"{base}/Mul_half", "Mul", meta)
+
+
 class FuseLayerNormPass(InPlacePass):
     """Rewrites the decomposed LayerNorm chain as one LayerNormalization node (opset >= 17)."""
 
@@ -250,6 +308,7 @@ def canonicalize(model: ir.Model) -> ir.Model:
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     IdentityEliminationPass()(model)
     GemmToMatMulPass()(model)
+    ExpandOrtKernelsPass()(model)
     _infer_shapes(model)
     FoldFlattenedLinearPass()(model)
     FuseLayerNormPass()(model)

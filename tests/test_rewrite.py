@@ -75,7 +75,9 @@ def _structure(path: Path) -> str:
 
 
 def test_golden_structure_of_pruned_bert(tmp_path: Path, update_goldens: bool) -> None:
-    result = compile_plan(fixture_path("bert", "torchscript"), tmp_path / "out", plan_data=PLAN)
+    # ort_kernels "on": the golden must not depend on which LayerNorm form times faster.
+    result = compile_plan(fixture_path("bert", "torchscript"), tmp_path / "out", plan_data=PLAN,
+                          ort_kernels="on")
     text = _structure(result.model_path)
     golden = GOLDEN / "bert_torchscript_pruned.txt"
     if update_goldens or not golden.exists():
@@ -92,7 +94,7 @@ def test_every_new_node_has_provenance_and_block_name(tmp_path: Path) -> None:
     assert new, "the rewrite adds nodes"
     for node in new:
         meta = {p.key: p.value for p in node.metadata_props}
-        assert meta.get(PROVENANCE_PASS) == "head_pruning", node.name
+        assert meta.get(PROVENANCE_PASS) in ("head_pruning", "ort_kernels"), node.name
         assert node.name.startswith(meta[PROVENANCE_BLOCK] + "/"), node.name
 
 

@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target-runtime", choices=("ort", "tensorrt"), default="ort",
                           help="lowering of dynamic sparsity (skim): ort (NonZero/ScatterND) "
                                "or tensorrt (shape-computable only)")
+    compile_.add_argument("--ort-kernels", choices=("auto", "on", "off"), default="auto",
+                          help="ort target: spell residual LayerNorms and GELUs for ORT's "
+                               "faster kernels; auto times both LayerNorm forms on this "
+                               "machine first (default auto)")
     compile_.add_argument("--calibration", type=Path, metavar="FILE",
                           help="unlabelled inputs: .txt, .tsv/.csv (first column), .jsonl, .npz")
     compile_.add_argument("--tokenizer", type=Path, metavar="DIR",
@@ -232,6 +236,7 @@ def run_compile(args: argparse.Namespace) -> int:
             calibration=args.calibration, tokenizer=tokenizer, batch=args.batch,
             seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
             passes=frozenset(passes), target_runtime=args.target_runtime,
+            threads=args.threads, ort_kernels=args.ort_kernels,
             progress=lambda msg: status.update(msg),
         )
     _print_summary(result.report, time.perf_counter() - started, args.output)
@@ -253,7 +258,7 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
                 target_fraction=amount if unit == "dense" else None,
                 calibration=args.calibration,
                 tokenizer=tokenizer, batch=args.batch, seq_len=args.seq_len,
-                threads=args.threads, refresh=args.refresh,
+                threads=args.threads, refresh=args.refresh, ort_kernels=args.ort_kernels,
                 progress=lambda msg: status.update(msg))
     except TargetUnreachableError as exc:
         if exc.result is not None:

@@ -72,9 +72,14 @@ class Round:
 
 def profile_model(
     model_path: Path, *, batch: int, seq_len: int, threads: int, refresh: bool = False,
-    progress: Progress | None = None,
+    ort_kernels: str = "auto", progress: Progress | None = None,
 ) -> tuple[LatencyModel, dict[str, Any]]:
-    """Profiles the model's block variants and fits its latency model; returns both."""
+    """Profiles the model's block variants and fits its latency model; returns both.
+
+    The model's fixed overhead (embeddings, LayerNorms, everything outside the blocks) is
+    read from the neutral plan compiled as every plan will be, timed beside the original:
+    planer's emission alone already changes it (passes.ort_kernels).
+    """
     say = progress or (lambda _msg: None)
     model, spec = read_model(model_path)
     attn, ffn = spec.layers[0].attention, spec.layers[0].ffn
@@ -90,11 +95,18 @@ def profile_model(
     channels = sorted({*range(0, ffn.width + 1, step), ffn.width})
     say("profiling block variants (stored ones are reused)")
     measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh)
-    say("timing the dense model")
-    dense_ms = measure_ms({"dense": model_path}, batch=batch, seq_len=seq_len,
-                          threads=threads, vocab=spec.vocab_size)["dense"]
-    latency = fit_latency_model(measured["attn"], measured["ffn"], dense_ms, Plan.neutral(spec))
+    say("compiling the neutral plan")
+    with tempfile.TemporaryDirectory(prefix="planer-neutral-") as scratch:
+        neutral = compile_plan(model_path, Path(scratch) / "neutral", batch=batch,
+                               seq_len=seq_len, threads=threads, ort_kernels=ort_kernels)
+        say("timing the dense model and the neutral plan")
+        times = measure_ms({"dense": model_path, "neutral": neutral.model_path}, batch=batch,
+                           seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
+    dense_ms = times["dense"]
+    latency = fit_latency_model(measured["attn"], measured["ffn"], times["neutral"],
+                                Plan.neutral(spec))
     info = {"device": store.device, "store": str(store.path), "dense_ms": round(dense_ms, 3),
+            "neutral_ms": round(times["neutral"], 3),
             "overhead_ms": round(latency.overhead_ms, 3),
             "block_mape": {"attn": round(held_out_error(measured["attn"]), 4),
                            "ffn": round(held_out_error(measured["ffn"]), 4)},
@@ -136,7 +148,7 @@ def compile_to_latency(
     model_path: Path, out_dir: Path, *, target_ms: float | None = None,
     target_fraction: float | None = None, calibration: Path | None,
     tokenizer: Path | None, batch: int, seq_len: int, threads: int, refresh: bool = False,
-    max_rounds: int = 4, progress: Progress | None = None,
+    max_rounds: int = 4, ort_kernels: str = "auto", progress: Progress | None = None,
 ) -> CompileResult:
     """Compiles the model so its measured median latency meets the target.
 
@@ -153,7 +165,7 @@ def compile_to_latency(
                             "(0, 1] of the dense latency.")
     emit.check_output_location(model_path, out_dir)
     latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
-                                     refresh=refresh, progress=say)
+                                     refresh=refresh, ort_kernels=ort_kernels, progress=say)
     if target_ms is None:
         target_ms = amount * profile["dense_ms"]
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
@@ -185,7 +197,7 @@ def compile_to_latency(
             folder = scratch / f"round{k}"
             result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
                                   calibration=calibration, tokenizer=tokenizer, batch=batch,
-                                  seq_len=seq_len)
+                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels)
             say(f"round {k + 1}: measuring against the dense model")
             ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
                                        seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
@@ -299,7 +311,8 @@ def validate_latency_model(
                        "ffn": int(rng.integers(1, 17)) * (la.ffn.width // 16)}
                       for la in spec.layers]
             say(f"compiling validation model {i + 1}/{samples}")
-            result = compile_plan(model_path, scratch / f"m{i}", plan_data={"layers": layers})
+            result = compile_plan(model_path, scratch / f"m{i}", plan_data={"layers": layers},
+                                  batch=batch, seq_len=seq_len, threads=threads)
             paths[f"m{i}"], plans[f"m{i}"] = result.model_path, result.plan
         say("timing validation models")
         times = measure_ms(paths, batch=batch, seq_len=seq_len, threads=threads,

@@ -38,6 +38,7 @@ from planer.compiler.errors import BadInputError
 from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
+from planer.cost_model.kernels import skip_layernorm_costs
 from planer.passes import (
     ChannelPruningConfig,
     ChannelPruningPass,
@@ -46,6 +47,7 @@ from planer.passes import (
 )
 from planer.passes.ffn_to_moe import apply_ffn_to_moe, config_from_fits
 from planer.passes.moe_fit import choose_moe_plans, fit_layers
+from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
 from planer.passes.prune_fit import capture_layers
 from planer.passes.skim_fit import fit_predictors, skim_keep_for_flops, skim_report
 from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
@@ -53,6 +55,7 @@ from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+ORT_KERNELS = ("auto", "on", "off")
 
 
 @dataclasses.dataclass
@@ -112,12 +115,16 @@ def compile_plan(
     method: str = "calibrated",
     passes: frozenset[str] = frozenset({"prune"}),
     target_runtime: str = "ort",
+    threads: int = 1,
+    ort_kernels: str = "auto",
     progress: Progress | None = None,
 ) -> CompileResult:
     """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
 
     With calibration data the kept heads/channels come from calibrated importance and
-    the output projections are refit; without it, from weight magnitude.
+    the output projections are refit; without it, from weight magnitude. For the ort
+    target, `ort_kernels` steers ORT's fusions (passes.ort_kernels): "auto" measures on
+    this machine, at `threads`, whether to keep residual LayerNorms unfused.
     """
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
@@ -125,6 +132,9 @@ def compile_plan(
         raise BadInputError("give either --plan or --target-flops, not both.")
     if target_flops is not None and not 0.0 < target_flops <= 1.0:
         raise BadInputError(f"--target-flops must be in (0, 1], not {target_flops}.")
+    if ort_kernels not in ORT_KERNELS:
+        raise BadInputError(f"--ort-kernels must be one of {', '.join(ORT_KERNELS)}, "
+                            f"not {ort_kernels!r}.")
     emit.check_output_location(model_path, out_dir)
     say(f"reading {model_path}")
     model, spec = read_model(model_path)
@@ -147,10 +157,17 @@ def compile_plan(
     if _skim_layers(plan):
         say("fitting skim predictors and removing skimmed tokens")
         skim_info = apply_skim(model, plan, calib, lowering=target_runtime)
+    kernel_info = None
+    if target_runtime == "ort" and ort_kernels != "off":
+        say("choosing ORT kernels (timing fused vs unfused residual LayerNorm)"
+            if ort_kernels == "auto" else "choosing ORT kernels")
+        kernel_info = tune_ort_kernels(model, spec.hidden, tokens=batch * seq_len,
+                                       threads=threads, measure=ort_kernels == "auto")
     report = build_report(spec, plan, selection, batch=batch, seq_len=seq_len, moe=moe_info)
     for layer, record in zip(report["layers"], fit_records, strict=False):
         layer.update({k: v for k, v in record.items() if k != "index"})
-    report.update({k: v for k, v in (("moe", moe_info), ("skim", skim_info)) if v is not None})
+    report.update({k: v for k, v in (("moe", moe_info), ("skim", skim_info),
+                                     ("ort_kernels", kernel_info)) if v is not None})
     if calib is not None:
         report["calibration"] = {"source": calib.source, "synthetic": calib.synthetic,
                                  "fit_samples": calib.num_samples(),
@@ -172,6 +189,21 @@ def compile_plan(
     )
     return CompileResult(model_path=out_dir / emit.MODEL_NAME, plan=plan,
                          report=written["report.json"])
+
+
+def tune_ort_kernels(model: ir.Model, width: int, *, tokens: int, threads: int,
+                     measure: bool = True) -> dict[str, Any]:
+    """Runs passes.ort_kernels on `model`; with `measure`, only where this machine gains."""
+    info: dict[str, Any] = {}
+    unfuse = True
+    if measure:
+        choice = skip_layernorm_costs(width, tokens, threads)
+        info["skip_layernorm"] = {"tokens": tokens, "threads": threads, **choice.to_dict()}
+        unfuse = choice.unfuse
+    info.update(apply_ort_kernels(model, OrtKernelsConfig(unfuse_skip_layernorm=unfuse)))
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    return info
 
 
 def _require_calibration(plan: Plan, calibration: Path | None, target_flops: float | None,
