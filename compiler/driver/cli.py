@@ -344,6 +344,13 @@ def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None
         parts = [f"{key.replace('_', ' ')} mean {val['mean']:.4f} / p5 {val['p5']:.4f}"
                  for key, val in fid.items() if isinstance(val, dict)]
         out.print(f"held-out fidelity ({fid['holdout_samples']} samples): " + "; ".join(parts))
+    kernels = report.get("ort_kernels")
+    if kernels:
+        choice = kernels.get("skip_layernorm")
+        timed = (f" (SkipLayerNormalization {choice['fused_us']:.0f} µs vs "
+                 f"{choice['unfused_us']:.0f} µs unfused, measured here)") if choice else ""
+        out.print(f"ORT kernels: {kernels['residual_sum']} residual LayerNorms kept unfused"
+                  f"{timed}; {kernels['gelu']} GELUs fused")
     check = report.get("verification", {})
     out.print(
         f"FLOPs ratio {report['flops_ratio']:.3f}   params {report['params_before']:,} → "
