@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv in the repository root and installs planer with its export and test extras.
+# Creates .venv and installs planer with its export, test, dev and bench extras.
 # torch is installed first and pinned: 2.13.0 has a CPU build pip can take offline, while an
 # unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[export,test,dev]"
+.venv/bin/python -m pip install --quiet -e ".[export,test,dev,bench]"
