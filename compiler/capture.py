@@ -51,12 +51,28 @@ class ActivationReader:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self.main_output = main_output(self.session.get_outputs()[:len(original)])
 
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
         """Runs one batch; returns every requested value and the model outputs by name."""
         names = list(dict.fromkeys([*self.names, *self.model_outputs]))
         arrays = self.session.run(names, {k: v for k, v in feed.items() if k in self.input_names})
         return dict(zip(names, arrays, strict=True))
+
+
+def main_output(outputs: Sequence[ort.NodeArg]) -> str:
+    """Names the output that carries the model's result: the first float [B, S, D] one.
+
+    Some exports put other tensors first (paraphrase-MiniLM-L3-v2's output 0 is an
+    Identity of input_ids); failing a rank-3 float output, the first float one.
+    """
+    floats = [o for o in outputs if o.type in ("tensor(float)", "tensor(float16)",
+                                               "tensor(double)", "tensor(bfloat16)")]
+    hidden = [o for o in floats if o.shape is not None and len(o.shape) == 3]
+    chosen = (hidden or floats or list(outputs))[:1]
+    if not chosen:
+        raise ValueError("the model has no outputs.")
+    return str(chosen[0].name)
 
 
 def capture_tokens(

@@ -74,7 +74,7 @@ def capture_skim_data(
         received = [received_attention(out[v.name], mask) for v in probs]
         real = mask.astype(bool)
         n = mask.sum(1, keepdims=True)
-        final = out[reader.model_outputs[0]]
+        final = out[reader.main_output]
         for i, value in zip(layers, inputs, strict=True):
             if target == "drift":
                 drift = np.linalg.norm(final - out[value.name], axis=-1) + 1e-6
@@ -229,9 +229,9 @@ def skim_report(
     kept: dict[int, list[float]] = {i: [] for i in points}
     real, token_cos, pooled_cos = [], [], []
     for feed in holdout:
-        a = dense_reader.run(feed)[dense_reader.model_outputs[0]].astype(np.float64)
+        a = dense_reader.run(feed)[dense_reader.main_output].astype(np.float64)
         out = skim_reader.run(feed)
-        b = out[skim_reader.model_outputs[0]].astype(np.float64)
+        b = out[skim_reader.main_output].astype(np.float64)
         mask = np.asarray(feed["attention_mask"]).astype(bool)
         real.extend(mask.sum(1).tolist())
         for name, i in names.items():

@@ -64,3 +64,26 @@ def test_skim_before_layer0_needs_calibration(tmp_path: Path,
     assert code == 2
     assert "needs a fitted predictor" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_skim_on_a_model_whose_first_output_is_not_the_hidden_states(tmp_path: Path) -> None:
+    # paraphrase-MiniLM-L3-v2's output 0 is an Identity of input_ids; skim reports and
+    # fidelity must read the hidden states (regression: this crashed with a TypeError).
+    from planer.fixtures.build import minilm_tokenizer_dir, paraphrase_l3_path
+
+    try:
+        src = paraphrase_l3_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"a short sentence number {i} about films and news"
+                              for i in range(64)) + "\n")
+    out = tmp_path / "out"
+    code = main(["compile", str(src), "--calibration", str(text), "--tokenizer",
+                 str(minilm_tokenizer_dir()), "--seq-len", "16", "--target-flops", "0.7",
+                 "--passes", "skim", "-o", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 < report["fidelity"]["pooled_cosine"]["mean"] <= 1.0
+    assert "token_cosine" in report["fidelity"]
+    assert report["skim"]["mean_kept_tokens_per_layer"][-1] < 16

@@ -28,6 +28,7 @@ from planer.compiler.calibration import (
     random_feeds,
 )
 from planer.compiler.canonicalize import canonicalize
+from planer.compiler.capture import main_output
 from planer.compiler.driver.prune import (
     Selection,
     calibrated_selection,
@@ -427,10 +428,11 @@ def fidelity(
     sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for p in (original, compiled)]
     names = {i.name for i in sessions[0].get_inputs()}
+    result_name = main_output(sessions[0].get_outputs())
     token_cos, pooled_cos, agree = [], [], []
     for feed in batches:
         feed = {k: v for k, v in feed.items() if k in names}
-        a, b = (s.run(None, feed)[0].astype(np.float64) for s in sessions)
+        a, b = (s.run([result_name], feed)[0].astype(np.float64) for s in sessions)
         if a.ndim == 3:
             mask = feed.get("attention_mask", np.ones(a.shape[:2])).astype(bool)
             token_cos.extend(_cos(a[mask], b[mask]))
