@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--refresh", action="store_true",
                           help="re-measure block latencies instead of reusing stored ones")
     compile_.add_argument("--passes", default="prune",
-                          help="comma-separated passes --target-flops may use: prune, skim "
-                               "(default: prune)")
+                          help="comma-separated passes --target-flops may use: prune, skim, "
+                               "or moe on its own (default: prune)")
     compile_.add_argument("--target-runtime", choices=("ort", "tensorrt"), default="ort",
                           help="lowering of dynamic sparsity (skim): ort (NonZero/ScatterND) "
                                "or tensorrt (shape-computable only)")
