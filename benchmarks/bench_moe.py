@@ -36,7 +36,7 @@ from planer.compiler.plan import MoePlan
 from planer.compiler.spec import FfnSpec, Linear
 from planer.cost_model.timing import SessionOptions, make_session, ratios, time_interleaved
 from planer.passes.ffn_to_moe import FfnToMoeConfig, MoeLayer, apply_ffn_to_moe
-from planer.passes.moe_fit import Router, cluster_experts, fit_layers
+from planer.passes.moe_fit import ROUTER_HIDDEN, Router, cluster_experts, fit_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lowering", nargs="+", default=["gather", "kernel"])
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--router-hidden", type=int, default=64)
+    parser.add_argument("--router-hidden", type=int, default=ROUTER_HIDDEN)
     parser.add_argument("--spelling", choices=["minilm", "fusable"], default="minilm")
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--calib-rows", type=int, default=1024)

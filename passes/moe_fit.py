@@ -126,7 +126,14 @@ def expert_norms(a_NF: np.ndarray, w2_FD: np.ndarray, experts_EG: np.ndarray) ->
 # ---------------------------------------------------------------- router
 
 
-def fit_router(x_ND: np.ndarray, norms_NE: np.ndarray, *, hidden: int = 64, steps: int = 800,
+# Router hidden width h. Measured on MiniLM (8 experts top-2, held-out SST-2 tokens): recall
+# within 0.011 of oracle routing at h = 16 against 0.008 at h = 64, while h = 64's first
+# GEMM cost the MoE FFN about 6% of its time at 128 tokens (2.36x vs 2.50x over dense).
+ROUTER_HIDDEN = 16
+
+
+def fit_router(x_ND: np.ndarray, norms_NE: np.ndarray, *, hidden: int = ROUTER_HIDDEN,
+               steps: int = 800,
                batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> Router:
     """Trains `Linear(D,h) -> ReLU -> Linear(h,E) -> Abs` to regress expert norms (MSE)."""
     torch = require_torch("fitting MoE routers")  # local: a heavy import only fitting needs
@@ -213,7 +220,7 @@ def fit_layers(
     experts: Mapping[int, int],
     *,
     method: str = "weights",
-    router_hidden: int = 64,
+    router_hidden: int = ROUTER_HIDDEN,
     steps: int = 800,
     max_tokens: int = 8192,
     holdout_tokens: int = 2048,
@@ -314,7 +321,7 @@ def choose_moe_plans(
     seq_len: int = 128,
     candidates: Sequence[MoePlan] | None = None,
     max_error: float = 0.35,
-    router_hidden: int = 64,
+    router_hidden: int = ROUTER_HIDDEN,
 ) -> tuple[dict[int, MoePlan], dict[int, LayerQuality]]:
     """Picks per-layer MoE settings that remove the most FFN FLOPs per unit of error.
 
