@@ -28,6 +28,7 @@ AGNEWS_FIT_ROWS = 4000
 AGNEWS_TEST_ROWS = 2000
 MAX_TOKENS = 128
 SEED = 0
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 def read_labelled(path: Path) -> tuple[list[str], np.ndarray]:
@@ -55,8 +56,26 @@ def probe_splits(data: Path = DATA) -> dict[str, Split]:
     }
 
 
+def hidden_output(session: ort.InferenceSession, model: Path) -> str:
+    """Names the token hidden states: the session's first float output of rank 3.
+
+    Not output 0: third-party exports such as paraphrase-MiniLM-L3-v2 echo input_ids and
+    attention_mask there, and pooling token ids would score an embedding that isn't one.
+    """
+    for output in session.get_outputs():
+        if output.type in FLOAT_TYPES and output.shape is not None and len(output.shape) == 3:
+            return output.name
+    found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in session.get_outputs())
+    raise ValueError(f"{model} has no float output of rank 3 (token hidden states "
+                     f"[batch, tokens, width]) for the probe to pool; its outputs are: {found}.")
+
+
 class Embedder:
-    """Mean-pools a model's first output over real tokens, batching texts by length."""
+    """Mean-pools a model's token hidden states over real tokens, batching texts by length.
+
+    The hidden states are the first float output of rank 3 (`hidden_output`); the session
+    computes only that output.
+    """
 
     def __init__(self, model: Path, tokenizer_dir: Path, *, threads: int = 2):
         options = ort.SessionOptions()
@@ -64,6 +83,7 @@ class Embedder:
         self.session = ort.InferenceSession(str(model), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self.output = hidden_output(self.session, model)
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.tokenizer.enable_truncation(MAX_TOKENS)
         self.tokenizer.no_padding()
@@ -71,7 +91,6 @@ class Embedder:
     def __call__(self, texts: Sequence[str], batch: int = 32) -> np.ndarray:
         encoded = self.tokenizer.encode_batch(list(texts))
         order = np.argsort([len(e.ids) for e in encoded], kind="stable")
-        result = np.zeros((len(texts), 0), np.float32)
         chunks = []
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
@@ -83,7 +102,8 @@ class Embedder:
                 ids[r, :n], mask[r, :n] = encoded[i].ids, 1
             feed = {"input_ids": ids, "attention_mask": mask,
                     "token_type_ids": np.zeros_like(ids)}
-            hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+            hidden = self.session.run([self.output],
+                                      {k: v for k, v in feed.items() if k in self.inputs})[0]
             weights = mask[..., None].astype(np.float32)
             chunks.append((rows, (hidden * weights).sum(1) / weights.sum(1)))
         result = np.zeros((len(texts), chunks[0][1].shape[1]), np.float32)

@@ -1,4 +1,4 @@
-"""benchmarks/run.py's pure helpers on synthetic rows: Pareto front, tables, plot, slugs."""
+"""benchmarks/{run,report}.py helpers on synthetic rows: Pareto front, tables, plot, slugs."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run import (
-    Build,
-    Setting,
-    _fusion_status,
-    error_line,
-    machine_slug,
-    pareto_front,
-    plot_setting,
-    render_markdown,
-)
+from benchmarks.report import pareto_front, plot_setting, render_markdown
+from benchmarks.run import Build, Setting, _fusion_status, error_line, machine_slug
 
 
 def test_pareto_front_keeps_only_undominated_points_in_latency_order():
