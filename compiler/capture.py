@@ -44,7 +44,10 @@ class ActivationReader:
         try:
             data = ir.to_proto(model).SerializeToString()
         finally:
-            del model.graph.outputs[len(original):]
+            # pop(), not `del outputs[i:]`: onnx-ir 0.1's del leaves the values flagged as
+            # graph outputs, and later rewrites would then rename them as outputs.
+            while len(model.graph.outputs) > len(original):
+                model.graph.outputs.pop()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.intra_op_num_threads = threads

@@ -442,3 +442,17 @@ def test_feeds_run_in_onnxruntime_on_a_model_without_token_type_ids() -> None:
         (hidden,) = session.run(None, feed)[:1]
         assert hidden.shape[:2] == feed["input_ids"].shape
         assert np.isfinite(hidden).all()
+
+
+def test_capturing_a_value_leaves_it_an_ordinary_value() -> None:
+    # Regression: a captured value stayed flagged as a graph output, so a later rewrite
+    # renamed its replacement after it and kept a stale shape annotation.
+    from planer.compiler.capture import ActivationReader
+    from planer.compiler.driver.pipeline import read_model
+    from planer.fixtures.build import fixture_path
+
+    model, spec = read_model(fixture_path("bert", "dynamo"))
+    value = spec.layers[0].ffn.w2.matmul.inputs[0]
+    ActivationReader(model, [value])
+    assert not value.is_graph_output()
+    assert [v.name for v in model.graph.outputs] == ["last_hidden_state"]
