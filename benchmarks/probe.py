@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from planer.compiler.calibration import load_tokenizer
+from planer.compiler.capture import main_output
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SST2_TRAIN_ROWS = 5000
@@ -62,10 +63,12 @@ def hidden_output(session: ort.InferenceSession, model: Path) -> str:
     Not output 0: third-party exports such as paraphrase-MiniLM-L3-v2 echo input_ids and
     attention_mask there, and pooling token ids would score an embedding that isn't one.
     """
-    for output in session.get_outputs():
-        if output.type in FLOAT_TYPES and output.shape is not None and len(output.shape) == 3:
-            return output.name
-    found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in session.get_outputs())
+    outputs = session.get_outputs()
+    name = main_output(outputs)  # the same choice planer's own fidelity check makes
+    chosen = next(o for o in outputs if o.name == name)
+    if chosen.type in FLOAT_TYPES and chosen.shape is not None and len(chosen.shape) == 3:
+        return name
+    found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs)
     raise ValueError(f"{model} has no float output of rank 3 (token hidden states "
                      f"[batch, tokens, width]) for the probe to pool; its outputs are: {found}.")
 
