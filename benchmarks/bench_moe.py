@@ -5,14 +5,15 @@
 
 `ffn` builds one-FFN ONNX models from MiniLM's layer-0 weights (dense vs MoE, each
 lowering) and times them interleaved (ORT CPU, one thread, optimization "all").
-`model` fits experts and routers for every MiniLM layer on sst2/train.tsv rows the probe
-does not use, prints per-layer quality (sparsity, router recall, experts per token,
+`model` fits experts and routers for every MiniLM layer on sst2/train.tsv rows, prints
+per-layer quality (sparsity, router recall, experts per token,
 reconstruction error on held-out calibration tokens), times dense vs MoE at batch 1 x 128
-tokens interleaved in one run, and with --probe runs the quality probe of
-shared/data/README.md (logistic regression on mean-pooled embeddings: 5000 sst2/train
-rows -> sst2/dev; agnews/dev first 4000 -> last 2000) on both models.
+tokens interleaved in one run, and with --probe runs benchmarks/probe.py (the recipe of
+shared/data/README.md) on both models.
 Timings are medians of per-round ratios (cost_model.timing); never asserted in tests.
 """
+
+# ruff: noqa: E402  (the path fix below must precede the `benchmarks` import)
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as `python benchmarks/bench_moe.py`: import `benchmarks`
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.probe import evaluate
 from planer.compiler.calibration import build_calibration, model_input_infos, read_texts
 from planer.compiler.driver.pipeline import read_canonical, read_model, tune_ort_kernels
 from planer.compiler.plan import MoePlan
@@ -38,7 +44,6 @@ from planer.cost_model.timing import SessionOptions, make_session, ratios, time_
 from planer.passes.ffn_to_moe import FfnToMoeConfig, MoeLayer, apply_ffn_to_moe
 from planer.passes.moe_fit import ROUTER_HIDDEN, Router, cluster_experts, fit_layers
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OPTS = SessionOptions(threads=1, optimization="all")
 
@@ -171,7 +176,8 @@ def fit_minilm(args: argparse.Namespace) -> tuple[Path, dict[int, Any], dict[str
     src = minilm_path("dynamo")
     # The form `planer compile` emits: canonical attention, then MoE, then ORT kernel choice.
     model, spec = read_canonical(src)
-    # Calibrate on sst2/train rows the probe never uses (the probe takes the first 5000).
+    # Calibrate on sst2/train rows past the first --probe-rows; the probe scores on
+    # sst2/dev.tsv and later agnews rows, which calibration never sees.
     texts = read_texts(DATA / "sst2" / "train.tsv")[args.probe_rows:]
     calib_file = Path(tempfile.mkdtemp()) / "calib.txt"
     calib_file.write_text("\n".join(texts[: args.calib_rows * 4]) + "\n")
@@ -223,59 +229,11 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     results["latency_ratio_neutral_over_dense"] = round(rel["neutral"], 3)
     results["latency_ratio_moe_over_neutral"] = round(ratios(timings, "neutral")["moe"], 3)
     if args.probe:
-        results["probe"] = {name: probe(path) for name, path in
+        from planer.fixtures.build import minilm_tokenizer_dir
+
+        results["probe"] = {name: evaluate(path, minilm_tokenizer_dir()) for name, path in
                             [("dense", src), ("moe", moe_path)]}
     return results
-
-
-def embed(path: Path, texts: list[str], batch: int = 64) -> np.ndarray:
-    """Mean-pooled last hidden state over real tokens (ORT, default optimizations)."""
-    import tokenizers
-
-    from planer.fixtures.build import minilm_tokenizer_dir
-
-    tok = tokenizers.Tokenizer.from_file(str(Path(minilm_tokenizer_dir()) / "tokenizer.json"))
-    tok.enable_truncation(128)
-    tok.enable_padding(pad_id=0)
-    session = make_session(path, SessionOptions(threads=2, optimization="all"))
-    out = []
-    order = np.argsort([len(t) for t in texts])  # similar lengths per batch: less padding
-    for i in range(0, len(texts), batch):
-        rows = order[i:i + batch]
-        enc = tok.encode_batch([texts[j] for j in rows])
-        ids = np.array([e.ids for e in enc], np.int64)
-        mask = np.array([e.attention_mask for e in enc], np.int64)
-        (hidden,) = session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                       "token_type_ids": np.zeros_like(ids)})[:1]
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-        out.append((rows, pooled))
-    result = np.zeros((len(texts), out[0][1].shape[1]), np.float32)
-    for rows, pooled in out:
-        result[rows] = pooled
-    return result
-
-
-def _labelled(path: Path) -> tuple[list[str], np.ndarray]:
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    rows = [ln.rsplit("\t", 1) for ln in lines if "\t" in ln]
-    labels = [r[1].strip() for r in rows]
-    return [r[0] for r in rows], np.unique(labels, return_inverse=True)[1]
-
-
-def probe(path: Path, train_rows: int = 5000) -> dict[str, float]:
-    """The shared probe recipe: logistic regression on mean-pooled embeddings."""
-    from sklearn.linear_model import LogisticRegression
-
-    scores = {}
-    tr_x, tr_y = _labelled(DATA / "sst2" / "train.tsv")
-    dv_x, dv_y = _labelled(DATA / "sst2" / "dev.tsv")
-    clf = LogisticRegression(max_iter=2000).fit(embed(path, tr_x[:train_rows]), tr_y[:train_rows])
-    scores["sst2_dev_acc"] = float(clf.score(embed(path, dv_x), dv_y))
-    ag_x, ag_y = _labelled(DATA / "agnews" / "dev.tsv")
-    emb = embed(path, ag_x[:6000])
-    clf = LogisticRegression(max_iter=2000).fit(emb[:4000], ag_y[:4000])
-    scores["agnews_acc"] = float(clf.score(emb[4000:6000], ag_y[4000:6000]))
-    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
