@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +37,7 @@ from benchmarks.probe import evaluate
 from planer.compiler.calibration import build_calibration, model_input_infos, read_texts
 from planer.compiler.driver.pipeline import read_canonical, read_model, tune_ort_kernels
 from planer.compiler.plan import MoePlan
-from planer.compiler.spec import FfnSpec, Linear
+from planer.cost_model.kernels import standalone_ffn, standalone_moe
 from planer.cost_model.timing import SessionOptions, make_session, ratios, time_interleaved
 from planer.passes.ffn_to_moe import FfnToMoeConfig, MoeLayer, apply_ffn_to_moe
 from planer.passes.moe_fit import ROUTER_HIDDEN, Router, cluster_experts, fit_layers
@@ -51,86 +49,18 @@ OPTS = SessionOptions(threads=1, optimization="all")
 # ---------------------------------------------------------------- one-FFN models
 
 
-def one_ffn_model(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
-                  fusable: bool = False) -> onnx.ModelProto:
-    """Builds x_BSD -> MatMul -> Add -> erf-GELU (as exported) -> MatMul -> Add -> y_BSD."""
-    d, f = w1.shape
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"),
-              (np.array(np.sqrt(2.0), np.float32), "sqrt2"), (np.array(1.0, np.float32), "one"),
-              (np.array(0.5, np.float32), "half")]]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-        helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1_add"),
-        # MiniLM's dynamo spelling, 0.5·x·(1 + erf(x/√2)), which ORT does not fuse;
-        # --spelling fusable uses x·(1 + erf(x/√2))·0.5, which ORT fuses into BiasGelu.
-        *([helper.make_node("Div", ["h", "sqrt2"], ["g0"], name="gelu_div"),
-           helper.make_node("Erf", ["g0"], ["g1"], name="gelu_erf"),
-           helper.make_node("Add", ["g1", "one"], ["g2"], name="gelu_add"),
-           helper.make_node("Mul", ["h", "g2"], ["g3"], name="gelu_mul"),
-           helper.make_node("Mul", ["g3", "half"], ["a"], name="gelu_half")]
-          if fusable else
-          [helper.make_node("Mul", ["h", "half"], ["g3"], name="gelu_half"),
-           helper.make_node("Div", ["h", "sqrt2"], ["g0"], name="gelu_div"),
-           helper.make_node("Erf", ["g0"], ["g1"], name="gelu_erf"),
-           helper.make_node("Add", ["g1", "one"], ["g2"], name="gelu_add"),
-           helper.make_node("Mul", ["g3", "g2"], ["a"], name="gelu_mul")]),
-        helper.make_node("MatMul", ["a", "w2"], ["y0"], name="fc2"),
-        helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2_add"),
-        helper.make_node("Identity", ["attention_mask"], ["mask_out"], name="keep_mask"),
-    ]
-    graph = helper.make_graph(
-        nodes, "ffn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d]),
-         helper.make_tensor_value_info("mask_out", TensorProto.INT64, ["B", "S"])],
-        inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                   helper.make_opsetid("com.microsoft", 1)])
-
-
-def ffn_spec_of(model: ir.Model) -> FfnSpec:
-    """Describes the one-FFN model by hand (it has no attention for the finder to anchor on)."""
-    nodes = {n.name: n for n in model.graph}
-    init = model.graph.initializers
-
-    def lin(mm: str, w: str, b: str) -> Linear:
-        return Linear(init[w], init[b], nodes[mm], slice(0, init[w].const_value.shape[1]))
-
-    act = [nodes[n] for n in ("gelu_div", "gelu_erf", "gelu_add", "gelu_mul", "gelu_half")]
-    return FfnSpec(block="layer0/ffn", x=model.graph.inputs[0],
-                   out=nodes["fc2_add"].outputs[0], w1=lin("fc1", "w1", "b1"),
-                   w2=lin("fc2", "w2", "b2"), activation="gelu", nodes=act)
-
-
-class _Spec:
-    """The minimal ModelSpec face `apply_ffn_to_moe` reads (layers with index and ffn)."""
-
-    def __init__(self, ffn: FfnSpec):
-        self.layers = [type("L", (), {"index": 0, "ffn": ffn})()]
-
-
-def moe_one_ffn(proto: onnx.ModelProto, moe: MoeLayer, *, target: str,
-                lowering: str, activation: str = "gelu") -> onnx.ModelProto:
-    model = ir.from_proto(proto)
-    ffn = ffn_spec_of(model)
-    ffn.activation = activation
-    apply_ffn_to_moe(model, _Spec(ffn), FfnToMoeConfig({0: moe}, target=target,
-                                                        lowering=lowering))  # type: ignore[arg-type]
-    RemoveUnusedNodesPass()(model)
-    TopologicalSortPass()(model)
-    return ir.to_proto(model)
-
-
 def bench_ffn(args: argparse.Namespace) -> dict[str, Any]:
     """Times dense vs MoE FFN alone on MiniLM layer-0 weights."""
     from planer.fixtures.build import minilm_path
 
     _, spec = read_model(minilm_path("dynamo"))
     ffn = spec.layers[0].ffn
-    w1, b1, w2, b2 = ffn.w1.w(), ffn.w1.b(), ffn.w2.w(), ffn.w2.b()
-    dense = one_ffn_model(w1, b1, w2, b2, fusable=args.spelling == "fusable")
+    weights = ffn.w1.w(), ffn.w1.b(), ffn.w2.w(), ffn.w2.b()
+    w1 = weights[0]
+    dense = standalone_ffn(*weights, "gelu")  # MiniLM's own (erf) GELU, as exported
+    # com.microsoft.MoE's "gelu" is the tanh approximation: the kernel is timed on the
+    # same weights with that activation, as it would run.
+    dense_tanh = standalone_ffn(*weights, "gelu_tanh")
     rng = np.random.default_rng(0)
     experts = cluster_experts(w1, args.experts)
     d = w1.shape[0]
@@ -145,11 +75,10 @@ def bench_ffn(args: argparse.Namespace) -> dict[str, Any]:
                        capacity=max(1, int(np.ceil(1.25 * tokens * args.top_k / args.experts))))
         models = {"dense": dense}
         for lowering in args.lowering:
-            # The kernel's "gelu" is the tanh approximation: timed as the kernel would run.
-            act = "gelu_tanh" if lowering == "kernel" else "gelu"
-            models[lowering] = moe_one_ffn(dense, moe, target="ort", lowering=lowering,
-                                           activation=act)
-        models["tensorrt"] = moe_one_ffn(dense, moe, target="tensorrt", lowering="auto")
+            models[lowering] = (standalone_moe(dense_tanh, "gelu_tanh", moe, "kernel")
+                                if lowering == "kernel" else
+                                standalone_moe(dense, "gelu", moe, lowering))
+        models["tensorrt"] = standalone_moe(dense, "gelu", moe, "auto", target="tensorrt")
         sessions = {k: make_session(m, OPTS) for k, m in models.items()}
         feed = {"x": rng.standard_normal((1, tokens, d)).astype(np.float32),
                 "attention_mask": np.ones((1, tokens), np.int64)}
@@ -247,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--router-hidden", type=int, default=ROUTER_HIDDEN)
-    parser.add_argument("--spelling", choices=["minilm", "fusable"], default="minilm")
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--calib-rows", type=int, default=1024)
     parser.add_argument("--probe-rows", type=int, default=5000)

@@ -75,6 +75,8 @@ class MoeLayer:
         top_k: static number of experts per token, or None with `tau`.
         tau: dynamic-k threshold: expert e runs if r_e >= (1 - tau) * max r.
         capacity: tokens per expert in the tensorrt lowering (C); required there.
+        lowering: this layer's "ort" lowering when chosen per layer (by measurement,
+            cost_model.kernels.moe_lowering_costs); None follows the config's.
     """
 
     experts: np.ndarray
@@ -82,6 +84,7 @@ class MoeLayer:
     top_k: int | None = None
     tau: float | None = None
     capacity: int | None = None
+    lowering: str | None = None
 
     def __post_init__(self) -> None:
         if (self.top_k is None) == (self.tau is None):
@@ -91,6 +94,8 @@ class MoeLayer:
             raise PreconditionError(f"top_k {self.top_k} does not fit {count} experts.")
         if self.tau is not None and not 0.0 <= self.tau <= 1.0:
             raise PreconditionError(f"tau {self.tau} is not in [0, 1].")
+        if self.lowering not in (None, *LOWERINGS):
+            raise PreconditionError(f"unknown MoE lowering {self.lowering!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ class FfnToMoeConfig:
         lowering: for "ort": "gather" (tokens sorted by expert, one gather each way),
             "scatter" (per-expert NonZero/GatherND/ScatterND chain), "kernel"
             (com.microsoft.MoE; static top-k with relu/tanh-GELU only) or "auto"
-            (gather: it measured fastest at 128 tokens).
+            (gather, unless a layer carries its own measured choice).
         fuse_activation: on "ort", run an erf-GELU as ORT's BiasGelu kernel (same
             formula) rather than replaying the exported Div/Erf/Add/Mul/Mul nodes.
     """
@@ -129,22 +134,32 @@ def apply_ffn_to_moe(model: ir.Model, spec: ModelSpec, config: FfnToMoeConfig) -
         moe = config.layers.get(layer.index)
         if moe is None:
             continue
-        ffn = layer.ffn
-        if ffn.w1.matmul.metadata_props.get(PROVENANCE_PASS) == PASS_NAME:
+        if layer.ffn.w1.matmul.metadata_props.get(PROVENANCE_PASS) == PASS_NAME:
             # The finder sees one expert of an MoE block as a narrow FFN: a second run
             # must leave the block as it is.
-            logger.info("%s is already a mixture of experts; left as is", ffn.block)
+            logger.info("%s is already a mixture of experts; left as is", layer.ffn.block)
             continue
-        _check(ffn, moe)
-        lowering = choose_lowering(ffn, moe, config)
-        b = NodeBuilder(model.graph, ffn.out.producer(), pass_name=PASS_NAME, block=ffn.block)
-        fused = config.fuse_activation and lowering in ("gather", "scatter")
-        if lowering == "kernel" or (fused and ffn.activation == "gelu"):
-            model.opset_imports.setdefault("com.microsoft", 1)
-        out = _LOWERINGS[lowering](b, ffn, moe, tokens, fused)
-        replace_uses(ffn.out, out)
+        _rewrite(model, layer.ffn, moe, config, tokens)
         changed += 1
     return changed
+
+
+def rewrite_ffn(model: ir.Model, ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig) -> str:
+    """Rewrites one FFN of `model` (found by hand, e.g. a one-FFN model); returns its lowering."""
+    return _rewrite(model, ffn, moe, config, _TokenMask(model.graph))
+
+
+def _rewrite(model: ir.Model, ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig,
+             tokens: _TokenMask) -> str:
+    _check(ffn, moe)
+    lowering = choose_lowering(ffn, moe, config)
+    b = NodeBuilder(model.graph, ffn.out.producer(), pass_name=PASS_NAME, block=ffn.block)
+    fused = config.fuse_activation and lowering in ("gather", "scatter")
+    if lowering == "kernel" or (fused and ffn.activation == "gelu"):
+        model.opset_imports.setdefault("com.microsoft", 1)
+    out = _LOWERINGS[lowering](b, ffn, moe, tokens, fused)
+    replace_uses(ffn.out, out)
+    return lowering
 
 
 def choose_lowering(ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig) -> str:
@@ -154,17 +169,24 @@ def choose_lowering(ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig) -> str:
             raise PreconditionError(f"{ffn.block}: the tensorrt lowering needs an expert "
                                     "capacity (tokens per expert).")
         return "tensorrt"
-    fits_kernel = moe.top_k is not None and ffn.activation in KERNEL_ACTIVATIONS
-    if config.lowering == "kernel" and not fits_kernel:
+    requested = moe.lowering or config.lowering
+    if requested == "kernel" and not kernel_fits(ffn.activation, moe.top_k):
         raise PreconditionError(
             f"{ffn.block}: com.microsoft.MoE needs static top-k and a relu or tanh-GELU "
             f"FFN; this one is {ffn.activation} with "
             f"{'top_k' if moe.top_k is not None else 'tau'}.")
-    if config.lowering == "auto":
-        # Measured (MiniLM FFN, 8 experts, top-2, ORT 1.32 CPU, one thread): the kernel is
-        # 0.91-0.93x dense at 128 tokens and 1.8x at 1 token; gather is 1.9-2.1x and 1.5x.
+    if requested == "auto":
+        # Without a per-layer measurement (the pipeline times gather against the kernel
+        # where it fits): gather. MiniLM's FFN, 8 experts, top-2, ORT 1.32 CPU, one
+        # thread: gather 2.5-2.6x dense at 128 tokens, 1.7-1.8x at 1 token; the kernel
+        # (timed with tanh-GELU) 0.97x and 2.2x.
         return "gather"
-    return config.lowering
+    return requested
+
+
+def kernel_fits(activation: str, top_k: int | None) -> bool:
+    """True when com.microsoft.MoE computes this FFN exactly: static top-k, relu/tanh-GELU."""
+    return top_k is not None and activation in KERNEL_ACTIVATIONS
 
 
 def config_from_fits(

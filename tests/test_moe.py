@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from scipy.special import erf
 
@@ -17,13 +17,15 @@ from planer.compiler.calibration import build_calibration, model_input_infos
 from planer.compiler.driver.pipeline import read_model
 from planer.compiler.errors import PreconditionError, UnsupportedModelError
 from planer.compiler.plan import MoePlan
-from planer.compiler.spec import FfnSpec, Linear
 from planer.compiler.targets import check_ops
+from planer.cost_model.kernels import standalone_ffn, standalone_ffn_spec
 from planer.passes.ffn_to_moe import (
     FfnToMoeConfig,
     MoeLayer,
     apply_ffn_to_moe,
     config_from_fits,
+    kernel_fits,
+    rewrite_ffn,
 )
 from planer.passes.moe_fit import (
     Router,
@@ -134,6 +136,8 @@ def test_dynamic_k_batched_with_padding_matches_batch_one(lowering: str,
 def _act(name: str, h: np.ndarray) -> np.ndarray:
     if name == "relu":
         return np.maximum(h, 0)
+    if name == "gelu_tanh":
+        return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
     return 0.5 * h * (1 + erf(h / np.sqrt(2)))
 
 
@@ -142,49 +146,7 @@ def _one_ffn(rng: np.random.Generator, act: str, d: int = 16, f: int = 32) -> tu
     b1 = rng.standard_normal(f).astype(np.float32) / 4
     w2 = rng.standard_normal((f, d)).astype(np.float32) / 4
     b2 = rng.standard_normal(d).astype(np.float32)
-    consts = [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]
-    if act == "relu":
-        acts = [helper.make_node("Relu", ["h"], ["a"], name="relu")]
-    else:
-        consts += [(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
-                   (np.array(1.0, np.float32), "one"), (np.array(0.5, np.float32), "half")]
-        acts = [helper.make_node("Div", ["h", "sqrt2"], ["g0"], name="div"),
-                helper.make_node("Erf", ["g0"], ["g1"], name="erf"),
-                helper.make_node("Add", ["g1", "one"], ["g2"], name="add"),
-                helper.make_node("Mul", ["h", "g2"], ["g3"], name="mul"),
-                helper.make_node("Mul", ["g3", "half"], ["a"], name="half")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-             helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1_add"), *acts,
-             helper.make_node("MatMul", ["a", "w2"], ["y0"], name="fc2"),
-             helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2_add"),
-             helper.make_node("Identity", ["attention_mask"], ["m"], name="keep_mask")]
-    graph = helper.make_graph(
-        nodes, "ffn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d]),
-         helper.make_tensor_value_info("m", TensorProto.INT64, ["B", "S"])],
-        [numpy_helper.from_array(a, n) for a, n in consts])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return proto, (w1, b1, w2, b2)
-
-
-class _OneLayer:
-    def __init__(self, ffn: FfnSpec):
-        self.layers = [type("L", (), {"index": 0, "ffn": ffn})()]
-
-
-def _ffn_spec(model: ir.Model, act: str) -> FfnSpec:
-    nodes = {n.name: n for n in model.graph}
-    init = model.graph.initializers
-    names = ["relu"] if act == "relu" else ["div", "erf", "add", "mul", "half"]
-    f = init["w1"].const_value.shape[1]
-    return FfnSpec(block="layer0/ffn", x=model.graph.inputs[0], out=nodes["fc2_add"].outputs[0],
-                   w1=Linear(init["w1"], init["b1"], nodes["fc1"], slice(0, f)),
-                   w2=Linear(init["w2"], init["b2"], nodes["fc2"], slice(0, init["w2"]
-                                                                        .const_value.shape[1])),
-                   activation="relu" if act == "relu" else "gelu",
-                   nodes=[nodes[n] for n in names])
+    return standalone_ffn(w1, b1, w2, b2, act), (w1, b1, w2, b2)
 
 
 def _reference(x_TD: np.ndarray, real: np.ndarray, weights: tuple, act: str,
@@ -204,22 +166,22 @@ def _reference(x_TD: np.ndarray, real: np.ndarray, weights: tuple, act: str,
     return out + b2
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("lowering", [*ORT_LOWERINGS, "kernel"])
 @pytest.mark.parametrize("rule", [{"top_k": 2}, {"tau": 0.4}])
 def test_lowering_matches_reference(act: str, lowering: str, rule: dict,
                                     tmp_path: Path) -> None:
-    if lowering == "kernel" and (act != "relu" or "tau" in rule):
+    if lowering == "kernel" and not kernel_fits(act, rule.get("top_k")):
         pytest.skip("the kernel lowering takes static top-k with relu/tanh-GELU only")
     rng = np.random.default_rng(7)
     proto, weights = _one_ffn(rng, act)
     model = ir.from_proto(proto)
-    ffn = _ffn_spec(model, act)
+    ffn = standalone_ffn_spec(model, act)
     # Capacity 5 < the ~8 tokens an expert is asked for: the tensorrt lowering drops some.
     capacity = 5 if lowering == "tensorrt" else None
     moe = MoeLayer(cluster_experts(weights[0], 4), _random_router(16, 4, 1), capacity=capacity,
                    **rule)
-    apply_ffn_to_moe(model, _OneLayer(ffn), _config(lowering, {0: moe}))  # type: ignore[arg-type]
+    assert rewrite_ffn(model, ffn, moe, _config(lowering, {0: moe})) == lowering
     path = _save(model, tmp_path / "moe.onnx")
     x = rng.standard_normal((2, 9, 16)).astype(np.float32)
     mask = np.ones((2, 9), np.int64)

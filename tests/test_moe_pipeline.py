@@ -52,6 +52,27 @@ def test_top_k_plan_reports_router_quality(tmp_path: Path, calibration: list[str
     assert report["flops_ratio"] < 1.0
 
 
+def test_auto_lowering_is_the_one_measured_faster(tmp_path: Path,
+                                                  calibration: list[str]) -> None:
+    report = _compile(tmp_path, [{"moe": {"experts": 4, "top_k": 2}}, {}], calibration)
+    layer = report["moe"]["layer0"]
+    costs = layer["lowering_us"]
+    faster = "kernel" if costs["kernel_us"] < costs["gather_us"] else "gather"
+    assert layer["lowering"] == faster
+    ops = {n.op_type for n in onnx.load(tmp_path / "out" / "model.onnx").graph.node}
+    assert ("MoE" in ops) == (faster == "kernel")
+
+
+def test_without_measuring_the_lowering_is_gather(tmp_path: Path,
+                                                 calibration: list[str]) -> None:
+    report = _compile(tmp_path, [{"moe": {"experts": 4, "top_k": 2}}, {}], calibration,
+                      "--ort-kernels", "on")
+    assert report["moe"]["layer0"]["lowering"] == "gather"
+    assert "lowering_us" not in report["moe"]["layer0"]
+    ops = {n.op_type for n in onnx.load(tmp_path / "out" / "model.onnx").graph.node}
+    assert "MoE" not in ops
+
+
 def test_tensorrt_lowering_uses_only_tensorrt_ops(tmp_path: Path,
                                                   calibration: list[str]) -> None:
     _compile(tmp_path, [{"moe": {"experts": 4, "top_k": 2}}] * 2, calibration,

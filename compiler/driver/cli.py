@@ -309,7 +309,8 @@ def _moe_cell(choice: dict[str, Any] | None, quality: dict[str, Any] | None) -> 
         return ""
     how = f"top-{choice['top_k']}" if "top_k" in choice else f"tau {choice['tau']}"
     recall = f", recall {quality['router_recall']:.2f}" if quality else ""
-    return f"{choice['experts']} experts {how}{recall}"
+    lowering = f", {quality['lowering']}" if quality and "lowering" in quality else ""
+    return f"{choice['experts']} experts {how}{recall}{lowering}"
 
 
 def _err(record: dict[str, float] | None) -> str:

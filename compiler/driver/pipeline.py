@@ -39,14 +39,14 @@ from planer.compiler.errors import BadInputError
 from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
-from planer.cost_model.kernels import skip_layernorm_costs
+from planer.cost_model.kernels import moe_lowering_costs, skip_layernorm_costs
 from planer.passes import (
     ChannelPruningConfig,
     ChannelPruningPass,
     HeadPruningConfig,
     HeadPruningPass,
 )
-from planer.passes.ffn_to_moe import apply_ffn_to_moe, config_from_fits
+from planer.passes.ffn_to_moe import apply_ffn_to_moe, config_from_fits, kernel_fits
 from planer.passes.moe_fit import choose_moe_plans, fit_layers
 from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
 from planer.passes.prune_fit import capture_layers
@@ -154,7 +154,8 @@ def compile_plan(
     moe_info = skim_info = None
     if calib is not None and any(la.moe is not None for la in plan.layers):
         say("splitting FFNs into experts and fitting routers")
-        moe_info = apply_moe(model, plan, calib, lowering=target_runtime, tokens=batch * seq_len)
+        moe_info = apply_moe(model, plan, calib, lowering=target_runtime, tokens=batch * seq_len,
+                             threads=threads, measure=ort_kernels == "auto")
     if _skim_layers(plan):
         say("fitting skim predictors and removing skimmed tokens")
         skim_info = apply_skim(model, plan, calib, lowering=target_runtime)
@@ -266,19 +267,40 @@ def _refuse_unsupported_mixes(plan: Plan) -> None:
 
 
 def apply_moe(model: ir.Model, plan: Plan, calib: CalibrationSet, *, lowering: str,
-              tokens: int) -> dict[str, Any]:
+              tokens: int, threads: int = 1, measure: bool = False) -> dict[str, Any]:
     """Splits the planned FFNs into experts with fitted routers; returns per-layer quality.
 
-    Runs after pruning, so experts split the pruned width.
+    Runs after pruning, so experts split the pruned width. For the ort target with
+    `measure`, layers that com.microsoft.MoE computes exactly (static top-k, relu or
+    tanh-GELU) take whichever of it and the gather chain measured faster here at
+    `tokens` and `threads`; the others, and every layer without `measure`, use gather.
     """
     wanted = {i: la.moe for i, la in enumerate(plan.layers) if la.moe is not None}
     spec = find_blocks(model)
     fitted = fit_layers(model, spec, calib, {i: p.experts for i, p in wanted.items()})
     config = config_from_fits(fitted, wanted, target=lowering, tokens=tokens)
+    info = {f"layer{i}": fitted[i].quality(p).to_dict() for i, p in wanted.items()}
+    if lowering == "ort":
+        layers = dict(config.layers)
+        for layer in spec.layers:
+            moe = layers.get(layer.index)
+            if moe is None:
+                continue
+            record = info[f"layer{layer.index}"]
+            record["lowering"] = "gather"
+            if measure and kernel_fits(layer.ffn.activation, moe.top_k):
+                costs = moe_lowering_costs(layer.ffn.w1.in_features, layer.ffn.width,
+                                           moe.experts.shape[0], int(moe.top_k or 0),
+                                           layer.ffn.activation, tokens, threads)
+                layers[layer.index] = dataclasses.replace(moe, lowering=costs.lowering)
+                record["lowering"] = costs.lowering
+                record["lowering_us"] = {k: v for k, v in costs.to_dict().items()
+                                         if k != "lowering"}
+        config = dataclasses.replace(config, layers=layers)
     apply_ffn_to_moe(model, spec, config)
     RemoveUnusedNodesPass()(model)
     TopologicalSortPass()(model)
-    return {f"layer{i}": fitted[i].quality(p).to_dict() for i, p in wanted.items()}
+    return info
 
 
 def _plan_for_flops_passes(
