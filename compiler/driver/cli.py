@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                                "or tensorrt (shape-computable only)")
     compile_.add_argument("--ort-kernels", choices=("auto", "on", "off"), default="auto",
                           help="ort target: spell residual LayerNorms and GELUs for ORT's "
-                               "faster kernels; auto times both LayerNorm forms on this "
-                               "machine first (default auto)")
+                               "faster kernels; auto times both LayerNorm forms (and, for "
+                               "MoE layers that fit it, com.microsoft.MoE against gather) "
+                               "on this machine first (default auto)")
     compile_.add_argument("--calibration", type=Path, metavar="FILE",
                           help="unlabelled inputs: .txt, .tsv/.csv (first column), .jsonl, .npz")
     compile_.add_argument("--tokenizer", type=Path, metavar="DIR",
