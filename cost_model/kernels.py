@@ -23,7 +23,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from planer.compiler.spec import FfnSpec, Linear
 from planer.cost_model.timing import SessionOptions, make_session, time_interleaved
 from planer.passes.ffn_to_moe import FfnToMoeConfig, MoeLayer, rewrite_ffn
-from planer.passes.moe_fit import Router, cluster_experts
+from planer.passes.moe_fit import ROUTER_HIDDEN, Router, cluster_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,7 @@ def moe_lowering_costs(width: int, ffn_width: int, experts: int, top_k: int, act
     w2 = (rng.standard_normal((ffn_width, width)) / np.sqrt(ffn_width)).astype(np.float32)
     dense = standalone_ffn(w1, np.zeros(ffn_width, np.float32), w2,
                            np.zeros(width, np.float32), activation)
-    hidden = 16
+    hidden = ROUTER_HIDDEN
     router = Router((rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32),
                     np.zeros(hidden, np.float32),
                     rng.standard_normal((hidden, experts)).astype(np.float32),
