@@ -52,8 +52,8 @@ def test_top_k_plan_reports_router_quality(tmp_path: Path, calibration: list[str
     assert report["flops_ratio"] < 1.0
 
 
-def test_auto_lowering_is_the_one_measured_faster(tmp_path: Path,
-                                                  calibration: list[str]) -> None:
+def test_auto_lowering_is_the_one_measured_faster(tmp_path: Path, calibration: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     report = _compile(tmp_path, [{"moe": {"experts": 4, "top_k": 2}}, {}], calibration)
     layer = report["moe"]["layer0"]
     costs = layer["lowering_us"]
@@ -61,6 +61,9 @@ def test_auto_lowering_is_the_one_measured_faster(tmp_path: Path,
     assert layer["lowering"] == faster
     ops = {n.op_type for n in onnx.load(tmp_path / "out" / "model.onnx").graph.node}
     assert ("MoE" in ops) == (faster == "kernel")
+    # The summary says so when even the faster lowering lost to the dense FFN.
+    slower = costs[f"{faster}_us"] >= costs["dense_us"]
+    assert ("layer0: its MoE FFN measured slower" in capsys.readouterr().out) == slower
 
 
 def test_without_measuring_the_lowering_is_gather(tmp_path: Path,

@@ -346,6 +346,12 @@ def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None
         parts = [f"{key.replace('_', ' ')} mean {val['mean']:.4f} / p5 {val['p5']:.4f}"
                  for key, val in fid.items() if isinstance(val, dict)]
         out.print(f"held-out fidelity ({fid['holdout_samples']} samples): " + "; ".join(parts))
+    for name, quality in report.get("moe", {}).items():
+        costs = quality.get("lowering_us")
+        if costs and costs[f"{quality['lowering']}_us"] >= costs["dense_us"]:
+            out.print(f"{name}: its MoE FFN measured slower than the dense FFN here "
+                      f"({costs[quality['lowering'] + '_us']:.0f} vs {costs['dense_us']:.0f} "
+                      "µs): this layer gains nothing from moe at this size")
     kernels = report.get("ort_kernels")
     if kernels:
         choice = kernels.get("skip_layernorm")
