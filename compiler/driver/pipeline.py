@@ -46,7 +46,12 @@ from planer.passes import (
     HeadPruningConfig,
     HeadPruningPass,
 )
-from planer.passes.ffn_to_moe import apply_ffn_to_moe, config_from_fits, kernel_fits
+from planer.passes.ffn_to_moe import (
+    apply_ffn_to_moe,
+    choose_lowering,
+    config_from_fits,
+    kernel_fits,
+)
 from planer.passes.moe_fit import choose_moe_plans, fit_layers
 from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
 from planer.passes.prune_fit import capture_layers
@@ -287,15 +292,15 @@ def apply_moe(model: ir.Model, plan: Plan, calib: CalibrationSet, *, lowering: s
             if moe is None:
                 continue
             record = info[f"layer{layer.index}"]
-            record["lowering"] = "gather"
             if measure and kernel_fits(layer.ffn.activation, moe.top_k):
                 costs = moe_lowering_costs(layer.ffn.w1.in_features, layer.ffn.width,
                                            moe.experts.shape[0], int(moe.top_k or 0),
                                            layer.ffn.activation, tokens, threads)
-                layers[layer.index] = dataclasses.replace(moe, lowering=costs.lowering)
-                record["lowering"] = costs.lowering
+                moe = layers[layer.index] = dataclasses.replace(moe, lowering=costs.lowering)
                 record["lowering_us"] = {k: v for k, v in costs.to_dict().items()
                                          if k != "lowering"}
+            # What the rewrite will emit, from the rule it uses.
+            record["lowering"] = choose_lowering(layer.ffn, moe, config)
         config = dataclasses.replace(config, layers=layers)
     apply_ffn_to_moe(model, spec, config)
     RemoveUnusedNodesPass()(model)
