@@ -10,4 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[export,test,dev,bench]"
+# compat: a plain .pth with the repository root, so planer/ and its symlinked subpackages are
+# ordinary files to mypy and IDEs (the default editable mode installs an import hook instead).
+.venv/bin/python -m pip install --quiet -e ".[export,test,dev,bench]" --config-settings editable_mode=compat

@@ -1,0 +1,1 @@
+"""Recovery: label-free distillation of a compiled model from the original (torch)."""
