@@ -1,0 +1,394 @@
+"""A torch mirror of a compiled model's residual stream, with weights read by name.
+
+Dimensions: B batch, S sequence, D model width, H heads, d head size, F FFN width.
+
+    entry_BSD, aux (ORT) ─ Mirror ─ end_BSD (+ each layer's output)
+      attn:  x ─ Linear(q/k/v) ─ [B,H,S,d] ─ q·kᵀ·scale ─ score ops replayed (mask Add,
+             Where...) ─ Softmax ─ ·v ─ NaN guard ─ [B,S,H·d] ─ Linear(o)
+      ffn:   x ─ Linear(w1) ─ gelu | gelu_tanh | relu | silu ─ Linear(w2)
+      moe:   recovery.moe (router, hard top-k / tau selection, experts)
+      Add / Sum / LayerNormalization / Identity between blocks, replayed as is
+
+Every tensor a module reads is a graph initializer looked up by its name in one
+`WeightStore`; the trained ones are Parameters, written back under the same names with
+the same shapes and dtypes (`write_back`), so the trained model is the emitted graph with
+new weights. An initializer another part of the graph also reads (the embeddings, say)
+stays frozen, because training it here would change what the frozen ORT part computes.
+`check_mirror` compares the mirror with the emitted model in ORT before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.irutil import const_array
+from planer.compiler.spec import AttentionSpec, FfnSpec, Linear
+from planer.recovery.structure import MoeBlock, Step, Stream, unsupported_steps
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+class WeightStore(nn.Module):
+    """The graph initializers the mirror reads, by name: Parameters if trained, else buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params = nn.ParameterDict()
+        self.keys: dict[str, str] = {}  # initializer name -> attribute key
+        self.dtypes: dict[str, np.dtype] = {}
+
+    def add(self, value: ir.Value, *, trainable: bool) -> str:
+        """Registers `value` once (shared initializers stay one tensor); returns its name."""
+        name = str(value.name)
+        if name in self.keys:
+            return name
+        array = const_array(value)
+        if array is None:
+            raise UnsupportedModelError(f"{name} is not a constant the mirror can read.")
+        key = f"w{len(self.keys)}"
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype.kind == "f"
+                                           else array.dtype))
+        self.dtypes[name] = array.dtype
+        if trainable and array.dtype == np.float32 and array.size > 1:
+            self.params[key] = nn.Parameter(tensor)
+        else:
+            self.register_buffer(key, tensor)
+        self.keys[name] = key
+        return name
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.keys[name]
+        return self.params[key] if key in self.params else getattr(self, key)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """Returns the trained tensors by initializer name."""
+        return {name: self.params[key] for name, key in self.keys.items() if key in self.params}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRef:
+    """A projection's weight [in, out] (columns start:stop) and bias, by initializer name."""
+
+    weight: str
+    bias: str | None
+    start: int
+    stop: int
+
+    def __call__(self, store: WeightStore, x: torch.Tensor) -> torch.Tensor:
+        w = store.get(self.weight)
+        if self.start != 0 or self.stop != w.shape[1]:
+            w = w[:, self.start:self.stop]
+        y = x @ w
+        if self.bias is not None:
+            b = store.get(self.bias).reshape(-1)
+            if b.shape[0] != y.shape[-1]:
+                b = b[self.start:self.stop]
+            y = y + b
+        return y
+
+
+def _linear(store: WeightStore, lin: Linear, trainable: set[str]) -> LinearRef:
+    start, stop, _ = lin.columns.indices(int(lin.weight.const_value.shape[1]))  # type: ignore
+    weight = store.add(lin.weight, trainable=str(lin.weight.name) in trainable)
+    bias = store.add(lin.bias, trainable=str(lin.bias.name) in trainable) \
+        if lin.bias is not None else None
+    return LinearRef(weight, bias, start, stop)
+
+
+Operand = tuple[str, Any]  # ("scores", None) | ("aux", name) | ("const", name)
+
+
+class AttentionMirror(nn.Module):
+    """Self-attention as the canonical graph computes it, per kept head."""
+
+    def __init__(self, store: WeightStore, spec: AttentionSpec, trainable: set[str],
+                 aux: set[str]):
+        super().__init__()
+        self.store = [store]  # a list, so the shared store is not registered per block
+        self.q, self.k, self.v, self.o = (_linear(store, lin, trainable)
+                                          for lin in (spec.q, spec.k, spec.v, spec.o))
+        self.heads, self.head_size = spec.heads, spec.head_size
+        self.scale = float(spec.scale)
+        self.nan_guard = spec.nan_guard
+        self.score_ops: list[tuple[str, list[Operand], dict[str, Any]]] = []
+        for op in spec.score_ops:
+            if op.op_type not in _SCORE_FNS:
+                raise UnsupportedModelError(f"{spec.block}: score op {op.op_type} is not mirrored.")
+            operands: list[Operand] = []
+            for i, value in enumerate(op.inputs):
+                if i == op.scores_index:
+                    operands.append(("scores", None))
+                elif value is not None and str(value.name) in aux:
+                    operands.append(("aux", str(value.name)))
+                elif value is not None and const_array(value) is not None:
+                    operands.append(("const", store.add(value, trainable=False)))
+                else:
+                    raise UnsupportedModelError(f"{spec.block}: a score op reads "
+                                                f"{value.name if value else None}, unknown here.")
+            self.score_ops.append((op.op_type, operands, op.attributes))
+
+    def forward(self, x: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        store = self.store[0]
+        b, s, _ = x.shape
+        h, d = self.heads, self.head_size
+        q = self.q(store, x).reshape(b, s, h, d).transpose(1, 2)
+        k = self.k(store, x).reshape(b, s, h, d).permute(0, 2, 3, 1)
+        v = self.v(store, x).reshape(b, s, h, d).transpose(1, 2)
+        scores = (q @ k) * self.scale
+        for op_type, operands, _ in self.score_ops:
+            args = [scores if kind == "scores" else aux[ref] if kind == "aux" else store.get(ref)
+                    for kind, ref in operands]
+            scores = _SCORE_FNS[op_type](*args)
+        ctx = torch.softmax(scores, dim=-1) @ v
+        if self.nan_guard:
+            ctx = torch.where(torch.isnan(ctx), torch.zeros_like(ctx), ctx)
+        return self.o(store, ctx.transpose(1, 2).reshape(b, s, h * d))
+
+
+_SCORE_FNS: dict[str, Callable[..., torch.Tensor]] = {
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: a / b,
+    "Where": lambda c, a, b: torch.where(c.bool(), a, b),
+}
+
+
+def activation_fn(name: str) -> Any:
+    """Returns the torch function of an FFN activation label from the finder."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda h: F.gelu(h, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise UnsupportedModelError(f"the FFN activation {name!r} is not mirrored "
+                                f"(mirrored: {', '.join(ACTIVATIONS)}).")
+
+
+class FfnMirror(nn.Module):
+    """A dense FFN: Linear(w1) ─ activation ─ Linear(w2)."""
+
+    def __init__(self, store: WeightStore, spec: FfnSpec, trainable: set[str]):
+        super().__init__()
+        self.store = [store]
+        self.w1 = _linear(store, spec.w1, trainable)
+        self.w2 = _linear(store, spec.w2, trainable)
+        self.activation = spec.activation
+        self.act = activation_fn(spec.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        store = self.store[0]
+        return self.w2(store, self.act(self.w1(store, x)))
+
+
+@dataclasses.dataclass
+class MirrorOutput:
+    """What one forward gives: the end value, each layer's output, auxiliary losses."""
+
+    end: torch.Tensor
+    layers: list[torch.Tensor]
+    aux_loss: torch.Tensor | None = None
+
+
+class Mirror(nn.Module):
+    """The residual stream of a compiled model as a torch module.
+
+    Args:
+        stream: the stream (`structure.read_stream`) of the canonical compiled model.
+        blocks: extra block mirrors by kind (MoE comes from `recovery.moe`).
+    """
+
+    def __init__(self, stream: Stream):
+        super().__init__()
+        bad = unsupported_steps(stream)
+        if bad:
+            raise UnsupportedModelError("recovery cannot mirror these ops between the layers: "
+                                        + ", ".join(bad[:5]) + ".")
+        self.store = WeightStore()
+        self.entry = str(stream.entry.name)
+        self.end = str(stream.end.name)
+        self.aux_names = [str(v.name) for v in stream.aux]
+        self.layer_names = [str(v.name) for v in stream.layer_outputs or []]
+        self.frozen_shared: list[str] = []
+        trainable = self._trainable(stream)
+        self.blocks = nn.ModuleDict()
+        self.program: list[tuple[str, str, list[str], str]] = []  # kind, key, inputs, output
+        for i, step in enumerate(stream.steps):
+            key = f"s{i}"
+            self.program.append((step.kind, key, [str(v.name) for v in step.inputs],
+                                 str(step.output.name)))
+            self._add_step(key, step, trainable)
+        self.described = [(kind, _step_name(step)) for (kind, *_), step
+                          in zip(self.program, stream.steps, strict=True)]
+
+    def _trainable(self, stream: Stream) -> set[str]:
+        """Names the initializers the steps may train: those only the stream reads."""
+        names: set[str] = set()
+        for step in stream.steps:
+            for value in _initializers(step):
+                if all(id(u) in stream.region for u in value.consumers()):
+                    names.add(str(value.name))
+                elif str(value.name) not in self.frozen_shared:
+                    self.frozen_shared.append(str(value.name))
+        return names
+
+    def _add_step(self, key: str, step: Step, trainable: set[str]) -> None:
+        aux = set(self.aux_names)
+        if step.kind == "attn":
+            assert isinstance(step.block, AttentionSpec)
+            self.blocks[key] = AttentionMirror(self.store, step.block, trainable, aux)
+        elif step.kind == "ffn":
+            assert isinstance(step.block, FfnSpec)
+            self.blocks[key] = FfnMirror(self.store, step.block, trainable)
+        elif step.kind == "moe":
+            from planer.recovery.moe import MoeMirror
+
+            assert isinstance(step.block, MoeBlock)
+            self.blocks[key] = MoeMirror(self.store, step.block, trainable)
+        else:
+            node = step.block
+            assert isinstance(node, ir.Node)
+            for value in node.inputs:
+                if value is not None and const_array(value) is not None:
+                    self.store.add(value, trainable=str(value.name) in trainable)
+            if step.kind == "LayerNormalization":
+                self.blocks[key] = _LayerNorm(self.store, node)
+
+    def forward(self, entry: torch.Tensor, aux: Mapping[str, torch.Tensor],
+                mask: torch.Tensor | None = None) -> MirrorOutput:
+        """Runs the stream from `entry` [B, S, D]; `mask` [B, S] marks real tokens (MoE)."""
+        env: dict[str, torch.Tensor] = {self.entry: entry, **aux}
+        extra: list[torch.Tensor] = []
+        for kind, key, inputs, output in self.program:
+            if kind == "attn":
+                env[output] = self.blocks[key](env[inputs[0]], aux)
+            elif kind == "ffn":
+                env[output] = self.blocks[key](env[inputs[0]])
+            elif kind == "moe":
+                env[output], loss = self.blocks[key](env[inputs[0]], mask)
+                if loss is not None:
+                    extra.append(loss)
+            elif kind == "LayerNormalization":
+                env[output] = self.blocks[key](env[inputs[0]])
+            elif kind in ("Add", "Sum"):
+                total = self._operand(env, inputs[0])
+                for name in inputs[1:]:
+                    total = total + self._operand(env, name)
+                env[output] = total
+            elif kind == "Reshape":
+                env[output] = _reshape(env[inputs[0]], self._operand(env, inputs[1]))
+            else:  # Identity
+                env[output] = env[inputs[0]]
+        layers = [env[name] for name in self.layer_names]
+        aux_loss = torch.stack(extra).sum() if extra else None
+        return MirrorOutput(env[self.end], layers, aux_loss)
+
+    def _operand(self, env: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        return env[name] if name in env else self.store.get(name)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """Returns the trained tensors by initializer name."""
+        return self.store.trained()
+
+
+def _reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Reshapes as ONNX does (allowzero=0): a 0 copies the input's dim, a -1 is inferred."""
+    dims = [int(d) for d in shape.reshape(-1).tolist()]
+    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(dims)])
+
+
+class _LayerNorm(nn.Module):
+    """LayerNormalization over the last axis with its scale and (optional) bias."""
+
+    def __init__(self, store: WeightStore, node: ir.Node):
+        super().__init__()
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.value != -1:
+            raise UnsupportedModelError(f"{node.name}: LayerNormalization over axis "
+                                        f"{axis.value} is not mirrored.")
+        eps = node.attributes.get("epsilon")
+        self.eps = float(eps.value) if eps is not None else 1e-5
+        self.store = [store]
+        self.scale = str(node.inputs[1].name)  # type: ignore[union-attr]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        self.bias = str(bias.name) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        store = self.store[0]
+        bias = store.get(self.bias) if self.bias is not None else None
+        return F.layer_norm(x, (x.shape[-1],), store.get(self.scale), bias, self.eps)
+
+
+def _initializers(step: Step) -> list[ir.Value]:
+    """Returns the float initializers a step reads (weights, biases, norms)."""
+    block = step.block
+    if isinstance(block, AttentionSpec):
+        lins: list[Linear] = [block.q, block.k, block.v, block.o]
+    elif isinstance(block, FfnSpec):
+        lins = [block.w1, block.w2]
+    else:
+        nodes = block.nodes if isinstance(block, MoeBlock) else [block]
+        return [v for n in nodes for v in n.inputs
+                if v is not None and v.const_value is not None
+                and v.const_value.dtype.is_floating_point()]
+    values = [lin.weight for lin in lins] + [lin.bias for lin in lins if lin.bias is not None]
+    return values
+
+
+def _step_name(step: Step) -> str:
+    block = step.block
+    if isinstance(block, AttentionSpec | FfnSpec | MoeBlock):
+        return block.block
+    return str(block.name)
+
+
+# ---------------------------------------------------------------- write-back, check
+
+
+def write_back(model: ir.Model, mirror: Mirror) -> list[str]:
+    """Writes the mirror's trained tensors into `model`'s initializers of the same names.
+
+    Returns the names written. Shapes and dtypes are checked against the graph's.
+
+    Raises:
+        ValueError: a name is missing from `model` or its shape or dtype differs.
+    """
+    written = []
+    for name, tensor in mirror.trained().items():
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise ValueError(f"the model has no initializer {name!r} to write back into.")
+        old = value.const_value
+        array = tensor.detach().cpu().numpy().astype(old.dtype.numpy())
+        if tuple(old.shape.numpy()) != array.shape:
+            raise ValueError(f"{name}: trained shape {array.shape} differs from the graph's "
+                             f"{tuple(old.shape.numpy())}.")
+        value.const_value = ir.tensor(array, name=name)
+        written.append(name)
+    return written
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Returns max |a - b| over real tokens (all rows without a mask)."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    if mask is not None and diff.ndim == 3:
+        diff = diff[mask.astype(bool)]
+    return float(diff.max()) if diff.size else 0.0
+
+
+def param_count(mirror: Mirror) -> int:
+    """Counts the trained scalars."""
+    return sum(math.prod(t.shape) for t in mirror.trained().values())

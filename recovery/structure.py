@@ -1,0 +1,408 @@
+"""Reads a compiled model's residual stream: the part recovery mirrors in torch.
+
+Dimensions: B batch, S sequence, D model width.
+
+    graph inputs ─ embeddings, mask plumbing (ORT, frozen) ─┬─ entry x_BSD ─────────────┐
+                                                            └─ aux: score masks ─────┐   │
+    entry ─ [attn ─ residual Add ─ (LN) ─ FFN/MoE ─ residual Add ─ (LN)] × L ─ (final LN) ─ end
+             └── blocks (planer's finder) ──┘  └── stream ops: Add/Sum, LayerNormalization ──┘
+
+The region between `entry` (the first layer's input; for pre-LN models the value the
+first LayerNorm reads) and `end` (the model's hidden-state output) is described as an
+ordered list of steps: attention and FFN blocks as the finder describes them
+(`compiler.blocks`), MoE blocks as planer's FFN→MoE pass emitted them, and the few
+residual-stream ops between them. A sub-block a plan dropped is a residual Add of its
+constant bias (`layer3/attn/dropped_bias`), so the steps stay in the graph's own order
+and the layer outputs are found by counting FFN residuals, not by assuming pairs.
+
+Values the region reads but does not compute (attention masks) are `aux`: ORT computes
+them per batch with the entry. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from planer.compiler import blocks as finder
+from planer.compiler.capture import main_output
+from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.irutil import const_array
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
+from planer.compiler.spec import AttentionSpec, FfnSpec
+
+STREAM_OPS = {"Add", "Sum", "LayerNormalization", "Identity", "Reshape"}
+_SHAPE_READERS = {"Shape", "Size"}  # read dims only: the values they give are not trained
+
+
+@dataclasses.dataclass
+class MoeBlock:
+    """An FFN that planer's FFN→MoE pass rewrote: the nodes it emitted for one block."""
+
+    block: str
+    x: ir.Value
+    out: ir.Value
+    nodes: list[ir.Node]
+
+
+@dataclasses.dataclass
+class Step:
+    """One step of the stream: a block, or a residual-stream op replayed as is.
+
+    Attributes:
+        kind: "attn", "ffn", "moe" (blocks) or the op type ("Add", "LayerNormalization"...).
+        inputs: the values it reads (for blocks: the block input only).
+        output: the value it writes.
+        block: the finder's record for blocks, the node for stream ops.
+    """
+
+    kind: str
+    inputs: list[ir.Value]
+    output: ir.Value
+    block: AttentionSpec | FfnSpec | MoeBlock | ir.Node
+
+
+@dataclasses.dataclass
+class Stream:
+    """The residual stream of a model from its first layer's input to its output.
+
+    Attributes:
+        entry: the value the stream starts from (computed in ORT).
+        aux: values the steps read but the stream does not compute (masks; ORT).
+        end: the model's hidden-state output, which the last step writes.
+        steps: every step, in graph order.
+        layer_outputs: each layer's output value, in order (None where the layers cannot
+            be told apart).
+        norm: "post" (BERT) or "pre" (GPT-2, ViT).
+        other_outputs: graph outputs the stream does not produce (computed in ORT only).
+        region: ids of the nodes the steps cover (blocks' nodes included).
+    """
+
+    entry: ir.Value
+    aux: list[ir.Value]
+    end: ir.Value
+    steps: list[Step]
+    layer_outputs: list[ir.Value] | None
+    norm: str
+    other_outputs: list[str]
+    region: set[int]
+
+    def blocks(self) -> list[Step]:
+        """Returns the block steps (attention, FFN, MoE)."""
+        return [s for s in self.steps if s.kind in ("attn", "ffn", "moe")]
+
+
+def read_stream(model: ir.Model) -> Stream:
+    """Describes the residual stream of a canonical model (compiled or not).
+
+    Raises:
+        UnsupportedModelError: no layers were found, or the output is not reached from
+            the first layer through blocks and residual-stream ops alone.
+    """
+    graph = model.graph
+    order = {id(node): i for i, node in enumerate(graph)}
+    found = _find_blocks(graph)
+    if not found:
+        raise UnsupportedModelError("no attention or FFN blocks were found to mirror.")
+    first = min(found, key=lambda b: order[id(b.x.producer())] if b.x.producer() else -1)
+    entry = _entry(first.x)
+    end = _end_value(graph)
+    region = _descendants(entry) & _ancestors(end)
+    if id(end.producer()) not in region:
+        raise UnsupportedModelError(
+            f"the output {end.name} does not depend on the first layer's input {entry.name}."
+        )
+    inside: set[int] = set()
+    steps: list[Step] = []
+    for blk in found:
+        producer = blk.out.producer()
+        if producer is None or id(producer) not in region:
+            continue
+        inside |= _block_nodes(blk.out, blk.x, region)
+        kind = "moe" if isinstance(blk, MoeBlock) else ("attn" if isinstance(blk, AttentionSpec)
+                                                        else "ffn")
+        steps.append(Step(kind, [blk.x], blk.out, blk))
+    for node in graph:
+        if id(node) in region and id(node) not in inside:
+            steps.append(Step(node.op_type, [v for v in node.inputs if v is not None],
+                              node.outputs[0], node))
+    steps.sort(key=lambda s: order[id(s.output.producer())])
+    aux = _aux_values(steps, entry, region)
+    norm = _norm_style(steps)
+    _name_blocks(steps)
+    others = [str(v.name) for v in graph.outputs if v is not end]
+    return Stream(entry, aux, end, steps, _layer_outputs(steps, norm), norm, others, region)
+
+
+def unsupported_steps(stream: Stream) -> list[str]:
+    """Names the stream ops a torch mirror cannot replay (empty when it can)."""
+    bad = []
+    for step in stream.steps:
+        if step.kind in ("attn", "ffn", "moe") or step.kind not in STREAM_OPS:
+            if step.kind not in ("attn", "ffn", "moe"):
+                bad.append(f"{step.kind} ({step.output.name})")
+            continue
+        node = step.block
+        assert isinstance(node, ir.Node)
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            bad.append(f"{node.domain}::{node.op_type} ({node.name})")
+    return bad
+
+
+# ---------------------------------------------------------------- blocks
+
+
+Block = AttentionSpec | FfnSpec | MoeBlock
+
+
+def _find_blocks(graph: ir.Graph) -> list[Block]:
+    """Returns every attention, dense FFN and MoE block, unpaired.
+
+    `find_blocks` pairs each attention with the next FFN and so refuses (or mispairs) a
+    compiled model whose plan dropped a sub-block; the stream orders blocks by itself, so
+    it takes the finder's per-block readers directly.
+    """
+    found: list[Block] = []
+    for node in graph:
+        if node.op_type != "Softmax":
+            continue
+        try:
+            found.append(finder._find_attention(node))
+        except finder._NoMatch:
+            continue
+    found.extend(finder._find_ffns(graph))
+    found.extend(_moe_blocks(graph))
+    return found
+
+
+def _moe_blocks(graph: ir.Graph) -> list[MoeBlock]:
+    """Collects the FFN→MoE pass's nodes per block; x is what its first Reshape reads."""
+    by_block: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        if node.metadata_props.get(PROVENANCE_PASS) != PassName.FFN_TO_MOE:
+            continue
+        block = node.metadata_props.get(PROVENANCE_BLOCK, "")
+        if BlockId.try_parse(block) is not None:
+            by_block.setdefault(block, []).append(node)
+    result = []
+    for block, nodes in by_block.items():
+        x_node = next((n for n in nodes if n.name == f"{block}/x/Reshape"), None)
+        mine = {id(n) for n in nodes}
+        outs = [v for n in nodes for v in n.outputs
+                if any(id(u.node) not in mine for u in v.uses()) or v.is_graph_output()]
+        if x_node is None or len(outs) != 1 or x_node.inputs[0] is None:
+            raise UnsupportedModelError(f"{block}: the MoE block cannot be read back "
+                                        "(no single input and output).")
+        result.append(MoeBlock(block, x_node.inputs[0], outs[0], nodes))
+    return result
+
+
+# ---------------------------------------------------------------- region
+
+
+def _entry(x: ir.Value) -> ir.Value:
+    """Returns the stream's first value, walking back from the first block's input x.
+
+    Back over a LayerNorm whose input a residual Add also reads (pre-LN), and over the
+    residual Adds of sub-blocks a plan dropped before the first block that remains.
+    """
+    value = x
+    while (producer := value.producer()) is not None:
+        source = producer.inputs[0] if producer.inputs else None
+        if producer.op_type == "LayerNormalization" and source is not None:
+            upstream = source.producer()
+            read_by_residual = any(u.op_type in ("Add", "Sum") for u in source.consumers())
+            if not read_by_residual and (upstream is None or _dropped_bias(upstream) is None):
+                break
+            value = source
+        elif (dropped := _dropped_bias(producer)) is not None:
+            value = next(v for v in producer.inputs if v is not None and v is not dropped)
+        else:
+            break
+    return value
+
+
+def _dropped_bias(node: ir.Node) -> ir.Value | None:
+    """Returns the constant a dropped sub-block leaves in its residual Add, if `node` is one."""
+    if node.op_type not in ("Add", "Sum") or len(node.inputs) != 2:
+        return None
+    for value in node.inputs:
+        if value is not None and str(value.name).endswith("/dropped_bias") \
+                and const_array(value) is not None:
+            return value
+    return None
+
+
+def _end_value(graph: ir.Graph) -> ir.Value:
+    """Returns the graph output that carries the hidden states (`capture.main_output`)."""
+    infos = [_Info(str(v.name), v) for v in graph.outputs]
+    name = main_output(infos)  # type: ignore[arg-type]
+    return next(v for v in graph.outputs if v.name == name)
+
+
+@dataclasses.dataclass
+class _Info:
+    """The two fields `main_output` reads of an ORT NodeArg, from an ir.Value."""
+
+    name: str
+    value: ir.Value
+
+    @property
+    def type(self) -> str:
+        dtype = self.value.dtype
+        names = {ir.DataType.FLOAT: "float", ir.DataType.FLOAT16: "float16",
+                 ir.DataType.DOUBLE: "double", ir.DataType.BFLOAT16: "bfloat16"}
+        return f"tensor({names.get(dtype, 'other') if dtype is not None else 'other'})"
+
+    @property
+    def shape(self) -> list[object] | None:
+        return None if self.value.shape is None else list(self.value.shape)
+
+
+def _descendants(value: ir.Value) -> set[int]:
+    """Returns ids of the nodes computed from `value` (not through Shape/Size readers)."""
+    seen: set[int] = set()
+    stack = [u for u in value.consumers()]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or node.op_type in _SHAPE_READERS:
+            continue
+        seen.add(id(node))
+        for out in node.outputs:
+            stack.extend(out.consumers())
+    return seen
+
+
+def _ancestors(value: ir.Value) -> set[int]:
+    seen: set[int] = set()
+    stack = [value.producer()]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return seen
+
+
+def _block_nodes(out: ir.Value, x: ir.Value, region: set[int]) -> set[int]:
+    """Returns ids of the region's nodes between a block's input and its output."""
+    seen: set[int] = set()
+    stack = [out.producer()]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) not in region:
+            continue
+        seen.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None and v is not x)
+    return seen
+
+
+def _aux_values(steps: list[Step], entry: ir.Value, region: set[int]) -> list[ir.Value]:
+    """Returns the non-constant values the steps read that the region does not compute."""
+    reads: list[ir.Value] = []
+    for step in steps:
+        if isinstance(step.block, AttentionSpec):
+            reads.extend(v for op in step.block.score_ops for i, v in enumerate(op.inputs)
+                         if i != op.scores_index and v is not None)
+        elif step.kind not in ("ffn", "moe", "attn"):
+            reads.extend(step.inputs)
+    aux: dict[int, ir.Value] = {}
+    for value in reads:
+        producer = value.producer()
+        if value is entry or const_array(value) is not None:
+            continue
+        if producer is None or id(producer) not in region:
+            aux[id(value)] = value
+    return list(aux.values())
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _residual_kind(step: Step, outputs: dict[int, str]) -> str | None:
+    """Tells which sub-block a residual Add closes ("attn"/"ffn"), or None if not one."""
+    if step.kind not in ("Add", "Sum") or len(step.inputs) != 2:
+        return None
+    kinds = []
+    for value in step.inputs:
+        if id(value) in outputs:
+            kinds.append(outputs[id(value)])
+        elif value is _dropped_bias(step.block):  # type: ignore[arg-type]
+            # A dropped sub-block's bias: `layer3/attn/dropped_bias`.
+            parsed = BlockId.try_parse(str(value.name).rsplit("/", 1)[0])
+            if parsed is not None and parsed.kind in ("attn", "ffn"):
+                kinds.append(parsed.kind)
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def _readers(value: ir.Value) -> list[ir.Node]:
+    return [u for u in value.consumers() if u.op_type not in _SHAPE_READERS]
+
+
+def _norm_style(steps: list[Step]) -> str:
+    """Post-LN when every attention residual feeds one LayerNorm and nothing else."""
+    outputs = {id(s.output): ("ffn" if s.kind == "moe" else s.kind) for s in steps
+               if s.kind in ("attn", "ffn", "moe")}
+    closes = [s for s in steps if _residual_kind(s, outputs) == "attn"]
+    if not closes:
+        closes = [s for s in steps if _residual_kind(s, outputs) == "ffn"]
+    post = all(len(r := _readers(s.output)) == 1 and r[0].op_type == "LayerNormalization"
+               for s in closes)
+    return "post" if closes and post else "pre"
+
+
+def _layer_outputs(steps: list[Step], norm: str) -> list[ir.Value] | None:
+    """Returns each layer's output: after its FFN residual (and its LayerNorm, post-LN)."""
+    outputs = {id(s.output): ("ffn" if s.kind == "moe" else s.kind) for s in steps
+               if s.kind in ("attn", "ffn", "moe")}
+    kinds = [(_residual_kind(s, outputs), s) for s in steps]
+    closes = [(k, s) for k, s in kinds if k is not None]
+    if not closes or [k for k, _ in closes] != ["attn", "ffn"] * (len(closes) // 2):
+        return None
+    result = []
+    for kind, step in closes:
+        if kind != "ffn":
+            continue
+        value = step.output
+        readers = _readers(value)
+        if norm == "post" and len(readers) == 1 and readers[0].op_type == "LayerNormalization":
+            value = readers[0].outputs[0]
+        result.append(value)
+    return result
+
+
+def _name_blocks(steps: list[Step]) -> None:
+    """Names blocks `layer<i>/<kind>` by counting FFN residuals (drops included) before them."""
+    outputs = {id(s.output): ("ffn" if s.kind == "moe" else s.kind) for s in steps
+               if s.kind in ("attn", "ffn", "moe")}
+    layer = 0
+    for step in steps:
+        if isinstance(step.block, AttentionSpec | FfnSpec):
+            step.block.block = str(BlockId(layer, step.kind))
+        if _residual_kind(step, outputs) == "ffn":
+            layer += 1
+
+
+def layer_output_names(stream: Stream) -> list[str] | None:
+    """Names the layer outputs (for exposing them from ORT), or None."""
+    if stream.layer_outputs is None:
+        return None
+    return [str(v.name) for v in stream.layer_outputs]
+
+
+def describe(stream: Stream) -> dict[str, object]:
+    """Summarises what is mirrored and what stays frozen in ORT, for the report."""
+    counts: dict[str, int] = {}
+    for step in stream.steps:
+        counts[step.kind] = counts.get(step.kind, 0) + 1
+    return {
+        "mirrored": {"from": str(stream.entry.name), "to": str(stream.end.name),
+                     "steps": counts, "norm": stream.norm,
+                     "layers": len(stream.layer_outputs or [])},
+        "frozen_in_ort": {"before": f"everything computing {stream.entry.name} "
+                          "(embeddings) and the attention masks",
+                          "aux": [str(v.name) for v in stream.aux],
+                          "outputs_not_trained": stream.other_outputs},
+    }
