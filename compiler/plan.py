@@ -3,8 +3,8 @@
     {"layers": [{"heads": 6, "ffn": 768}, {"heads": 12, "ffn": 1536}, ...]}
 
 Counts are what each layer keeps. Later passes add optional per-layer fields
-(`moe`, `skim_keep`); fields planer does not know are rejected, so a typo never
-silently does nothing.
+(`moe`, `skim_keep`, `int8`: {"blocks": "attn"|"ffn"|"both", "mode": "dynamic"|"static"});
+fields planer does not know are rejected, so a typo never silently does nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any
 from planer.compiler.errors import BadInputError
 from planer.compiler.spec import ModelSpec
 
-KNOWN_FIELDS = {"heads", "ffn", "moe", "skim_keep"}
+KNOWN_FIELDS = {"heads", "ffn", "moe", "skim_keep", "int8"}
 MOE_FIELDS = {"experts", "top_k", "tau"}
+INT8_BLOCKS = ("attn", "ffn", "both")
+INT8_MODES = ("dynamic", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,21 @@ class MoePlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class Int8Plan:
+    """Which of the layer's blocks run in INT8, quantized dynamically or statically (QDQ)."""
+
+    blocks: str  # "attn", "ffn" or "both"
+    mode: str  # "dynamic" (MatMulInteger) or "static" (QDQ, calibrated ranges)
+
+    def kinds(self) -> tuple[str, ...]:
+        """The block kinds quantized: ("attn",), ("ffn",) or ("attn", "ffn")."""
+        return ("attn", "ffn") if self.blocks == "both" else (self.blocks,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "mode": self.mode}
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """What one layer keeps.
 
@@ -48,12 +65,14 @@ class LayerPlan:
         moe: the FFN split into experts, or None for a dense FFN.
         skim_keep: fraction of the still-active tokens kept entering this layer
             (cumulative), or None for all of them.
+        int8: the blocks quantized to INT8, or None for float.
     """
 
     heads: int
     ffn: int
     moe: MoePlan | None = None
     skim_keep: float | None = None
+    int8: Int8Plan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"heads": self.heads, "ffn": self.ffn}
@@ -61,6 +80,8 @@ class LayerPlan:
             data["moe"] = self.moe.to_dict()
         if self.skim_keep is not None:
             data["skim_keep"] = self.skim_keep
+        if self.int8 is not None:
+            data["int8"] = self.int8.to_dict()
         return data
 
 
@@ -120,7 +141,9 @@ def parse_plan(data: Any, spec: ModelSpec) -> Plan:
         ffn = _count(entry, "ffn", layer.ffn.width, i)
         moe = _moe(entry.get("moe"), ffn, i)
         skim = _skim(entry.get("skim_keep"), i)
-        layers.append(LayerPlan(heads=heads, ffn=ffn, moe=moe, skim_keep=skim))
+        int8 = _int8(entry.get("int8"), i)
+        _check_int8_fits(int8, heads, ffn, moe, i)
+        layers.append(LayerPlan(heads=heads, ffn=ffn, moe=moe, skim_keep=skim, int8=int8))
     return Plan(tuple(layers))
 
 
@@ -167,3 +190,34 @@ def _skim(value: Any, index: int) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
         raise BadInputError(f"plan layer {index} skim_keep must be a number in (0, 1].")
     return float(value)
+
+
+def _int8(value: Any, index: int) -> Int8Plan | None:
+    if value is None:
+        return None
+    shape = (f'plan layer {index} int8 must be an object {{"blocks": '
+             f'{"|".join(INT8_BLOCKS)}, "mode": {"|".join(INT8_MODES)}}}')
+    if not isinstance(value, dict) or set(value) != {"blocks", "mode"}:
+        raise BadInputError(f"{shape}, not {value!r}.")
+    blocks, mode = value["blocks"], value["mode"]
+    if blocks not in INT8_BLOCKS:
+        raise BadInputError(f"{shape}; blocks {blocks!r} is not one of them.")
+    if mode not in INT8_MODES:
+        raise BadInputError(f"{shape}; mode {mode!r} is not one of them.")
+    return Int8Plan(blocks=blocks, mode=mode)
+
+
+def _check_int8_fits(int8: Int8Plan | None, heads: int, ffn: int, moe: MoePlan | None,
+                     index: int) -> None:
+    """Refuses INT8 for a block the same plan drops or splits into experts."""
+    if int8 is None:
+        return
+    if "attn" in int8.kinds() and heads == 0:
+        raise BadInputError(f"plan layer {index} quantizes attention to int8 but keeps 0 heads; "
+                            'set int8 blocks to "ffn" or keep some heads.')
+    if "ffn" in int8.kinds() and ffn == 0:
+        raise BadInputError(f"plan layer {index} quantizes the FFN to int8 but keeps 0 "
+                            'channels; set int8 blocks to "attn" or keep some channels.')
+    if "ffn" in int8.kinds() and moe is not None:
+        raise BadInputError(f"plan layer {index} quantizes an FFN it splits into experts; "
+                            'int8 of MoE experts is not supported yet, set int8 blocks to "attn".')
