@@ -327,17 +327,25 @@ def choose_moe_plans(
 
     Greedy: start dense; repeatedly take the (layer, candidate) move with the best
     FLOPs saved per added held-out reconstruction error, skipping any candidate over
-    `max_error`, until the model's FLOPs fall to `target_flops` (absolute FLOPs at
-    `batch` x `seq_len`). Layers where every candidate is too lossy (typically GELU
-    layers with dense activations) stay dense.
+    `max_error`, until the model's FLOPs at `batch` x `seq_len` fall to `target_flops`
+    times the dense model's (`--target-flops R`; 0 takes every move that stays under
+    `max_error`). Layers where every candidate is too lossy (typically GELU layers with
+    dense activations) stay dense.
 
     Returns:
         (layer -> MoePlan for the layers turned into MoE, layer -> its held-out quality).
+
+    Raises:
+        ValueError: `target_flops` is not a ratio in [0, 1].
     """
     from planer.compiler.spec import model_flops
 
+    if not 0.0 <= target_flops <= 1.0:
+        raise ValueError(f"target_flops is a ratio of the dense FLOPs in [0, 1], "
+                         f"not {target_flops}")
     tokens = batch * seq_len
     current = float(model_flops(spec, batch=batch, seq_len=seq_len))
+    budget = target_flops * current
     options: dict[int, list[tuple[float, float, MoePlan, LayerQuality]]] = {}
     for layer in spec.layers:
         fit = fitted.get(layer.index)
@@ -354,7 +362,7 @@ def choose_moe_plans(
                 options.setdefault(layer.index, []).append(
                     (saved, q.reconstruction_error, plan, q))
     chosen: dict[int, tuple[float, float, MoePlan, LayerQuality]] = {}
-    while current > target_flops:
+    while current > budget:
         best, best_rate = None, -math.inf
         for index, opts in options.items():
             have_saved, have_err = chosen[index][:2] if index in chosen else (0.0, 0.0)
