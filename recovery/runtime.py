@@ -43,6 +43,7 @@ def canonical_copy(model: ir.Model) -> ir.Model:
 def session_for(model: ir.Model, outputs: Sequence[str], *, threads: int = 1
                 ) -> ort.InferenceSession:
     """Returns an ORT session over a copy of `model` whose outputs are exactly `outputs`."""
+    ir.external_data.load_to_model(model)  # bytes cannot point at external data files
     copy = ir.from_proto(ir.to_proto(model))
     values = {str(v.name): v for v in copy.graph.inputs}
     values.update({str(v.name): v for node in copy.graph for v in node.outputs})

@@ -1,0 +1,407 @@
+"""The pieces of recovery training: student, teacher, holdout, loss and the loop itself.
+
+`distill.recover` runs them in one process, `ddp` in several: the loop reads the stop
+decision and the schedule position through a `World`, which in one process is local
+and under DistributedDataParallel is rank 0's, broadcast, so every rank takes the same
+number of steps at the same learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from planer.recovery import data
+from planer.recovery.mirror import Mirror, MirrorOutput, max_abs_diff, param_count, write_back
+from planer.recovery.runtime import (
+    Prefix,
+    Teacher,
+    TeacherOutput,
+    canonical_copy,
+    compiled_session,
+)
+from planer.recovery.structure import Stream, describe, read_stream
+
+Feed = Mapping[str, np.ndarray]
+STOPS = ("", "steps", "budget", "early")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryConfig:
+    """The training recipe.
+
+    Attributes:
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW decay on matrices (biases and norms are not decayed).
+        warmup: share of the budget spent warming the learning rate up linearly.
+        schedule: "cosine" or "linear" decay to `min_lr` x lr at the end of the budget.
+        min_lr: floor of the decay, as a share of `lr`.
+        batch_size: texts per step (the global batch under DDP).
+        max_len: tokens per text at most.
+        layer_weight: weight of the per-layer hidden-state loss (relative MSE).
+        output_weight: weight of (1 - cosine) on the mean-pooled final output.
+        router_weight: weight of the MoE routers' expert-norm regression.
+        grad_clip: gradient-norm clip (0 turns it off).
+        eval_every: steps between held-out evaluations.
+        patience: evaluations without a gain before stopping early (0: never).
+        threads: torch and ORT intra-op threads (None: torch's default).
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    schedule: str = "cosine"
+    min_lr: float = 0.0
+    batch_size: int = 32
+    max_len: int = 128
+    layer_weight: float = 1.0
+    output_weight: float = 1.0
+    router_weight: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    patience: int = 8
+    threads: int | None = None
+
+    def lr_factor(self, fraction: float) -> float:
+        """Returns the learning-rate multiplier at `fraction` of the budget."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        if self.warmup > 0 and fraction < self.warmup:
+            return fraction / self.warmup
+        rest = (fraction - self.warmup) / max(1.0 - self.warmup, 1e-9)
+        decay = 0.5 * (1.0 + math.cos(math.pi * rest)) if self.schedule == "cosine" \
+            else 1.0 - rest
+        return self.min_lr + (1.0 - self.min_lr) * decay
+
+
+class World:
+    """One process: its own decisions stand."""
+
+    rank = 0
+    size = 1
+
+    def agree(self, stop: str, fraction: float) -> tuple[str, float]:
+        """Returns the stop decision and schedule position every process uses."""
+        return stop, fraction
+
+    def total(self, value: float) -> float:
+        """Returns `value` summed over processes."""
+        return value
+
+
+# ---------------------------------------------------------------- student and teacher
+
+
+@dataclasses.dataclass
+class Student:
+    """The compiled model's mirror with its frozen ORT prefix."""
+
+    canonical: ir.Model
+    stream: Stream
+    mirror: Mirror
+    prefix: Prefix
+    threads: int
+
+    def inputs(self, feed: Feed) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Returns (entry, aux, real-token mask) tensors for one batch."""
+        entry, aux = self.prefix.run(feed)
+        mask = data.real_mask(feed, entry.shape[:2])
+        return (torch.from_numpy(entry), {k: torch.from_numpy(v) for k, v in aux.items()},
+                torch.from_numpy(mask))
+
+    def check(self, model: ir.Model, feed: Feed) -> float:
+        """Returns max |mirror - `model` in ORT| on `feed`'s real tokens."""
+        session, name = compiled_session(model, threads=self.threads)
+        wanted = {i.name for i in session.get_inputs()}
+        (expected,) = session.run([name], {k: v for k, v in feed.items() if k in wanted})
+        entry, aux, mask = self.inputs(feed)
+        with torch.no_grad():
+            got = self.mirror(entry, aux, mask).end.numpy()
+        return max_abs_diff(got, expected, mask.numpy() if got.ndim == 3 else None)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.mirror.trained().items()}
+
+    def restore(self, state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.mirror.trained().items():
+                tensor.copy_(state[name])
+
+    def write_back(self, model: ir.Model) -> list[str]:
+        return write_back(model, self.mirror)
+
+    def trained_params(self) -> int:
+        return param_count(self.mirror)
+
+    def parts(self) -> dict[str, Any]:
+        """Says what is mirrored (trained) and what stays frozen in ORT."""
+        parts = describe(self.stream)
+        frozen = dict(parts["frozen_in_ort"])  # type: ignore[call-overload]
+        frozen["shared_with_frozen_part"] = self.mirror.frozen_shared
+        return {**parts, "frozen_in_ort": frozen}
+
+
+def build_student(model: ir.Model, *, threads: int | None = None) -> Student:
+    """Builds the mirror of the compiled `model` (read from a canonical copy)."""
+    threads = threads or torch.get_num_threads()
+    canonical = canonical_copy(model)
+    stream = read_stream(canonical)
+    mirror = Mirror(stream)
+    return Student(canonical, stream, mirror, Prefix(canonical, stream, threads=threads), threads)
+
+
+def load_teacher(original_path: Path, *, threads: int | None = None) -> Teacher:
+    """Loads the original model as the teacher (canonical, layer outputs exposed)."""
+    from planer.compiler.driver.pipeline import read_model
+
+    original, _ = read_model(original_path)
+    return Teacher(original, threads=threads or torch.get_num_threads())
+
+
+# ---------------------------------------------------------------- holdout
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Held-out fidelity of the student to the teacher."""
+
+    pooled_cosine: float
+    pooled_cosine_p5: float
+    token_cosine: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 5) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class Holdout:
+    """The held-out batches with their student inputs and teacher outputs, cached."""
+
+    feeds: list[dict[str, np.ndarray]]
+    inputs: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]
+    teacher_end: list[torch.Tensor]
+    layer_mean_square: list[float]
+
+    @staticmethod
+    def build(student: Student, teacher_run: Callable[[Feed], TeacherOutput],
+              feeds: Sequence[Feed]) -> Holdout:
+        trimmed = [data.trim(f) for f in feeds]
+        inputs, ends = [], []
+        sums: list[float] = []
+        count = 0.0
+        for feed in trimmed:
+            entry, aux, mask = student.inputs(feed)
+            out = teacher_run(feed)
+            inputs.append((entry, aux, mask))
+            ends.append(torch.from_numpy(out.end))
+            m = mask.numpy()[..., None].astype(np.float64)
+            squares = [float((np.square(t.astype(np.float64)) * m).sum()) for t in out.layers]
+            sums = squares if not sums else [a + b for a, b in zip(sums, squares, strict=True)]
+            count += float(m.sum()) * (out.end.shape[-1] if out.end.ndim == 3 else 1)
+        return Holdout(trimmed, inputs, ends, [s / max(count, 1.0) for s in sums])
+
+
+# ---------------------------------------------------------------- loss
+
+
+def pooled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean-pools [B, S, D] over real tokens (a [B, C] output is returned as is)."""
+    if x.ndim != 3:
+        return x
+    m = mask[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@dataclasses.dataclass
+class LossTerms:
+    """One batch's loss and its two parts (for logging)."""
+
+    total: torch.Tensor
+    layers: float
+    output: float
+
+
+def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
+                 config: RecoveryConfig, scales: Sequence[float] | None, *,
+                 tokens: float, sequences: float) -> LossTerms:
+    """Computes the loss of one (shard of a) batch, normalised by the global counts.
+
+    Dividing sums by the global token and sequence counts (not the shard's) makes the
+    shards' losses add up to the whole batch's, which is what DDP's gradient mean needs.
+    """
+    m = mask[..., None]
+    layer = torch.zeros(())
+    if scales is not None and out.layers:
+        for s, t, scale in zip(out.layers, teacher.layers, scales, strict=True):
+            diff = (s - torch.from_numpy(t)) ** 2 * m
+            layer = layer + diff.sum() / (tokens * s.shape[-1] * max(scale, 1e-12))
+        layer = layer / len(out.layers)
+    cos = F.cosine_similarity(pooled(out.end, mask), pooled(torch.from_numpy(teacher.end), mask),
+                              dim=-1)
+    output = (1.0 - cos).sum() / sequences
+    total = config.layer_weight * layer + config.output_weight * output
+    if out.aux_loss is not None:
+        total = total + config.router_weight * out.aux_loss
+    return LossTerms(total, float(layer.detach()), float(output.detach()))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What the loop did."""
+
+    steps: int
+    sequences: int
+    tokens: int
+    train_s: float
+    stopped: str
+    best_step: int
+    before: Evaluation
+    best: Evaluation
+    best_state: dict[str, torch.Tensor]
+    losses: list[float]
+
+    def loss_summary(self, points: int = 40) -> dict[str, Any]:
+        """Summarises the loss curve: first/last/min and at most `points` window means."""
+        if not self.losses:
+            return {}
+        values = np.asarray(self.losses)
+        edges = np.linspace(0, len(values), min(points, len(values)) + 1).astype(int)
+        curve = [[int(b), round(float(values[a:b].mean()), 5)]
+                 for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+        head = values[: max(1, len(values) // 20)]
+        tail = values[-max(1, len(values) // 20):]
+        return {"first": round(float(head.mean()), 5), "last": round(float(tail.mean()), 5),
+                "min": round(float(values.min()), 5), "curve": curve}
+
+
+class Trainer:
+    """Trains a student's mirror toward the teacher."""
+
+    def __init__(self, student: Student, teacher: Teacher, config: RecoveryConfig, *,
+                 seed: int, world: World, module: nn.Module | None = None):
+        torch.manual_seed(seed)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.student, self.teacher, self.config, self.world = student, teacher, config, world
+        self.module = module or student.mirror
+        self.layer_loss = config.layer_weight > 0 and \
+            len(student.mirror.layer_names) == len(teacher.layers) > 0
+        self.scales: list[float] | None = None
+        trained = list(student.mirror.trained().values())
+        groups = [{"params": [p for p in trained if p.ndim >= 2],
+                   "weight_decay": config.weight_decay},
+                  {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+    def teacher_run(self, feed: Feed) -> TeacherOutput:
+        return self.teacher.run(feed)
+
+    def set_scales(self, holdout: Holdout) -> None:
+        """Normalises each layer's MSE by the teacher's mean square there (held out)."""
+        if self.layer_loss:
+            self.scales = holdout.layer_mean_square
+
+    def train_step(self, feed: Feed, fraction: float) -> tuple[float, int, int]:
+        """Runs one optimizer step on a global batch; returns (loss, sequences, tokens)."""
+        full = data.trim(feed)
+        batch = next(iter(full.values())).shape[0]
+        shard = data.trim(data.rows(full, np.arange(self.world.rank, batch, self.world.size)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * self.config.lr_factor(fraction)
+        entry, aux, mask = self.student.inputs(shard)
+        tokens = self.world.total(float(mask.sum()))
+        teacher = self.teacher.run(shard)
+        if not self.layer_loss:
+            teacher = TeacherOutput([], teacher.end)
+        out = self.module(entry, aux, mask)
+        if not self.layer_loss:
+            out = MirrorOutput(out.end, [], out.aux_loss)
+        terms = distill_loss(out, teacher, mask, self.config, self.scales,
+                             tokens=tokens, sequences=float(batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        (terms.total * self.world.size).backward()  # DDP averages gradients over ranks
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.student.mirror.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return self.world.total(float(terms.total)), batch, int(tokens)
+
+    def evaluate(self, holdout: Holdout) -> Evaluation:
+        """Measures pooled and per-token cosine to the teacher on the holdout."""
+        pooled_cos, token_cos = [], []
+        with torch.no_grad():
+            for (entry, aux, mask), end in zip(holdout.inputs, holdout.teacher_end, strict=True):
+                got = self.student.mirror(entry, aux, mask).end
+                pooled_cos.append(F.cosine_similarity(pooled(got, mask), pooled(end, mask), -1))
+                if got.ndim == 3:
+                    real = mask.bool()
+                    token_cos.append(F.cosine_similarity(got[real], end[real], dim=-1))
+        p = torch.cat(pooled_cos).double().numpy()
+        t = torch.cat(token_cos).double().numpy() if token_cos else p
+        return Evaluation(float(p.mean()), float(np.percentile(p, 5)), float(t.mean()))
+
+    def fit(self, batches: Iterator[Feed], holdout: Holdout, *, deadline: float | None,
+            max_steps: int | None, progress: Any = None) -> FitResult:
+        """Trains until the step budget, the deadline or early stopping; keeps the best."""
+        t0 = time.perf_counter()
+        before = best = self.evaluate(holdout)
+        reserve = 2.0 * (time.perf_counter() - t0) + 2.0  # final evaluation and write-back
+        best_state, best_step = self.student.snapshot(), 0
+        losses: list[float] = []
+        step = sequences = tokens = stale = 0
+        stopped, step_s = "", 0.0
+        while True:
+            now = time.perf_counter()
+            fraction, stop = self._position(step, now, t0, deadline, reserve, step_s, max_steps)
+            stop = stop or ("early" if stale >= self.config.patience > 0 else "")
+            stop, fraction = self.world.agree(stop, fraction)
+            if stop:
+                stopped = stop
+                break
+            loss, n_seq, n_tok = self.train_step(next(batches), fraction)
+            step += 1
+            sequences, tokens = sequences + n_seq, tokens + n_tok
+            losses.append(loss)
+            step_s = time.perf_counter() - now if step == 1 else 0.9 * step_s + 0.1 * (
+                time.perf_counter() - now)
+            evaluation = None
+            if step % self.config.eval_every == 0:
+                evaluation = self.evaluate(holdout)
+                if evaluation.pooled_cosine > best.pooled_cosine:
+                    best, best_state, best_step, stale = (evaluation, self.student.snapshot(),
+                                                          step, 0)
+                else:
+                    stale += 1
+            if progress is not None and self.world.rank == 0:
+                progress.step(step, loss, time.perf_counter() - t0, evaluation)
+        if step % self.config.eval_every:
+            final = self.evaluate(holdout)
+            if final.pooled_cosine > best.pooled_cosine:
+                best, best_state, best_step = final, self.student.snapshot(), step
+        return FitResult(step, sequences, tokens, time.perf_counter() - t0, stopped, best_step,
+                         before, best, best_state, losses)
+
+    def _position(self, step: int, now: float, t0: float, deadline: float | None,
+                  reserve: float, step_s: float, max_steps: int | None) -> tuple[float, str]:
+        """Returns (share of the budget used, stop reason or "")."""
+        fraction, stop = 0.0, ""
+        if max_steps is not None:
+            fraction = step / max_steps
+            stop = "steps" if step >= max_steps else ""
+        if deadline is not None:
+            usable = max(deadline - reserve - t0, 1e-9)
+            fraction = max(fraction, (now - t0) / usable)
+            if not stop and now + step_s + reserve > deadline:
+                stop = "budget"
+        return fraction, stop
