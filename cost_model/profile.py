@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from planer.compiler.cache import cache_dir
+from planer.compiler.progress import Bar, NullProgress, ProgressLike, as_progress
 from planer.cost_model.timing import (
     SessionOptions,
     device_fingerprint,
@@ -99,21 +100,42 @@ class ProfileStore:
 def profile_blocks(
     shape: BlockShape, heads: Sequence[int], channels: Sequence[int], *,
     store: ProfileStore, refresh: bool = False, repeats: int = 15,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressLike | NullProgress | None = None,
 ) -> dict[str, list[Measurement]]:
-    """Measures attention at each head count and FFN at each width (stored ones reused)."""
-    result: dict[str, list[Measurement]] = {}
+    """Measures attention at each head count and FFN at each width (stored ones reused).
+
+    `progress` (a `planer.compiler.progress.Progress`, or any status callable) gets one
+    bar counting timed runs: each of `repeats` rounds runs every variant not yet stored.
+    """
     wanted = {"attn": sorted(set(heads)), "ffn": sorted(set(channels))}
+    stored = {kind: {} if refresh else {m.units: m for m in store.load(kind, shape)}
+              for kind in wanted}
+    missing = {kind: [u for u in units if u not in stored[kind] and u > 0]
+               for kind, units in wanted.items()}
+    label = (f"timing {len(missing['attn'])} attention + {len(missing['ffn'])} FFN block "
+             f"variants ({repeats} rounds)")
+    total = sum(len(units) for units in missing.values()) * repeats
+    if total:
+        with as_progress(progress).bar(label, total) as bar:
+            for kind, units in missing.items():
+                if units:
+                    stored[kind].update(_measure_and_save(kind, shape, units, store=store,
+                                                          repeats=repeats, bar=bar))
+    result: dict[str, list[Measurement]] = {}
     for kind, units in wanted.items():
-        stored = {m.units: m for m in store.load(kind, shape)} if not refresh else {}
-        missing = [u for u in units if u not in stored and u > 0]
-        if missing:
-            measured = _measure(kind, shape, missing, repeats=repeats, progress=progress)
-            store.save(shape, measured)
-            stored.update({m.units: m for m in measured})
-        stored[0] = Measurement(kind, 0, 0.0)  # a dropped block does no work
-        result[kind] = [stored[u] for u in units]
+        stored[kind][0] = Measurement(kind, 0, 0.0)  # a dropped block does no work
+        result[kind] = [stored[kind][u] for u in units]
     return result
+
+
+def _measure_and_save(kind: str, shape: BlockShape, units: Sequence[int], *,
+                      store: ProfileStore, repeats: int, bar: Bar) -> dict[int, Measurement]:
+    def advance(_done: int, _total: int) -> None:
+        bar.advance(len(units))  # one round ran every variant once
+
+    measured = _measure(kind, shape, units, repeats=repeats, progress=advance)
+    store.save(shape, measured)
+    return {m.units: m for m in measured}
 
 
 def _measure(kind: str, shape: BlockShape, units: Sequence[int], *, repeats: int,
