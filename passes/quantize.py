@@ -4,13 +4,18 @@ Dimensions: B batch, S sequence, D input width, N output width of one projection
 
 Before:  x_BSD ─ MatMul(w_DN, float) ─ y_BSN
 dynamic: x_BSD ─ DynamicQuantizeLinear ─ MatMulInteger(w_DN int8) ─ Cast ─ Mul(scales) ─ y_BSN
-static:  x_BSD ─ QuantizeLinear ─ DequantizeLinear ─ MatMul ─ y_BSN       (QDQ, scales from
-         w_DN int8 ─ DequantizeLinear(per-output-channel scale) ──┘        calibration)
+static:  x_BSD ─ QuantizeLinear ─ DequantizeLinear ─ MatMul ─ QuantizeLinear ─ DequantizeLinear
+         w_DN int8 ─ DequantizeLinear(per-output-channel scale) ──┘          ─ y_BSN  (QDQ,
+                                                                   ranges from calibration)
 
 ONNX Runtime fuses both forms into integer GEMMs when it loads the model (VNNI/AMX
-dot products where the CPU has them). Planer writes none of the quantization itself:
-the chosen projections go, by name, to `quantize_dynamic` or `quantize_static`
-(`nodes_to_quantize`), so only the planned blocks change. The projections are the
+dot products where the CPU has them): DynamicQuantizeMatMul / MatMulIntegerToFloat, and
+QLinearMatMul for static, which needs uint8 activations on ORT's CPU provider (with
+int8 ones it leaves a float MatMul); symmetric int8 activations are for TensorRT.
+
+Planer writes none of the quantization itself: the chosen projections go, by name, to
+`quantize_dynamic` or `quantize_static` (`nodes_to_quantize`), so only the planned
+blocks change. The projections are the
 MatMuls of the ModelSpec (`Linear.matmul`) found when the model was read, or their
 re-emitted form from head pruning (`layer3/attn/q/MatMul`); each is renamed
 `<block>/<role>/MatMul` first, so ORT's derived names are planer's. Afterwards every
@@ -121,10 +126,10 @@ def apply_quantize(model: ir.Model, spec: ModelSpec, config: QuantizeConfig,
     """
     if not config.layers:
         return 0
-    targets = _targets(model, spec, config)
     if "static" in config.modes() and calib is None:
         raise BadInputError("static int8 sets activation ranges from calibration data; pass "
                             "--calibration (or use mode \"dynamic\").")
+    targets = _targets(model, spec, config)
     with tempfile.TemporaryDirectory(prefix="planer-int8-") as scratch:
         quantized = _quantize_files(model, targets, config, calib, Path(scratch))
         _check_quantized(quantized, targets)
@@ -180,26 +185,29 @@ def apply_int8(model: ir.Model, spec: ModelSpec, plan: Plan, calib: CalibrationS
 
 
 def _targets(model: ir.Model, spec: ModelSpec, config: QuantizeConfig) -> list[_Target]:
-    """Resolves each listed projection to its node and gives it its planer name."""
+    """Resolves each listed projection to its node, then gives each its planer name.
+
+    Every node is resolved before any is renamed, so a refused config changes nothing.
+    """
     graph = model.graph
     by_name = {node.name: node for node in graph if node.name}
-    targets = []
+    found: list[tuple[BlockId, str, ir.Node, str]] = []
     for index, choice in sorted(config.layers.items()):
         _check_choice(index, choice, len(spec.layers))
-        layer = spec.layers[index]
         for kind in choice.kinds():
             block = BlockId(index, kind)
-            for role, linear in _linears(layer, kind).items():
+            for role, linear in _linears(spec.layers[index], kind).items():
                 node = _projection_node(graph, by_name, block, role, linear)
-                name = f"{block}/{role}/MatMul"
-                if node.name != name:
-                    if name in by_name:
-                        raise PreconditionError(f"{name} names another node already; "
-                                                "planer cannot name the projection it quantizes.")
-                    node.name = name
-                    by_name[name] = node
-                targets.append(_Target(block, role, name, str(node.outputs[0].name),
-                                       choice.mode))
+                found.append((block, role, node, choice.mode))
+    for block, role, node, _ in found:
+        name = f"{block}/{role}/MatMul"
+        if node.name != name and name in by_name:
+            raise PreconditionError(f"{name} names another node already; planer cannot name "
+                                    "the projection it quantizes.")
+    targets = []
+    for block, role, node, mode in found:
+        node.name = f"{block}/{role}/MatMul"
+        targets.append(_Target(block, role, node.name, str(node.outputs[0].name), mode))
     return targets
 
 
@@ -250,46 +258,68 @@ def _projection_node(graph: ir.Graph, by_name: Mapping[str, ir.Node], block: Blo
 
 def _quantize_files(model: ir.Model, targets: Sequence[_Target], config: QuantizeConfig,
                     calib: CalibrationSet | None, scratch: Path) -> ir.Model:
-    """Saves `model`, runs static then dynamic quantization on it, reads the result back.
+    """Saves `model`, quantizes the targets in the file, reads the result back into memory."""
+    source = scratch / "float.onnx"
+    ir.save(model, source, external_data="float.onnx.data")
+    names = {mode: [t.name for t in targets if t.mode == mode] for mode in INT8_MODES}
+    feeds = _calibration_feeds(calib, config) if calib is not None else []
+    inputs = {str(v.name) for v in model.graph.inputs}
+    result = quantize_file(source, scratch / "int8.onnx", names,
+                           feeds=[{k: v for k, v in f.items() if k in inputs} for f in feeds],
+                           symmetric_activations=config.symmetric_activations)
+    quantized = ir.load(result)
+    ir.external_data.load_to_model(quantized)  # the scratch folder goes away
+    return quantized
 
-    Static runs first so its calibration sees the float model; dynamic then rewrites
-    its own nodes only.
+
+def quantize_file(source: Path, destination: Path, nodes: Mapping[str, Sequence[str]], *,
+                  feeds: Sequence[Feed] = (), symmetric_activations: bool = False) -> Path:
+    """Quantizes the named MatMuls of the model file at `source` the way planer emits INT8.
+
+    Static first, so its calibration (over `feeds`) sees the float model; dynamic then
+    rewrites its own nodes only. Intermediate and final files are written next to
+    `destination` (with external data); the result's path is returned (`source` when
+    nothing is named). The block profiler quantizes its variants through this too, so
+    what it times is what the pass emits.
+
+    Args:
+        source: the float model.
+        destination: where the quantized model goes.
+        nodes: mode ("dynamic"/"static") -> names of the MatMul nodes to quantize so.
+        feeds: static mode: the calibration inputs.
+        symmetric_activations: static mode: zero-point 0 activations (TensorRT).
     """
-    current = scratch / "float.onnx"
-    ir.save(model, current, external_data="float.onnx.data")
+    current = source
     for mode in ("static", "dynamic"):
-        names = [t.name for t in targets if t.mode == mode]
+        names = list(nodes.get(mode, ()))
         if not names:
             continue
-        out = scratch / f"{mode}.onnx"
+        out = destination.with_name(f"{destination.stem}.{mode}{destination.suffix}")
         with _quiet_preprocess_advice():
             if mode == "static":
-                assert calib is not None  # apply_quantize refused otherwise
                 quantize_static(
-                    current, out, _Feeds(_calibration_feeds(calib, config), model),
-                    quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    nodes_to_quantize=names, per_channel=True,
-                    activation_type=(QuantType.QInt8 if config.symmetric_activations
+                    current, out, _Feeds(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], nodes_to_quantize=names, per_channel=True,
+                    activation_type=(QuantType.QInt8 if symmetric_activations
                                      else QuantType.QUInt8),
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    use_external_data_format=True, extra_options=_static_options(config))
+                    use_external_data_format=True,
+                    extra_options=_static_options(symmetric_activations))
             else:
                 quantize_dynamic(current, out, op_types_to_quantize=["MatMul"],
                                  nodes_to_quantize=names, weight_type=QuantType.QInt8,
                                  use_external_data_format=True)
         current = out
-    quantized = ir.load(current)
-    ir.external_data.load_to_model(quantized)  # the scratch folder goes away
-    return quantized
+    return current
 
 
-def _static_options(config: QuantizeConfig) -> dict[str, Any]:
+def _static_options(symmetric_activations: bool) -> dict[str, Any]:
     return {
-        "ActivationSymmetric": config.symmetric_activations,
+        "ActivationSymmetric": symmetric_activations,
         "WeightSymmetric": True,
-        # Only the inputs: a Q/DQ pair after the MatMul would round its float output
-        # again and keep ORT from fusing DQ ─ MatMul into one integer GEMM with float output.
-        "OpTypesToExcludeOutputQuantization": ["MatMul"],
+        # The output keeps its Q/DQ pair: ORT's CPU provider fuses DQ ─ MatMul ─ Q into
+        # QLinearMatMul, but without the Q it dequantizes the weight on every run and
+        # multiplies in float (measured 2x slower than float here).
         # Reduce ranges every few batches instead of holding every batch's tensors.
         "CalibMaxIntermediateOutputs": 4,
     }
@@ -308,11 +338,10 @@ def _calibration_feeds(calib: CalibrationSet, config: QuantizeConfig) -> list[Fe
 
 
 class _Feeds(CalibrationDataReader):
-    """Hands ORT's calibrator planer's calibration batches, limited to the model's inputs."""
+    """Hands ORT's calibrator planer's calibration batches, one at a time."""
 
-    def __init__(self, feeds: Sequence[Feed], model: ir.Model):
-        names = {v.name for v in model.graph.inputs}
-        self._feeds = [{k: v for k, v in feed.items() if k in names} for feed in feeds]
+    def __init__(self, feeds: Sequence[Feed]):
+        self._feeds = list(feeds)
         self._next = iter(self._feeds)
 
     def get_next(self) -> Feed | None:
@@ -367,25 +396,26 @@ def _producer_op(value: ir.Value | None) -> str | None:
 def _mark(graph: ir.Graph, targets: Sequence[_Target], *, before: set[str]) -> None:
     """Names the quantizer's nodes after their blocks and stamps planer's provenance.
 
-    Each projection owns the nodes upstream of its output down to the float graph
-    (its weight, scale and input quantization); an input quantized once for several
-    projections (x for Q, K and V) is named after all of them.
+    Each projection owns the new nodes next to it, up to the float graph: upstream its
+    weight, scale and input quantization, downstream (static) the Q/DQ pair on its
+    output. An input quantized once for several projections (x for Q, K and V) is
+    named after all of them.
     """
     owners: dict[ir.Node, list[_Target]] = {}
     producers = {v.name: node for node in graph for v in node.outputs}
     for t in targets:
-        start = producers.get(t.output)
-        stack, seen = [start], set()
+        stack, seen = [producers.get(t.output)], set()
         while stack:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
             owners.setdefault(node, []).append(t)
-            for value in node.inputs:
-                producer = value.producer() if value is not None else None
-                if producer is not None and producer.name not in before:
-                    stack.append(producer)
+            upstream = [v.producer() for v in node.inputs if v is not None]
+            downstream = [u for v in node.outputs for u in v.consumers()
+                          if node.name == t.name or u.op_type == "DequantizeLinear"]
+            stack.extend(n for n in (*upstream, *downstream)
+                         if n is not None and n.name not in before)
     used: set[str] = set()
     for node in graph:  # graph order keeps the suffixes stable
         mine = owners.get(node)

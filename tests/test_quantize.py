@@ -127,8 +127,15 @@ def test_static_qdq_is_per_channel_and_close(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="calibration"):
         apply_quantize(model, spec, QuantizeConfig({1: Int8Plan("ffn", "static")}))
     calib = _calib(model, spec)
+    before = {n.name for n in model.graph}
     assert apply_quantize(model, spec, QuantizeConfig({1: Int8Plan("ffn", "static")}), calib) == 1
     nodes = {n.name: n for n in model.graph}
+    added = [n for n in model.graph if n.name not in before and n.op_type != "MatMul"]
+    # Per projection: weight DQ, input Q/DQ (w1 and w2 read different inputs), output Q/DQ.
+    assert sorted(n.op_type for n in added) == sorted(
+        ["DequantizeLinear"] * 6 + ["QuantizeLinear"] * 4)
+    assert {(n.metadata_props.get(PROVENANCE_PASS), n.metadata_props.get(PROVENANCE_BLOCK))
+            for n in added} == {(PassName.QUANTIZE, "layer1/ffn")}
     w1 = nodes["layer1/ffn/w1/MatMul"]  # kept, reading dequantized input and weight
     weight_dq = w1.inputs[1].producer()
     assert [v.producer().op_type for v in w1.inputs] == ["DequantizeLinear"] * 2
