@@ -250,13 +250,13 @@ def run_compile(args: argparse.Namespace) -> int:
     from planer.compiler.driver.pipeline import compile_plan
 
     path = resolve_model(args.model, verbose=args.verbose)
-    from planer.compiler.driver.stages import PASS_GROUPS
+    from planer.passes import REGISTRY
 
     passes = {p.strip() for p in args.passes.split(",") if p.strip()}
-    unknown = passes - set(PASS_GROUPS)
+    unknown = passes - set(REGISTRY)
     if unknown:
         raise BadInputError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(PASS_GROUPS))}.")
+                            f"{', '.join(sorted(REGISTRY))}.")
     plan_data = load_plan(args.plan) if args.plan else None
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is None:
@@ -292,7 +292,6 @@ def run_compile(args: argparse.Namespace) -> int:
 def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | None,
                      started: float) -> int:
     from planer.compiler.driver.latency import compile_to_latency
-    from planer.compiler.driver.pipeline import CompileResult
     from planer.compiler.errors import TargetUnreachableError
 
     if args.plan is not None or args.target_flops is not None:
@@ -309,7 +308,7 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
                 threads=args.threads, refresh=args.refresh, ort_kernels=args.ort_kernels,
                 progress=progress)
     except TargetUnreachableError as exc:
-        if isinstance(exc.result, CompileResult):
+        if exc.result is not None:
             _print_summary(exc.result.report, time.perf_counter() - started, args.output)
         raise
     _print_summary(result.report, time.perf_counter() - started, args.output)
