@@ -123,7 +123,7 @@ def recover(
     """
     started = time.perf_counter()
     config = config or RecoveryConfig()
-    _check_inputs(calib, budget_s, max_steps, texts, tokenizer)
+    check_inputs(calib, budget_s, max_steps, texts, tokenizer)
     assert calib is not None
     trainer = _setup(original_path, model, calib, config, seed)
     holdout = Holdout.build(trainer.student, trainer.teacher_run, calib.holdout)
@@ -132,7 +132,7 @@ def recover(
         raise RecoveryError(
             f"the torch mirror differs from the compiled model by {mirror_diff:.2e} "
             f"(more than {ATOL:g}), so recovery would train a different model; not trained.")
-    batches = _training_batches(model, calib, config, seed, texts, tokenizer)
+    batches = training_batches(model, calib, config, seed, texts, tokenizer)
     trainer.set_scales(holdout)
     result = trainer.fit(batches, holdout, deadline=started + budget_s if budget_s else None,
                          max_steps=max_steps, progress=_ProgressAdapter.wrap(progress, budget_s,
@@ -155,8 +155,14 @@ def recover(
     )
 
 
-def _check_inputs(calib: CalibrationSet | None, budget_s: float | None, max_steps: int | None,
-                  texts: Sequence[str] | None, tokenizer: Any) -> None:
+def check_inputs(calib: CalibrationSet | None, budget_s: float | None, max_steps: int | None,
+                 texts: Sequence[str] | None, tokenizer: Any) -> None:
+    """Refuses, in one sentence, what recovery cannot run on.
+
+    Raises:
+        BadInputError: no budget, no (or synthetic) calibration data, no holdout, or
+            texts without a tokenizer.
+    """
     if budget_s is None and max_steps is None:
         raise BadInputError("recovery needs a budget: a wall-clock time or a number of steps.")
     if (budget_s is not None and budget_s <= 0) or (max_steps is not None and max_steps < 1):
@@ -178,8 +184,9 @@ def _setup(original_path: Path, model: ir.Model, calib: CalibrationSet,
     return Trainer(student, teacher, config, seed=seed, world=World())
 
 
-def _training_batches(model: ir.Model, calib: CalibrationSet, config: RecoveryConfig, seed: int,
-                      texts: Sequence[str] | None, tokenizer: Any) -> Iterator[data.Feed]:
+def training_batches(model: ir.Model, calib: CalibrationSet, config: RecoveryConfig, seed: int,
+                     texts: Sequence[str] | None, tokenizer: Any) -> Iterator[data.Feed]:
+    """Returns the endless training stream: `texts` (holdout left out) or the fitting batches."""
     if texts is None:
         return data.cycle_batches(calib, seed=seed)
     held = data.holdout_texts(calib)

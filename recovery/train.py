@@ -335,7 +335,7 @@ class Trainer:
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.student.mirror.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return self.world.total(float(terms.total)), batch, int(tokens)
+        return self.world.total(float(terms.total.detach())), batch, int(tokens)
 
     def evaluate(self, holdout: Holdout) -> Evaluation:
         """Measures pooled and per-token cosine to the teacher on the holdout."""
