@@ -2,6 +2,11 @@
 
     latency(plan) = overhead + Σ_layers [ attn(heads_l) + ffn(channels_l) ]
 
+A layer whose plan quantizes a block to INT8 reads that block's INT8 curve instead
+(`attn_int8_dynamic(heads_l)`, `ffn_int8_static(channels_l)`, ...; profile_int8
+measures them beside the float blocks), so one model predicts plans that mix pruning
+and INT8 per layer.
+
 Each block curve is a piecewise-linear interpolation through the measured unit counts
 (Kwon et al. fit per-layer latency the same way): GEMM efficiency changes with width,
 so a single slope would mispredict narrow blocks. `overhead` (embeddings, LayerNorms,
@@ -13,12 +18,13 @@ is what `planer profile --report` prints for block configurations.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from planer.compiler.plan import Plan
+from planer.compiler.plan import Int8Plan, Plan
 from planer.cost_model.profile import Measurement
+from planer.cost_model.profile_int8 import int8_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,25 +53,53 @@ class BlockCurve:
 
 @dataclasses.dataclass(frozen=True)
 class LatencyModel:
-    """Whole-model latency as fixed overhead plus per-layer block curves."""
+    """Whole-model latency as fixed overhead plus per-layer block curves.
+
+    `int8` holds the INT8 curves by store kind (`attn_int8_dynamic`, ...); a plan that
+    quantizes a block whose curve is missing cannot be predicted (ValueError).
+    """
 
     attn: BlockCurve
     ffn: BlockCurve
     overhead_ms: float
+    int8: Mapping[str, BlockCurve] = dataclasses.field(default_factory=dict)
 
-    def layer_ms(self, heads: int, channels: int) -> float:
-        return self.attn(heads) + self.ffn(channels)
+    def layer_ms(self, heads: int, channels: int, int8: Int8Plan | None = None) -> float:
+        """Predicts one layer: attention at `heads`, FFN at `channels`, INT8 where asked."""
+        attn = self.attn if int8 is None or "attn" not in int8.kinds() else \
+            self._int8("attn", int8.mode)
+        ffn = self.ffn if int8 is None or "ffn" not in int8.kinds() else \
+            self._int8("ffn", int8.mode)
+        return attn(heads) + ffn(channels)
 
     def predict(self, plan: Plan) -> float:
         """Predicts the median latency (ms) of a model compiled to `plan`."""
-        return self.overhead_ms + sum(self.layer_ms(la.heads, la.ffn) for la in plan.layers)
+        return self.overhead_ms + sum(self.layer_ms(la.heads, la.ffn, la.int8)
+                                      for la in plan.layers)
+
+    def _int8(self, kind: str, mode: str) -> BlockCurve:
+        curve = self.int8.get(int8_kind(kind, mode))
+        if curve is None:
+            raise ValueError(f"the latency model has no {mode} INT8 {kind} measurements; "
+                             f"profile them first (cost_model.profile_int8)")
+        return curve
 
 
 def fit_latency_model(
-    attn: Sequence[Measurement], ffn: Sequence[Measurement], dense_ms: float, dense: Plan
+    attn: Sequence[Measurement], ffn: Sequence[Measurement], dense_ms: float, dense: Plan,
+    int8: Mapping[str, Sequence[Measurement]] | None = None,
 ) -> LatencyModel:
-    """Fits the block curves and the overhead that makes the dense prediction exact."""
-    model = LatencyModel(BlockCurve.fit(attn), BlockCurve.fit(ffn), 0.0)
+    """Fits the block curves and the overhead that makes the dense prediction exact.
+
+    Args:
+        attn: float attention measurements by head count.
+        ffn: float FFN measurements by width.
+        dense_ms: the measured latency of `dense` compiled (the neutral plan).
+        dense: the plan `dense_ms` belongs to; its prediction sets the overhead.
+        int8: INT8 measurements by store kind (profile_int8.profile_int8_blocks).
+    """
+    curves = {kind: BlockCurve.fit(points) for kind, points in (int8 or {}).items()}
+    model = LatencyModel(BlockCurve.fit(attn), BlockCurve.fit(ffn), 0.0, curves)
     overhead = dense_ms - model.predict(dense)
     return dataclasses.replace(model, overhead_ms=max(overhead, 0.0))
 

@@ -1,0 +1,119 @@
+"""Profiles INT8 block variants beside their float twins, into the same SQLite store.
+
+    float block (profile.attention_block / ffn_block, h heads or f channels)
+      ─ projections named ─ passes.quantize.quantize_file (what the quantize pass emits)
+      ─ float and INT8 sessions of every missing unit count timed in one interleaved run
+
+Where INT8 pays depends on the CPU (VNNI or AMX integer dot products gain a lot, older
+cores little) and on the block's shape, so the search reads it from these measurements
+rather than from a rule. Float and INT8 of one shape are timed in the same rounds, so
+their ratio is fair on a shared machine; the fresh float medians are stored too.
+Kinds in the store: `attn_int8_dynamic`, `attn_int8_static`, `ffn_int8_dynamic`,
+`ffn_int8_static` (see `int8_kind`), at the same BlockShape keys as the float kinds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from planer.compiler.plan import INT8_MODES
+from planer.cost_model.profile import (
+    BlockShape,
+    Measurement,
+    ProfileStore,
+    attention_block,
+    ffn_block,
+)
+from planer.cost_model.timing import SessionOptions, make_session, time_interleaved
+from planer.passes.quantize import quantize_file
+
+BUILDERS: dict[str, Callable[[BlockShape, int], onnx.ModelProto]] = {
+    "attn": attention_block, "ffn": ffn_block}
+
+
+def int8_kind(kind: str, mode: str) -> str:
+    """The store's kind for block `kind` ("attn"/"ffn") quantized in `mode`."""
+    if kind not in BUILDERS or mode not in INT8_MODES:
+        raise ValueError(f"no INT8 variant of {kind!r} in mode {mode!r}")
+    return f"{kind}_int8_{mode}"
+
+
+def profile_int8_blocks(
+    shape: BlockShape, heads: Sequence[int], channels: Sequence[int], *,
+    store: ProfileStore, modes: Sequence[str] = ("dynamic",), refresh: bool = False,
+    repeats: int = 15, progress: Callable[[int, int], None] | None = None,
+) -> dict[str, list[Measurement]]:
+    """Measures INT8 attention at each head count and FFN at each width (stored ones reused).
+
+    Returns:
+        int8 kind -> one Measurement per requested unit count (0 units: 0 ms).
+    """
+    result: dict[str, list[Measurement]] = {}
+    for kind, units in (("attn", sorted(set(heads))), ("ffn", sorted(set(channels)))):
+        for mode in modes:
+            name = int8_kind(kind, mode)
+            stored = {m.units: m for m in store.load(name, shape)} if not refresh else {}
+            missing = [u for u in units if u not in stored and u > 0]
+            if missing:
+                measured = measure_pairs(kind, mode, shape, missing, repeats=repeats,
+                                         progress=progress)
+                store.save(shape, measured)
+                stored.update({m.units: m for m in measured if m.kind == name})
+            stored[0] = Measurement(name, 0, 0.0)  # a dropped block does no work
+            result[name] = [stored[u] for u in units]
+    return result
+
+
+def measure_pairs(kind: str, mode: str, shape: BlockShape, units: Sequence[int], *,
+                  repeats: int = 15,
+                  progress: Callable[[int, int], None] | None = None) -> list[Measurement]:
+    """Times float and INT8 variants of `kind` at each unit count in one interleaved run.
+
+    Returns:
+        A float and an INT8 Measurement per unit count.
+    """
+    name = int8_kind(kind, mode)
+    feeds = _feeds(kind, shape)
+    opts = SessionOptions(threads=shape.threads)
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="planer-int8-profile-") as scratch:
+        for u in units:
+            block = _named(BUILDERS[kind](shape, u))
+            source = Path(scratch) / f"{kind}{u}.onnx"
+            onnx.save(block, source)
+            quantized = quantize_file(source, Path(scratch) / f"{kind}{u}.int8.onnx",
+                                      {mode: _weight_matmuls(block)}, feeds=[feeds])
+            sessions[f"float{u}"] = make_session(block, opts)
+            sessions[f"int8_{u}"] = make_session(quantized, opts)
+    timings = time_interleaved(sessions, feeds, warmup=3, repeats=repeats, progress=progress)
+    return [m for u in units for m in (Measurement(kind, u, timings[f"float{u}"].median_ms),
+                                       Measurement(name, u, timings[f"int8_{u}"].median_ms))]
+
+
+def _named(block: onnx.ModelProto) -> onnx.ModelProto:
+    """Names every node (the quantizer selects nodes by name; the builders leave them blank)."""
+    for i, node in enumerate(block.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return block
+
+
+def _weight_matmuls(block: onnx.ModelProto) -> list[str]:
+    """Names the MatMuls with a weight initializer: the block's projections."""
+    weights = {t.name for t in block.graph.initializer if len(t.dims) == 2}
+    return [n.name for n in block.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def _feeds(kind: str, shape: BlockShape) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((shape.batch, shape.tokens, shape.hidden))
+             .astype(np.float32)}
+    if kind == "attn":
+        feeds["mask"] = np.zeros((shape.batch, 1, 1, shape.tokens), np.float32)
+    return feeds
+
