@@ -60,10 +60,11 @@ _JS = """
 })();
 """
 
+STYLE, SCRIPT = _CSS, _JS  # for pages that embed the block view (see `embed`)
+
 
 def render(data: dict[str, Any]) -> str:
     """Returns the page for a diff object (the `planer diff --json` object)."""
-    payload = json.dumps(_finite(data), allow_nan=False).replace("</", "<\\/")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -77,10 +78,26 @@ def render(data: dict[str, Any]) -> str:
         "<div class='views'>", _side_by_side(data), _totals(data), "</div>",
         _layers(data), _outside(data), _ops(data), _divergence(data.get("divergence")),
         _planer_files(data),
-        f"<script type='application/json' id='diff-data'>{payload}</script>",
+        f"<script type='application/json' id='diff-data'>{payload(data)}</script>",
         f"<script>{_JS}</script></body></html>",
     ]
     return "\n".join(parts)
+
+
+def embed(data: dict[str, Any]) -> str:
+    """Returns the block view of a diff for another planer page (the compile report).
+
+    The host page must carry `STYLE` in its CSS, the diff object as
+    `<script type='application/json' id='diff-data'>` and `SCRIPT` after the body.
+    """
+    return "\n".join([_controls(), "<p id='js-summary' class='mono'></p>",
+                      "<div class='views'>", _side_by_side(data), _totals(data), "</div>",
+                      _layers(data), _outside(data), _ops(data)])
+
+
+def payload(data: dict[str, Any]) -> str:
+    """Returns the diff object as JSON safe inside a `<script>` element."""
+    return json.dumps(_finite(data), allow_nan=False).replace("</", "<\\/")
 
 
 def _finite(value: Any) -> Any:
