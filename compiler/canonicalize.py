@@ -3,12 +3,17 @@
     Constant nodes          ─▶ initializers (the finder reads weights one way)
     Identity(w)             ─▶ w
     Gemm(x, W, b, transB)   ─▶ MatMul(x, W_KN) ─ Add(b)
-    Reshape(x,[-1,K]) ─ MatMul ─ Reshape(·,[..,N])  ─▶ MatMul(x, W_KN)   (GPT-2 Conv1D)
-    decomposed LayerNorm    ─▶ LayerNormalization (opset >= 17)
-    ReduceMean ─ Sub ─ Pow ─ ReduceMean ─ Add(eps) ─ Sqrt ─ Div ─ Mul(γ) ─ Add(β)
     Sum(a, b)               ─▶ Add(a, b)         (planer's own ort_kernels spellings,
     BiasGelu(h, b)          ─▶ Add(h, b) ─ erf-GELU    so a compiled model reads back)
     com.microsoft Gelu(x)   ─▶ x·(1 + erf(x/√2))·0.5
+    Reshape(x,[-1,K]) ─ MatMul ─ Reshape(·,[..,N])  ─▶ MatMul(x, W_KN)   (GPT-2 Conv1D)
+    decomposed LayerNorm    ─▶ LayerNormalization (opset >= 17)
+    ReduceMean ─ Sub ─ Pow ─ ReduceMean ─ Add(eps) ─ Sqrt ─ Div ─ Mul(γ) ─ Add(β)
+
+The Gemm, kernel and LayerNorm rewrites are onnxscript rewrite rules (declared
+patterns, operand orders commuted by the rewriter) run through
+`compiler.rewrite_rules`, which gives their nodes planer's names and provenance; the
+Conv1D fold stays a loop (see FoldFlattenedLinearPass).
 
 GELU (erf or tanh, fused or decomposed) and other activations are left as they are:
 the FFN finder treats whatever elementwise region lies between the two FFN MatMuls
@@ -24,7 +29,7 @@ per exporter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -35,52 +40,202 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
     ShapeInferencePass,
 )
+from onnxscript.rewriter import pattern as rw
 
-from planer.compiler.irutil import add_initializer, const_array, other_input, replace_uses, scalar
+from planer.compiler.irutil import const_array, other_input, replace_uses, scalar
 from planer.compiler.loading import default_opset
+from planer.compiler.names import PROVENANCE_PASS, PassName
+from planer.compiler.rewrite_rules import Builder, PlanerRule, apply_rules, scalar_near
 
 logger = logging.getLogger(__name__)
 
-PASS_NAME = "canonicalize"
+
+def canonicalize(model: ir.Model) -> ir.Model:
+    """Runs every canonicalization on `model` in place and returns it."""
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    IdentityEliminationPass()(model)
+    apply_rules(model, [GemmToMatMul()])
+    apply_rules(model, [ExpandSum(), ExpandBiasGelu(), ExpandGelu()])
+    _infer_shapes(model)
+    FoldFlattenedLinearPass()(model)
+    if default_opset(model) >= 17:  # LayerNormalization's first opset
+        apply_rules(model, [FuseLayerNorm(axes_as_attribute=False),
+                            FuseLayerNorm(axes_as_attribute=True)])
+    RemoveUnusedNodesPass()(model)
+    return model
 
 
-class GemmToMatMulPass(InPlacePass):
-    """Rewrites Gemm with a constant weight as MatMul + Add on a [K, N] weight."""
+def _infer_shapes(model: ir.Model) -> None:
+    """Annotates ranks and static dims where ONNX shape inference can tell them."""
+    try:
+        ShapeInferencePass()(model)
+    except Exception as exc:  # inference is an aid here, never a requirement
+        logger.info("shape inference skipped: %s", exc)
 
-    def call(self, model: ir.Model) -> PassResult:
-        count = 0
-        for node in list(model.graph):
-            if node.op_type != "Gemm" or node.domain != "":
-                continue
-            weight = const_array(node.inputs[1])
-            attrs = {k: a.value for k, a in node.attributes.items()}
-            if weight is None or attrs.get("transA", 0):
-                continue
-            alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-            w_kn = (weight.T if attrs.get("transB", 0) else weight) * np.float32(alpha)
-            name = node.name or f"gemm{count}"
-            w_value = add_initializer(model.graph, f"{name}/w_KN", w_kn.astype(weight.dtype))
-            matmul = ir.node("MatMul", [node.inputs[0], w_value], name=f"{name}/MatMul")
-            matmul.metadata_props["planer.pass"] = PASS_NAME
-            model.graph.insert_before(node, matmul)
-            out = matmul.outputs[0]
-            out.name = f"{name}/MatMul_out"
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                bias = node.inputs[2]
-                if beta != 1.0:
-                    b = const_array(bias)
-                    if b is None:
-                        model.graph.remove(matmul, safe=True)
-                        continue
-                    bias = add_initializer(model.graph, f"{name}/bias", b * np.float32(beta))
-                add = ir.node("Add", [out, bias], name=f"{name}/Add")
-                add.metadata_props["planer.pass"] = PASS_NAME
-                model.graph.insert_before(node, add)
-                out = add.outputs[0]
-            replace_uses(node.outputs[0], out)
-            model.graph.remove(node, safe=True)
-            count += 1
-        return PassResult(model, modified=count > 0)
+
+# ------------------------------------------------------------ rewrite rules
+
+
+class GemmToMatMul(PlanerRule):
+    """Gemm(x, W, C) with a constant W ─▶ MatMul(x, α·W_KN) [─ Add(β·C)].
+
+    onnxscript's gemm_to_matmul_add only takes Reshape ─ Gemm ─ Reshape with α = β = 1
+    and reuses W as it is (wrong under transB), so planer declares its own.
+    """
+
+    requires = frozenset({"Gemm"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count = 0
+
+    def pattern(self, op: Any, x: Any, w: Any) -> Any:
+        # C is optional: the node may have a third input, read from the node itself.
+        return op.Gemm(x, w, _allow_other_inputs=True)
+
+    def check(self, context: Any, w: ir.Value, **_: Any) -> bool:
+        attrs, bias = _attrs(self.root), _gemm_bias(self.root)
+        if const_array(w) is None or attrs.get("transA", 0):
+            return False
+        return bias is None or attrs.get("beta", 1.0) == 1.0 or const_array(bias) is not None
+
+    def rewrite(self, op: Any, x: ir.Value, w: ir.Value, **_: Any) -> ir.Value:
+        gemm, attrs = self.root, _attrs(self.root)
+        weight = const_array(w)
+        assert weight is not None
+        alpha = np.float32(attrs.get("alpha", 1.0))
+        w_kn = (weight.T if attrs.get("transB", 0) else weight) * alpha
+        b = self.builder(op, gemm.name or f"gemm{self._count}",
+                         {PROVENANCE_PASS: PassName.CANONICALIZE})
+        self._count += 1
+        out = b.op("MatMul", [x, b.const("w_KN", w_kn.astype(weight.dtype))], "MatMul")
+        bias, beta = _gemm_bias(gemm), float(attrs.get("beta", 1.0))
+        if bias is None:
+            return out
+        bias_array = const_array(bias)
+        if beta != 1.0 and bias_array is not None:  # check() made sure it is constant
+            bias = b.const("bias", bias_array * np.float32(beta))
+        return b.op("Add", [out, bias], "Add")
+
+
+def _attrs(node: ir.Node) -> dict[str, Any]:
+    return {k: a.value for k, a in node.attributes.items()}
+
+
+def _gemm_bias(gemm: ir.Node) -> ir.Value | None:
+    return gemm.inputs[2] if len(gemm.inputs) > 2 else None
+
+
+class _ExpandKernel(PlanerRule):
+    """Base of the rules that spell passes.ort_kernels' nodes back in standard ONNX.
+
+    The new nodes keep the provenance of the node they expand (ort_kernels), so `planer
+    diff` knows them for planer's spelling rather than the exporter's. Experts of an MoE
+    block (ffn_to_moe) keep their kernels: the finder skips them.
+    """
+
+    commute = False
+
+    def check(self, context: Any, **_: Any) -> bool:
+        return self.root.metadata_props.get(PROVENANCE_PASS) != PassName.FFN_TO_MOE
+
+    def _builder(self, op: Any) -> Builder:
+        return self.builder(op, self.root.name or "gelu", self.root.metadata_props)
+
+
+class ExpandSum(_ExpandKernel):
+    """Sum(a, b) ─▶ Add(a, b)."""
+
+    requires = frozenset({"Sum"})
+
+    def pattern(self, op: Any, a: Any, b: Any) -> Any:
+        return op.Sum(a, b)
+
+    def rewrite(self, op: Any, a: ir.Value, b: ir.Value, **_: Any) -> ir.Value:
+        return self._builder(op).op("Add", [a, b], "Add")
+
+
+class ExpandBiasGelu(_ExpandKernel):
+    """com.microsoft BiasGelu(h, b) ─▶ Add(h, b) ─ x·(1 + erf(x/√2))·0.5."""
+
+    requires = frozenset({"BiasGelu"})
+
+    def pattern(self, op: Any, h: Any, b: Any) -> Any:
+        return op.BiasGelu(h, b, _domain="com.microsoft")
+
+    def rewrite(self, op: Any, h: ir.Value, b: ir.Value, **_: Any) -> ir.Value:
+        builder = self._builder(op)
+        return _erf_gelu(builder, builder.op("Add", [h, b], "Add"))
+
+
+class ExpandGelu(_ExpandKernel):
+    """com.microsoft Gelu(x) ─▶ x·(1 + erf(x/√2))·0.5."""
+
+    requires = frozenset({"Gelu"})
+
+    def pattern(self, op: Any, x: Any) -> Any:
+        return op.Gelu(x, _domain="com.microsoft")
+
+    def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
+        return _erf_gelu(self._builder(op), x)
+
+
+def _erf_gelu(b: Builder, x: ir.Value) -> ir.Value:
+    """Emits x·(1 + erf(x/√2))·0.5, the spelling ORT's own GELU fusion matches."""
+    consts = {name: b.const(name, np.array(value, np.float32))
+              for name, value in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))}
+    erf = b.op("Erf", [b.op("Div", [x, consts["sqrt2"]], "Div")], "Erf")
+    plus = b.op("Add", [erf, consts["one"]], "Add1")
+    return b.op("Mul", [b.op("Mul", [x, plus], "Mul"), consts["half"]], "Mul_half")
+
+
+class FuseLayerNorm(PlanerRule):
+    """Decomposed LayerNorm over the last axis ─▶ LayerNormalization (opset >= 17).
+
+    onnxscript's own LayerNormFusion reads ReduceMean's axes as an input only (opset
+    18+); exporters at opset 14-17 write them as an attribute, so the rule is
+    declared once per spelling (only opset 17 of those has LayerNormalization to fuse
+    into). It also wants keepdims written out and adds stash_type; this one takes
+    keepdims' default and writes the node as before, with β folded in.
+    """
+
+    requires = frozenset({"ReduceMean", "Sqrt"})
+
+    def __init__(self, axes_as_attribute: bool):
+        super().__init__()
+        self.axes_as_attribute = axes_as_attribute
+
+    def pattern(self, op: Any, x: Any, gamma: Any, beta: Any, epsilon: Any) -> Any:
+        deviation = op.Sub(x, self._mean(op, x))
+        square = rw.OrValue([op.Pow(deviation, scalar_near(2.0, rtol=0.0)),
+                             op.Mul(deviation, deviation)])
+        std = op.Sqrt(op.Add(self._mean(op, square), epsilon))
+        normed = rw.OrValue([op.Div(deviation, std), op.Mul(deviation, op.Reciprocal(std))])
+        return op.Add(op.Mul(normed, gamma), beta)
+
+    def _mean(self, op: Any, value: Any) -> Any:
+        if self.axes_as_attribute:
+            return op.ReduceMean(value, axes=[-1], _check=_keeps_dims)
+        return op.ReduceMean(value, [-1], _check=_keeps_dims)
+
+    def check(self, context: Any, gamma: ir.Value, beta: ir.Value, epsilon: ir.Value,
+              **_: Any) -> bool:
+        return scalar(epsilon) is not None and const_array(gamma) is not None \
+            and const_array(beta) is not None
+
+    def rewrite(self, op: Any, x: ir.Value, gamma: ir.Value, beta: ir.Value,
+                epsilon: ir.Value, **_: Any) -> ir.Value:
+        b = self.builder(op, self.root.outputs[0].name or "norm",
+                         {PROVENANCE_PASS: PassName.CANONICALIZE})
+        return b.op("LayerNormalization", [x, gamma, beta], "LayerNorm",
+                    {"axis": -1, "epsilon": scalar(epsilon)})
+
+
+def _keeps_dims(_context: Any, node: ir.Node) -> bool:
+    return node.attributes.get_int("keepdims", 1) == 1
+
+
+# ------------------------------------------------------------ GPT-2 Conv1D fold
 
 
 class FoldFlattenedLinearPass(InPlacePass):
@@ -90,6 +245,11 @@ class FoldFlattenedLinearPass(InPlacePass):
     broadcasts over leading dims, so applying it to x directly is the same arithmetic;
     the fold needs x's last dim to be K (from shape inference) and the second Reshape
     to end in N, restoring the leading dims.
+
+    Not a rewrite rule: it rewires the existing MatMul in place, so the node keeps its
+    name, its exporter metadata and its output name, and the flattening Reshape stays
+    for whatever else reads it. A rule would rebuild MatMul and Add (two patterns, with
+    and without the Add) and match only where nothing else reads the flattened tensor.
     """
 
     def call(self, model: ir.Model) -> PassResult:
@@ -164,161 +324,8 @@ def _ends_with(value: ir.Value | None, size: int) -> bool:
     return last is not None and int(last.reshape(-1)[-1]) == size
 
 
-class ExpandOrtKernelsPass(InPlacePass):
-    """Spells passes.ort_kernels' Sum / BiasGelu / Gelu back in the standard ONNX ops.
-
-    Experts of an MoE block (ffn_to_moe) keep their kernels: the finder skips them.
-    """
-
-    def call(self, model: ir.Model) -> PassResult:
-        count = 0
-        for node in list(model.graph):
-            if node.metadata_props.get("planer.pass") == "ffn_to_moe":
-                continue
-            if node.op_type == "Sum" and node.domain == "" and len(node.inputs) == 2:
-                out = _add_node(model.graph, node, list(node.inputs), f"{node.name}/Add",
-                                provenance=node.metadata_props)
-            elif node.domain == "com.microsoft" and node.op_type in ("BiasGelu", "Gelu"):
-                x = node.inputs[0]
-                if node.op_type == "BiasGelu":
-                    x = _add_node(model.graph, node, list(node.inputs), f"{node.name}/Add",
-                                  provenance=node.metadata_props)
-                out = _erf_gelu(model.graph, node, x)  # type: ignore[arg-type]
-            else:
-                continue
-            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
-            replace_uses(node.outputs[0], out)
-            model.graph.remove(node, safe=True)
-            count += 1
-        return PassResult(model, modified=count > 0)
-
-
-def _add_node(graph: ir.Graph, anchor: ir.Node, inputs: list, name: str,
-              op_type: str = "Add", provenance: Mapping[str, str] | None = None) -> ir.Value:
-    # Re-spelled nodes keep the provenance of the node they expand (ort_kernels), so
-    # `planer diff` knows them for planer's spelling rather than the exporter's.
-    meta = dict(provenance) if provenance else {"planer.pass": PASS_NAME}
-    node = ir.node(op_type, inputs, name=name, metadata_props=meta)
-    node.outputs[0].name = f"{name}_out"
-    graph.insert_before(anchor, node)
-    return node.outputs[0]
-
-
-def _erf_gelu(graph: ir.Graph, anchor: ir.Node, x: ir.Value) -> ir.Value:
-    """Emits x·(1 + erf(x/√2))·0.5, the spelling ORT's own GELU fusion matches."""
-    base = anchor.name or "gelu"
-    consts = {name: add_initializer(graph, f"{base}/{name}", np.array(value, np.float32))
-              for name, value in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))}
-    meta = anchor.metadata_props
-    scaled = _add_node(graph, anchor, [x, consts["sqrt2"]], f"{base}/Div", "Div", meta)
-    erf = _add_node(graph, anchor, [scaled], f"{base}/Erf", "Erf", meta)
-    plus = _add_node(graph, anchor, [erf, consts["one"]], f"{base}/Add1", "Add", meta)
-    times = _add_node(graph, anchor, [x, plus], f"{base}/Mul", "Mul", meta)
-    return _add_node(graph, anchor, [times, consts["half"]], f"{base}/Mul_half", "Mul", meta)
-
-
-class FuseLayerNormPass(InPlacePass):
-    """Rewrites the decomposed LayerNorm chain as one LayerNormalization node (opset >= 17)."""
-
-    def call(self, model: ir.Model) -> PassResult:
-        if default_opset(model) < 17:
-            return PassResult(model, modified=False)
-        count = 0
-        for node in list(model.graph):
-            if node.op_type != "ReduceMean" or node.graph is None:
-                continue
-            match = match_decomposed_layernorm(node)
-            if match is None:
-                continue
-            x, gamma, beta, eps, out = match
-            name = f"{out.name}/LayerNorm"
-            fused = ir.node(
-                "LayerNormalization",
-                [x, gamma, beta],
-                attributes={"axis": -1, "epsilon": eps},
-                name=name,
-                metadata_props={"planer.pass": PASS_NAME},
-            )
-            model.graph.insert_before(out.producer(), fused)  # type: ignore[arg-type]
-            replace_uses(out, fused.outputs[0])
-            count += 1
-        if count:
-            RemoveUnusedNodesPass()(model)
-        return PassResult(model, modified=count > 0)
-
-
-def match_decomposed_layernorm(
-    mean_node: ir.Node,
-) -> tuple[ir.Value, ir.Value, ir.Value, float, ir.Value] | None:
-    """Matches LayerNorm spelled out from `mean_node` = ReduceMean(x) over the last axis.
-
-    Returns (x, gamma, beta, epsilon, output) or None.
-    """
-    x = mean_node.inputs[0]
-    mean = mean_node.outputs[0]
-    sub = next((u for u in mean.consumers() if u.op_type == "Sub" and u.inputs[0] is x), None)
-    if sub is None or x is None or not _reduces_last_axis(mean_node):
-        return None
-    d = sub.outputs[0]
-    sq = next((u for u in d.consumers() if _is_square(u, d)), None)
-    div = next((u for u in d.consumers() if u.op_type == "Div" and u.inputs[0] is d), None)
-    if sq is None or div is None:
-        return None
-    var_node = _only(sq.outputs[0], "ReduceMean")
-    add_eps = _only(var_node.outputs[0], "Add") if var_node else None
-    eps = scalar(other_input(add_eps, var_node.outputs[0])) if add_eps and var_node else None
-    sqrt = _only(add_eps.outputs[0], "Sqrt") if add_eps else None
-    if eps is None or sqrt is None or div.inputs[1] is not sqrt.outputs[0]:
-        return None
-    mul = _only(div.outputs[0], "Mul")
-    gamma = other_input(mul, div.outputs[0]) if mul else None
-    add = _only(mul.outputs[0], "Add") if mul else None
-    beta = other_input(add, mul.outputs[0]) if add and mul else None
-    if add is None or gamma is None or beta is None or const_array(gamma) is None \
-            or const_array(beta) is None:
-        return None
-    return x, gamma, beta, eps, add.outputs[0]
-
-
-def _reduces_last_axis(node: ir.Node) -> bool:
-    axes_attr = node.attributes.get("axes")
-    axes = list(axes_attr.value) if axes_attr is not None else None
-    if axes is None and len(node.inputs) > 1:
-        array = const_array(node.inputs[1])
-        axes = None if array is None else array.reshape(-1).tolist()
-    return axes == [-1]
-
-
-def _is_square(node: ir.Node, d: ir.Value) -> bool:
-    if node.op_type == "Pow":
-        return node.inputs[0] is d and scalar(node.inputs[1]) == 2.0
-    return node.op_type == "Mul" and node.inputs[0] is d and node.inputs[1] is d
-
-
 def _only(value: ir.Value, op_type: str) -> ir.Node | None:
     consumers = list(value.consumers())
     if len(consumers) == 1 and consumers[0].op_type == op_type:
         return consumers[0]
     return None
-
-
-
-def canonicalize(model: ir.Model) -> ir.Model:
-    """Runs every canonicalization on `model` in place and returns it."""
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    IdentityEliminationPass()(model)
-    GemmToMatMulPass()(model)
-    ExpandOrtKernelsPass()(model)
-    _infer_shapes(model)
-    FoldFlattenedLinearPass()(model)
-    FuseLayerNormPass()(model)
-    RemoveUnusedNodesPass()(model)
-    return model
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    """Annotates ranks and static dims where ONNX shape inference can tell them."""
-    try:
-        ShapeInferencePass()(model)
-    except Exception as exc:  # inference is an aid here, never a requirement
-        logger.info("shape inference skipped: %s", exc)
