@@ -16,6 +16,11 @@ Before:  r ─ Add(·, x) ─ LayerNormalization        h ─ Add(b1) ─ Div(�
                                                     Mul(0.5) ─ Mul(h) ─ y
 After:   r ─ Sum(·, x) ─ LayerNormalization        h ─ BiasGelu(b1) ─ y
 
+Both are onnxscript rewrite rules run through compiler.rewrite_rules. onnxscript ships
+erf-GELU and BiasGelu fusions (ort_fusions); planer declares its own because those
+match 0-d constants only, miss TorchScript's (½·x)·(1 + erf) grouping and x·(1/√2), and
+take any rank-1 bias, where BiasGelu needs one constant per channel.
+
 Requires: target runtime ORT (contrib ops; TensorRT does its own fusion and has no
 BiasGelu).  Preserves: graph inputs/outputs; outputs equal up to float rounding.
 """
@@ -24,14 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
+from onnxscript.rewriter import pattern as rw
 
-from planer.compiler.irutil import NodeBuilder, const_array, other_input, replace_uses, scalar
+from planer.compiler.irutil import const_array
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, PassName
+from planer.compiler.rewrite_rules import PlanerRule, apply_rules, scalar_near
 
-PASS_NAME = "ort_kernels"
+PASS_NAME = PassName.ORT_KERNELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +59,12 @@ def apply_ort_kernels(model: ir.Model, config: OrtKernelsConfig) -> dict[str, in
     """Rewrites `model` in place; returns how many residual Adds and GELUs changed."""
     counts = {"residual_sum": 0, "gelu": 0}
     if config.fuse_gelu:
-        counts["gelu"] = _fuse_gelus(model)
+        # GELU first, then its bias: one Add + Gelu pattern instead of a bias copy of
+        # every GELU spelling (the rewriter tries each commuted copy at every node).
+        counts["gelu"] = apply_rules(model, [ErfGeluToGelu(g) for g in GELU_GROUPINGS])
+        apply_rules(model, [BiasGeluFusion()])
     if config.unfuse_skip_layernorm:
-        counts["residual_sum"] = _unfuse_skip_layernorms(model.graph)
+        counts["residual_sum"] = apply_rules(model, [ResidualAddToSum()])
     return counts
 
 
@@ -72,21 +83,25 @@ class OrtKernelsPass(InPlacePass):
 # ---------------------------------------------------------------- residual Add -> Sum
 
 
-def _unfuse_skip_layernorms(graph: ir.Graph) -> int:
-    changed = 0
-    for norm in list(graph):
-        if norm.op_type != "LayerNormalization" or norm.domain != "":
-            continue
-        add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-        if add is None or add.op_type != "Add" or add.domain != "" or not _is_residual(add):
-            continue
-        b = NodeBuilder(graph, add, pass_name=PASS_NAME, block=add.name or "residual")
-        total = b.op("Sum", list(add.inputs), "Sum")
-        total.shape, total.type = add.outputs[0].shape, add.outputs[0].type
-        replace_uses(add.outputs[0], total)
-        graph.remove(add, safe=True)
-        changed += 1
-    return changed
+class ResidualAddToSum(PlanerRule):
+    """Add(a, c) of two computed tensors that a LayerNormalization reads ─▶ Sum(a, c)."""
+
+    commute = False  # one node; the check reads both operands alike
+    requires = frozenset({"LayerNormalization"})
+
+    def pattern(self, op: Any, a: Any, c: Any) -> Any:
+        return op.Add(a, c)
+
+    def check(self, context: Any, **_: Any) -> bool:
+        add = self.root
+        feeds_norm = any(use.node.op_type == "LayerNormalization" and use.node.domain == ""
+                         and use.idx == 0 for use in add.outputs[0].uses())
+        return feeds_norm and _is_residual(add)
+
+    def rewrite(self, op: Any, **_: Any) -> ir.Value:
+        block = self.root.name or "residual"
+        b = self.builder(op, block, {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
+        return b.op("Sum", list(self.root.inputs), "Sum")
 
 
 def _is_residual(add: ir.Node) -> bool:
@@ -101,95 +116,61 @@ def _is_residual(add: ir.Node) -> bool:
 
 # ---------------------------------------------------------------- erf-GELU -> BiasGelu
 
-
-def _fuse_gelus(model: ir.Model) -> int:
-    changed = 0
-    for erf in [n for n in model.graph if n.op_type == "Erf" and n.domain == ""]:
-        match = _match_gelu(erf)
-        if match is None:
-            continue
-        x, last, nodes = match
-        bias_add = x.producer()
-        bias = None if bias_add is None else _bias_of(bias_add)
-        b = NodeBuilder(model.graph, last, pass_name=PASS_NAME, block=last.name or "gelu")
-        if bias is not None and len(x.uses()) == len(nodes):
-            h, b1 = bias
-            y = b.op("BiasGelu", [h, b1], "BiasGelu", domain="com.microsoft")
-        else:
-            y = b.op("Gelu", [x], "Gelu", domain="com.microsoft")
-        y.shape, y.type = last.outputs[0].shape, last.outputs[0].type
-        replace_uses(last.outputs[0], y)
-        model.opset_imports.setdefault("com.microsoft", 1)
-        changed += 1
-    return changed
+_SQRT2 = math.sqrt(2.0)
 
 
-def _match_gelu(erf: ir.Node) -> tuple[ir.Value, ir.Node, list[ir.Node]] | None:
-    """Matches x/√2 ─ Erf ─ +1 ─ (×0.5, ×x in either order); returns (x, last node, x's readers).
+class ErfGeluToGelu(PlanerRule):
+    """x/√2 ─ Erf ─ +1 ─ ×½ ─ ×x ─▶ com.microsoft Gelu(x).
 
-    Every intermediate value must have one reader, so nothing else sees the nodes replaced.
+    `grouping` names where the ×½ sits: "half_last" (x·(½·(1 + erf)), the dynamo
+    exporter), "x_first" ((x·(1 + erf))·½) or "half_x" ((½·x)·(1 + erf), TorchScript).
+    Every operand order and x·(1/√2) for x/√2 match too.
     """
-    scale = erf.inputs[0].producer() if erf.inputs[0] is not None else None
-    if scale is None or scale.op_type not in ("Div", "Mul"):
-        return None
-    x, factor = scale.inputs
-    want = math.sqrt(2.0) if scale.op_type == "Div" else 1.0 / math.sqrt(2.0)
-    if x is None or not _close(scalar(factor), want):
-        return None
-    plus = _only_reader(erf.outputs[0])
-    if plus is None or plus.op_type != "Add" or \
-            not _close(scalar(other_input(plus, erf.outputs[0])), 1.0):
-        return None
-    readers_of_x = [scale]
-    first = _only_reader(plus.outputs[0])
-    if first is None or first.op_type != "Mul":
-        return None
-    other = other_input(first, plus.outputs[0])
-    if _close(scalar(other), 0.5):  # 0.5·(1 + erf) first, then ×x
-        last = _only_reader(first.outputs[0])
-        if last is None or last.op_type != "Mul" or other_input(last, first.outputs[0]) is not x:
-            return None
-        readers_of_x.append(last)
-    elif other is x:  # x·(1 + erf), then ×0.5
-        last = _only_reader(first.outputs[0])
-        if last is None or last.op_type != "Mul" or \
-                not _close(scalar(other_input(last, first.outputs[0])), 0.5):
-            return None
-        readers_of_x.append(first)
-    elif _is_half_of(other, x):  # (0.5·x)·(1 + erf)
-        last = first
-        readers_of_x.append(other.producer())  # type: ignore[union-attr]
-    else:
-        return None
-    return x, last, readers_of_x
+
+    requires = frozenset({"Erf"})
+
+    def __init__(self, grouping: str):
+        super().__init__()
+        self.grouping = grouping
+
+    def pattern(self, op: Any, x: Any) -> Any:
+        scaled = rw.OrValue([op.Div(x, scalar_near(_SQRT2)),
+                             op.Mul(x, scalar_near(1.0 / _SQRT2))])
+        plus = op.Add(op.Erf(scaled), scalar_near(1.0))
+        half = scalar_near(0.5)
+        if self.grouping == "half_last":
+            return op.Mul(x, op.Mul(plus, half))
+        if self.grouping == "x_first":
+            return op.Mul(op.Mul(plus, x), half)
+        return op.Mul(op.Mul(x, half), plus)
+
+    def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
+        block = self.root.name or "gelu"
+        b = self.builder(op, block, {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
+        return b.op("Gelu", [x], "Gelu", domain="com.microsoft")
 
 
-def _is_half_of(value: ir.Value | None, x: ir.Value) -> bool:
-    half = value.producer() if value is not None else None
-    if value is None or half is None:
-        return False
-    return half.op_type == "Mul" and x in half.inputs and \
-        _close(scalar(other_input(half, x)), 0.5) and _only_reader(value) is not None
+class BiasGeluFusion(PlanerRule):
+    """Add(h, b) ─ Gelu (one ErfGeluToGelu wrote) ─▶ com.microsoft BiasGelu(h, b).
+
+    b must be a 1-D constant along h's last axis, and the sum read by the Gelu alone.
+    """
+
+    requires = frozenset({"Gelu"})
+
+    def pattern(self, op: Any, h: Any, bias: Any) -> Any:
+        return op.Gelu(op.Add(h, bias), _domain="com.microsoft")
+
+    def check(self, context: Any, h: ir.Value, bias: ir.Value, **_: Any) -> bool:
+        array = const_array(bias)
+        return self.root.metadata_props.get(PROVENANCE_PASS) == PASS_NAME and \
+            array is not None and array.ndim == 1 and \
+            (h.shape is None or h.shape[-1] == array.shape[0])
+
+    def rewrite(self, op: Any, h: ir.Value, bias: ir.Value, **_: Any) -> ir.Value:
+        block = self.root.metadata_props[PROVENANCE_BLOCK]
+        b = self.builder(op, block, {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
+        return b.op("BiasGelu", [h, bias], "BiasGelu", domain="com.microsoft")
 
 
-def _bias_of(add: ir.Node) -> tuple[ir.Value, ir.Value] | None:
-    """Returns (h, b1) when add = Add(h, b1) with b1 a 1-D constant over the last axis."""
-    if add.op_type != "Add" or add.domain != "":
-        return None
-    for h, b1 in (add.inputs, reversed(add.inputs)):
-        array = const_array(b1)
-        if h is not None and b1 is not None and array is not None and array.ndim == 1 and \
-                (h.shape is None or h.shape[-1] == array.shape[0]):
-            return h, b1
-    return None
-
-
-def _only_reader(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0].node
-
-
-def _close(value: float | None, want: float) -> bool:
-    return value is not None and bool(np.isclose(value, want, rtol=1e-5, atol=0.0))
+GELU_GROUPINGS = ("half_last", "x_first", "half_x")

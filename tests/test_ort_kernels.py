@@ -10,13 +10,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from planer.compiler.driver.pipeline import compile_plan, read_canonical, read_model
-from planer.compiler.irutil import PROVENANCE_PASS
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, PassName
 from planer.cost_model.kernels import skip_layernorm_costs
 from planer.fixtures.build import example_inputs, fixture_path, minilm_path
-from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
+from planer.passes.ort_kernels import GELU_GROUPINGS, OrtKernelsConfig, apply_ort_kernels
 from tests.conftest import run_ort
 
 
@@ -63,7 +64,7 @@ def test_compiled_model_reads_back_with_the_same_layers(setting: str, tmp_path: 
     result = compile_plan(src, tmp_path / "out", ort_kernels=setting)
     model = onnx.load(str(result.model_path), load_external_data=False)
     steered = [n for n in model.graph.node
-               if any(p.key == PROVENANCE_PASS and p.value == "ort_kernels"
+               if any(p.key == PROVENANCE_PASS and p.value == PassName.ORT_KERNELS
                       for p in n.metadata_props)]
     assert bool(steered) == (setting == "on")
     _, spec = read_model(src)
@@ -92,3 +93,108 @@ def test_kernel_choice_reports_both_timings() -> None:
     assert choice.fused_us > 0 and choice.unfused_us > 0
     assert choice.unfuse == (choice.unfused_us < choice.fused_us)
     assert set(choice.to_dict()) == {"fused_us", "unfused_us", "unfuse"}
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: list[str],
+           inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("Relu", ["y"], ["out"], name="reader")], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 8]) for n in inputs],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 8])],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _erf_gelu_model(grouping: str, *, swapped: bool, bias: bool,
+                    bias_read_elsewhere: bool = False) -> onnx.ModelProto:
+    """erf-GELU in `grouping`; `swapped` writes every commutative op's operands the other
+    way round and scales by Mul(1/√2) instead of Div(√2)."""
+    def pair(op: str, a: str, b: str, out: str, **kw: str) -> onnx.NodeProto:
+        return helper.make_node(op, [b, a] if swapped else [a, b], [out], **kw)
+
+    nodes = [pair("Add", "h", "b", "x")] if bias else []
+    x = "x" if bias else "h"
+    nodes += [pair("Mul", x, "inv_sqrt2", "s") if swapped else
+              helper.make_node("Div", [x, "sqrt2"], ["s"]),
+              helper.make_node("Erf", ["s"], ["e"]), pair("Add", "e", "one", "p")]
+    last = {"name": "layer0/ffn/act"}
+    nodes += {
+        "half_last": [pair("Mul", "p", "half", "q"), pair("Mul", x, "q", "y", **last)],
+        "x_first": [pair("Mul", "p", x, "q"), pair("Mul", "q", "half", "y", **last)],
+        "half_x": [pair("Mul", x, "half", "q"), pair("Mul", "q", "p", "y", **last)],
+    }[grouping]
+    if bias_read_elsewhere:
+        nodes.append(helper.make_node("Identity", ["x"], ["x_copy"]))
+    rng = np.random.default_rng(7)
+    # Exporters write these constants 0-d or as [1] tensors; both must match.
+    inits = {"b": rng.standard_normal(8).astype(np.float32),
+             "sqrt2": np.array(np.sqrt(2.0), np.float32),
+             "inv_sqrt2": np.array([1 / np.sqrt(2.0)], np.float32),
+             "one": np.array([1.0], np.float32), "half": np.array(0.5, np.float32)}
+    model = _model(nodes, ["h"], inits)
+    if bias_read_elsewhere:
+        model.graph.output.append(helper.make_tensor_value_info("x_copy", TensorProto.FLOAT,
+                                                                [2, 3, 8]))
+    return model
+
+
+def _rewrite_and_compare(proto: onnx.ModelProto, config: OrtKernelsConfig,
+                         tmp_path: Path) -> tuple[ir.Model, dict[str, int]]:
+    model = ir.serde.deserialize_model(proto)
+    counts = apply_ort_kernels(model, config)
+    onnx.save(proto, tmp_path / "original.onnx")
+    ir.save(model, tmp_path / "rewritten.onnx")
+    rng = np.random.default_rng(8)
+    feeds = {i.name: rng.standard_normal((2, 3, 8)).astype(np.float32)
+             for i in proto.graph.input}
+    for expected, actual in zip(run_ort(tmp_path / "original.onnx", feeds),
+                                run_ort(tmp_path / "rewritten.onnx", feeds), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+    return model, counts
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("swapped", [False, True])
+@pytest.mark.parametrize("grouping", GELU_GROUPINGS)
+def test_every_erf_gelu_spelling_becomes_one_kernel(grouping: str, swapped: bool, bias: bool,
+                                                    tmp_path: Path) -> None:
+    proto = _erf_gelu_model(grouping, swapped=swapped, bias=bias)
+    model, counts = _rewrite_and_compare(proto, OrtKernelsConfig(), tmp_path)
+    assert counts == {"gelu": 1, "residual_sum": 0}
+    kernel = "BiasGelu" if bias else "Gelu"
+    node, reader = list(model.graph)
+    assert (node.domain, node.op_type, node.name) == ("com.microsoft", kernel,
+                                                      f"layer0/ffn/act/{kernel}")
+    assert dict(node.metadata_props) == {PROVENANCE_PASS: PassName.ORT_KERNELS,
+                                         PROVENANCE_BLOCK: "layer0/ffn/act"}
+    assert reader.inputs[0] is node.outputs[0]
+    assert node.outputs[0].name == f"layer0/ffn/act/{kernel}_out"
+
+
+def test_a_bias_read_elsewhere_stays_an_add(tmp_path: Path) -> None:
+    proto = _erf_gelu_model("half_last", swapped=False, bias=True, bias_read_elsewhere=True)
+    model, _ = _rewrite_and_compare(proto, OrtKernelsConfig(), tmp_path)
+    assert [n.op_type for n in model.graph] == ["Add", "Gelu", "Identity", "Relu"]
+
+
+def test_residual_adds_before_layernorm_become_sums(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    inits = {"bias": rng.standard_normal(8).astype(np.float32),
+             "gamma": np.ones(8, np.float32), "beta": np.zeros(8, np.float32)}
+    nodes = [
+        helper.make_node("Add", ["a", "c"], ["r"], name="layer0/residual"),
+        helper.make_node("LayerNormalization", ["r", "gamma", "beta"], ["n"]),
+        helper.make_node("Add", ["n", "bias"], ["nb"], name="layer0/bias"),  # a bias: kept
+        helper.make_node("LayerNormalization", ["nb", "gamma", "beta"], ["y"]),
+    ]
+    proto = _model(nodes, ["a", "c"], inits)
+    model, counts = _rewrite_and_compare(proto, OrtKernelsConfig(fuse_gelu=False), tmp_path)
+    assert counts == {"residual_sum": 1, "gelu": 0}
+    total = next(iter(model.graph))
+    assert (total.op_type, total.name) == ("Sum", "layer0/residual/Sum")
+    assert dict(total.metadata_props) == {PROVENANCE_PASS: PassName.ORT_KERNELS,
+                                          PROVENANCE_BLOCK: "layer0/residual"}
+    assert [n.op_type for n in model.graph] == ["Sum", "LayerNormalization", "Add",
+                                                "LayerNormalization", "Relu"]
