@@ -223,25 +223,36 @@ def resolve_model(path: Path | None, *, verbose: bool = False) -> Path:
 def run_inspect(args: argparse.Namespace) -> int:
     """Prints the model's layers as a table or one JSON object."""
     from planer.compiler.driver.pipeline import read_model
+    from planer.compiler.support import analyze
 
     path = resolve_model(args.model, verbose=args.verbose)
     _, spec = read_model(path)
     data = spec.to_dict(batch=args.batch, seq_len=args.seq_len)
     data["model"] = str(path)
+    # The same analysis compile runs before fitting (compiler.support).
+    support = analyze(spec)
+    data.update(support.to_dict())
+    for record, verdict in zip(data["layers"], support.layers, strict=True):
+        record.update(verdict.to_dict())
     if args.json:
         out.print_json(json.dumps(data))
         return EXIT_OK
     table = Table(title=f"{path.name}: {len(spec.layers)} {spec.kind} layers, hidden {spec.hidden}")
     for column in ("layer", "heads", "head size", "hidden", "FFN", "activation", "norm",
-                   "params", "GFLOPs"):
+                   "params", "GFLOPs", "supported"):
         table.add_column(column, justify="right")
-    for layer in data["layers"]:
+    for layer, verdict in zip(data["layers"], support.layers, strict=True):
         table.add_row(str(layer["index"]), str(layer["heads"]), str(layer["head_size"]),
                       str(layer["hidden"]), str(layer["ffn"]), layer["activation"],
-                      layer["norm"], f"{layer['params']:,}", f"{layer['flops'] / 1e9:.3f}")
+                      layer["norm"], f"{layer['params']:,}", f"{layer['flops'] / 1e9:.3f}",
+                      verdict.verdict)
     out.print(table)
     out.print(f"parameters {data['params']:,}   FLOPs at batch {args.batch}, "
               f"seq {args.seq_len}: {data['flops'] / 1e9:.3f} G")
+    summary = "yes" if data["supported"] else \
+        "no" if any(la.fatal for la in support.layers) else "FFN pruning only (heads stay)"
+    out.print("\n  ".join([f"supported: {summary}", *data["unsupported"]]), markup=False,
+              highlight=False)
     return EXIT_OK
 
 

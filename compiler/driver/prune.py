@@ -23,10 +23,9 @@ from planer.passes.prune_fit import (
     LayerActivations,
     allocate,
     capture_layers,
+    choose_output,
     importance,
     kept_units,
-    refit,
-    relative_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,39 +94,19 @@ def calibrated_selection(
         keep = np.asarray(channels[i], dtype=np.int64)
         record: dict[str, Any] = {"index": i}
         if len(heads[i]) < a.heads:
-            fit = refit(act.ctx[:, cols], _dense(act.ctx, a.o.w(), a.o.b())) if reconstruct \
-                else None
-            if fit is not None:
-                head_out[i] = fit
-            record["attn"] = _errors(holdout[i].ctx if holdout else act.ctx, cols, a.o.w(),
-                                     a.o.b(), fit)
+            choice = choose_output(act.ctx, cols, a.o.w(), a.o.b(), reconstruct=reconstruct,
+                                   x_check=holdout[i].ctx if holdout else None)
+            if choice.fit is not None:
+                head_out[i] = choice.fit
+            record["attn"] = choice.record
         if len(channels[i]) < f.width:
-            fit = refit(act.act[:, keep], _dense(act.act, f.w2.w(), f.w2.b())) if reconstruct \
-                else None
-            if fit is not None:
-                chan_out[i] = fit
-            record["ffn_fit"] = _errors(holdout[i].act if holdout else act.act, keep, f.w2.w(),
-                                    f.w2.b(), fit)
+            choice = choose_output(act.act, keep, f.w2.w(), f.w2.b(), reconstruct=reconstruct,
+                                   x_check=holdout[i].act if holdout else None)
+            if choice.fit is not None:
+                chan_out[i] = choice.fit
+            record["ffn_fit"] = choice.record
         records.append(record)
     selection = Selection(heads=heads, channels=channels, head_output=head_out,
                           channel_output=chan_out,
                           method=method + ("+refit" if reconstruct else ""))
     return selection, records
-
-
-def _dense(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    y = x.astype(np.float64) @ w.astype(np.float64)
-    return y + b if b is not None else y
-
-
-def _errors(
-    x: np.ndarray, keep: np.ndarray, w: np.ndarray, b: np.ndarray | None,
-    fit: tuple[np.ndarray, np.ndarray] | None,
-) -> dict[str, float]:
-    """Held-out relative error of the pruned block, sliced as is and after the refit."""
-    target = _dense(x, w, b)
-    sliced = _dense(x[:, keep], w[keep], b)
-    errors = {"error_sliced": round(relative_error(sliced, target), 5)}
-    if fit is not None:
-        errors["error_refit"] = round(relative_error(_dense(x[:, keep], *fit), target), 5)
-    return errors
