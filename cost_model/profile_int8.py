@@ -29,7 +29,7 @@ from planer.cost_model.profile import (
     attention_block,
     ffn_block,
 )
-from planer.cost_model.timing import SessionOptions, make_session, time_interleaved
+from planer.cost_model.timing import SessionOptions, Timing, make_session, time_interleaved
 from planer.passes.quantize import quantize_file
 
 BUILDERS: dict[str, Callable[[BlockShape, int], onnx.ModelProto]] = {
@@ -77,7 +77,16 @@ def measure_pairs(kind: str, mode: str, shape: BlockShape, units: Sequence[int],
     Returns:
         A float and an INT8 Measurement per unit count.
     """
+    timings = pair_timings(kind, mode, shape, units, repeats=repeats, progress=progress)
     name = int8_kind(kind, mode)
+    return [m for u in units for m in (Measurement(kind, u, timings[f"float{u}"].median_ms),
+                                       Measurement(name, u, timings[f"int8_{u}"].median_ms))]
+
+
+def pair_timings(kind: str, mode: str, shape: BlockShape, units: Sequence[int], *,
+                 repeats: int = 15, min_seconds: float = 0.0,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Timing]:
+    """Times `float<u>` and `int8_<u>` sessions of every unit count u, interleaved."""
     feeds = _feeds(kind, shape)
     opts = SessionOptions(threads=shape.threads)
     sessions = {}
@@ -90,9 +99,8 @@ def measure_pairs(kind: str, mode: str, shape: BlockShape, units: Sequence[int],
                                       {mode: _weight_matmuls(block)}, feeds=[feeds])
             sessions[f"float{u}"] = make_session(block, opts)
             sessions[f"int8_{u}"] = make_session(quantized, opts)
-    timings = time_interleaved(sessions, feeds, warmup=3, repeats=repeats, progress=progress)
-    return [m for u in units for m in (Measurement(kind, u, timings[f"float{u}"].median_ms),
-                                       Measurement(name, u, timings[f"int8_{u}"].median_ms))]
+    return time_interleaved(sessions, feeds, warmup=3, repeats=repeats,
+                            min_seconds=min_seconds, progress=progress)
 
 
 def _named(block: onnx.ModelProto) -> onnx.ModelProto:

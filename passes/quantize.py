@@ -320,8 +320,6 @@ def _static_options(symmetric_activations: bool) -> dict[str, Any]:
         # The output keeps its Q/DQ pair: ORT's CPU provider fuses DQ ─ MatMul ─ Q into
         # QLinearMatMul, but without the Q it dequantizes the weight on every run and
         # multiplies in float (measured 2x slower than float here).
-        # Reduce ranges every few batches instead of holding every batch's tensors.
-        "CalibMaxIntermediateOutputs": 4,
     }
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnxruntime.quantization import quantize_dynamic
 
@@ -148,6 +150,26 @@ def test_static_qdq_is_per_channel_and_close(tmp_path: Path) -> None:
     cosine = float((want * have).sum() / np.linalg.norm(want) / np.linalg.norm(have))
     assert cosine > 0.999
     assert not np.array_equal(want, have)
+
+
+def test_static_ranges_cover_every_calibration_row(tmp_path: Path) -> None:
+    model, spec = _read()
+    calib = build_calibration(None, model_input_infos(model), vocab_size=spec.vocab_size,
+                              seq_len=16, max_samples=32, batch_size=4, seed=0)
+    assert len(calib.batches) == 6  # this input's maximum lies in an early batch
+    x = spec.layers[0].ffn.w1.input.name  # what w1's input QuantizeLinear will scale
+    proto = ir.serde.serialize_model(model)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT,
+                                                                 None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    seen = np.concatenate([session.run([x], {k: v for k, v in feed.items() if k in names})[0]
+                           .ravel() for feed in calib.batches])
+    low, high = min(float(seen.min()), 0.0), max(float(seen.max()), 0.0)
+    apply_quantize(model, spec, QuantizeConfig({0: Int8Plan("ffn", "static")}), calib)
+    quantize = model.graph.node("layer0/ffn/w1/int8/QuantizeLinear")
+    scale = float(quantize.inputs[1].const_value.numpy())
+    assert scale == pytest.approx((high - low) / 255, rel=1e-5)  # uint8, min/max of all rows
 
 
 def test_tensorrt_static_is_symmetric_and_in_its_operator_list() -> None:
