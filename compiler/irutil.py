@@ -114,7 +114,10 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def replace_uses(old: ir.Value, new: ir.Value) -> None:
-    """Points every reader of `old` (graph outputs included) at `new`, keeping the output name."""
+    """Points every reader of `old` (graph outputs included) at `new`, keeping the output name.
+
+    Callers that replace a whole block follow with `remove_dead_producers(old)`.
+    """
     if old.is_graph_output():
         name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
@@ -122,6 +125,27 @@ def replace_uses(old: ir.Value, new: ir.Value) -> None:
         new.name = name
     else:
         old.replace_all_uses_with(new)
+
+
+def remove_dead_producers(value: ir.Value) -> None:
+    """Removes the producer of `value` and its inputs' producers while none feeds anything.
+
+    A rewrite that replaced a block calls this on the block's old output, so it never
+    leaves a dead copy behind for the finder to read again (shared plumbing such as the
+    mask path stays: other layers still read it).
+    """
+    producer = value.producer()
+    graph = producer.graph if producer is not None else None
+    stack = [producer]
+    while stack:
+        node = stack.pop()
+        if node is None or graph is None or node.graph is not graph:
+            continue
+        if any(v.uses() or v.is_graph_output() for v in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        stack.extend(v.producer() for v in inputs)
 
 
 def bypass_with_constant(graph: ir.Graph, old: ir.Value, bias: np.ndarray, block: str) -> None:
@@ -137,3 +161,4 @@ def bypass_with_constant(graph: ir.Graph, old: ir.Value, bias: np.ndarray, block
         for i, item in enumerate(node.inputs):
             if item is old:
                 node.replace_input_with(i, constant)
+    remove_dead_producers(old)

@@ -1,24 +1,7 @@
-"""Graph rewrites, one per module. REGISTRY maps each `--passes` name to its pass classes."""
+"""Graph rewrites, one per module, each a frozen config and a plain `apply_<effect>`.
 
-from planer.passes.channel_pruning import ChannelPruningConfig, ChannelPruningPass
-from planer.passes.ffn_to_moe import FfnToMoeConfig, FfnToMoePass
-from planer.passes.head_pruning import HeadPruningConfig, HeadPruningPass
-from planer.passes.token_skim import TokenSkimConfig, TokenSkimPass
-
-REGISTRY: dict[str, tuple[type, ...]] = {
-    "prune": (HeadPruningPass, ChannelPruningPass),
-    "moe": (FfnToMoePass,),
-    "skim": (TokenSkimPass,),
-}
-
-__all__ = [
-    "REGISTRY",
-    "ChannelPruningConfig",
-    "ChannelPruningPass",
-    "FfnToMoeConfig",
-    "FfnToMoePass",
-    "HeadPruningConfig",
-    "HeadPruningPass",
-    "TokenSkimConfig",
-    "TokenSkimPass",
-]
+Each module exports `<Effect>Config` and `apply_<effect>(model, spec, config) -> int`
+(how many blocks changed). The compile runs them as stages (compiler/driver/stages.py,
+listed in compiler/driver/pipeline.STAGES); fitting code sits beside them (prune_fit,
+importance, moe_fit, skim_fit).
+"""

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 
 from planer.compiler.errors import PreconditionError
 from planer.compiler.irutil import add_initializer, bypass_with_constant
@@ -71,19 +70,6 @@ def apply_channel_pruning(model: ir.Model, spec: ModelSpec, config: ChannelPruni
             _forget_widths(ffn)
         changed += 1
     return changed
-
-
-class ChannelPruningPass(InPlacePass):
-    """Adapter running `apply_channel_pruning` as an onnx-ir pass."""
-
-    def __init__(self, spec: ModelSpec, config: ChannelPruningConfig):
-        super().__init__()
-        self.spec = spec
-        self.config = config
-
-    def call(self, model: ir.Model) -> PassResult:
-        count = apply_channel_pruning(model, self.spec, self.config)
-        return PassResult(model, modified=count > 0)
 
 
 def _forget_widths(ffn: FfnSpec) -> None:

@@ -47,10 +47,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 
 from planer.compiler.errors import PreconditionError
-from planer.compiler.irutil import PROVENANCE_PASS, NodeBuilder, replace_uses
+from planer.compiler.irutil import (
+    PROVENANCE_PASS,
+    NodeBuilder,
+    remove_dead_producers,
+    replace_uses,
+)
 from planer.compiler.plan import MoePlan
 from planer.compiler.spec import FfnSpec, ModelSpec
 from planer.passes.moe_fit import FittedLayer, Router, activation_root
@@ -153,21 +157,20 @@ def _rewrite(model: ir.Model, ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfi
              tokens: _TokenMask) -> str:
     _check(ffn, moe)
     lowering = choose_lowering(ffn, moe, config)
-    b = NodeBuilder(model.graph, ffn.out.producer(), pass_name=PASS_NAME, block=ffn.block)
+    b = NodeBuilder(model.graph, ffn.out_node, pass_name=PASS_NAME, block=ffn.block)
     fused = config.fuse_activation and lowering in ("gather", "scatter")
     if lowering == "kernel" or (fused and ffn.activation == "gelu"):
         model.opset_imports.setdefault("com.microsoft", 1)
     out = _LOWERINGS[lowering](b, ffn, moe, tokens, fused)
     replace_uses(ffn.out, out)
+    remove_dead_producers(ffn.out)
     return lowering
 
 
 def choose_lowering(ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig) -> str:
     """Returns the layer's lowering under `config`: "tensorrt", or one of the ort ones."""
     if config.target == "tensorrt":
-        if moe.capacity is None:
-            raise PreconditionError(f"{ffn.block}: the tensorrt lowering needs an expert "
-                                    "capacity (tokens per expert).")
+        _capacity(ffn, moe)
         return "tensorrt"
     requested = moe.lowering or config.lowering
     if requested == "kernel" and not kernel_fits(ffn.activation, moe.top_k):
@@ -224,23 +227,6 @@ def config_from_fits(
     return FfnToMoeConfig(layers, target=target, lowering=lowering)
 
 
-class FfnToMoePass(InPlacePass):
-    """Adapter running `apply_ffn_to_moe` as an onnx-ir pass."""
-
-    def __init__(self, spec: ModelSpec, config: FfnToMoeConfig):
-        super().__init__()
-        self.spec = spec
-        self.config = config
-
-    def call(self, model: ir.Model) -> PassResult:
-        """Runs the rewrite; modified when at least one FFN changed."""
-        count = apply_ffn_to_moe(model, self.spec, self.config)
-        return PassResult(model, modified=count > 0)
-
-
-# ---------------------------------------------------------------- shared pieces
-
-
 class _TokenMask:
     """Builds, once per model, the real-token mask [T, 1] and indices [n, 1] from attention_mask."""
 
@@ -279,6 +265,14 @@ class _TokenMask:
             nz = b.op("NonZero", [flat], "index/NonZero")
             self._index = b.op("Transpose", [nz], "index/Transpose", {"perm": [1, 0]})
         return self._index
+
+
+def _capacity(ffn: FfnSpec, moe: MoeLayer) -> int:
+    """Returns the tokens per expert of the tensorrt lowering, which needs one."""
+    if moe.capacity is None:
+        raise PreconditionError(f"{ffn.block}: the tensorrt lowering needs an expert "
+                                "capacity (tokens per expert).")
+    return moe.capacity
 
 
 def _check(ffn: FfnSpec, moe: MoeLayer) -> None:
@@ -427,7 +421,9 @@ def _emit_scatter(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMas
         x_nD = b.op("GatherND", [x_TD, idx], f"{name}/GatherND")
         acc = _accumulate(b, acc, zeros, idx, _expert_mlp(b, ffn, group, x_nD, name, fused),
                           name)
-    return _finish(b, ffn, acc, shape)  # type: ignore[arg-type]
+    if acc is None:
+        raise PreconditionError(f"{ffn.block}: an MoE layer needs at least one expert.")
+    return _finish(b, ffn, acc, shape)
 
 
 def _emit_sorted(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask,
@@ -518,7 +514,7 @@ def _emit_kernel(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask
                   {"axis": 1})
     w1, b1, w2 = ffn.w1.w(), ffn.w1.b(), ffn.w2.w()
     fc1 = np.stack([w1[:, g].T for g in moe.experts])  # [E, G, D]
-    fc2 = np.stack([w2[g].T * np.float32(k) for g in moe.experts])  # type: ignore[operator]
+    fc2 = np.stack([w2[g].T * np.float32(k) for g in moe.experts])
     inputs = [x_nD, logits, b.const("kernel/fc1", np.ascontiguousarray(fc1)),
               b.const("kernel/fc1_bias", np.stack([b1[g] for g in moe.experts]))
               if b1 is not None else None,
@@ -542,7 +538,7 @@ def _topk(b: NodeBuilder, scores: ir.Value, k: int | ir.Value, name: str,
 def _emit_tensorrt(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask,
                    fused: bool) -> ir.Value:
     del fused  # TensorRT takes the exported spelling (and has no contrib ops)
-    c, d = int(moe.capacity), ffn.w1.in_features  # type: ignore[arg-type]
+    c, d = _capacity(ffn, moe), ffn.w1.in_features
     e_count = moe.experts.shape[0]
     x_TD, shape = _flatten(b, ffn)
     r_TE = _router(b, x_TD, moe.router)

@@ -27,10 +27,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 
 from planer.compiler.errors import PreconditionError
-from planer.compiler.irutil import NodeBuilder, bypass_with_constant, replace_uses
+from planer.compiler.irutil import (
+    NodeBuilder,
+    bypass_with_constant,
+    remove_dead_producers,
+    replace_uses,
+)
 from planer.compiler.spec import AttentionSpec, ModelSpec
 
 PASS_NAME = "head_pruning"
@@ -71,19 +75,6 @@ def apply_head_pruning(model: ir.Model, spec: ModelSpec, config: HeadPruningConf
     return changed
 
 
-class HeadPruningPass(InPlacePass):
-    """Adapter running `apply_head_pruning` as an onnx-ir pass."""
-
-    def __init__(self, spec: ModelSpec, config: HeadPruningConfig):
-        super().__init__()
-        self.spec = spec
-        self.config = config
-
-    def call(self, model: ir.Model) -> PassResult:
-        count = apply_head_pruning(model, self.spec, self.config)
-        return PassResult(model, modified=count > 0)
-
-
 def head_columns(heads: tuple[int, ...], head_size: int) -> np.ndarray:
     """Returns the projection columns (or O rows) belonging to `heads`, in order."""
     return np.concatenate([np.arange(h * head_size, (h + 1) * head_size) for h in heads])
@@ -105,7 +96,7 @@ def _emit_attention(
     cols = head_columns(heads, attn.head_size)
     n, d = len(heads), attn.head_size
     dtype = attn.q.w().dtype
-    b = NodeBuilder(graph, attn.out.producer(), pass_name=PASS_NAME, block=attn.block)
+    b = NodeBuilder(graph, attn.out_node, pass_name=PASS_NAME, block=attn.block)
     split_shape = b.const("shape_BSHd", np.array([0, 0, n, d], dtype=np.int64))
     merge_shape = b.const("shape_BSI", np.array([0, 0, n * d], dtype=np.int64))
 
@@ -148,3 +139,4 @@ def _emit_attention(
     if bo is not None:
         out = b.op("Add", [out, b.const("o/bias", bo)], "o/Add")
     replace_uses(attn.out, out)
+    remove_dead_producers(attn.out)

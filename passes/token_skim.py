@@ -41,10 +41,10 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 
 from planer.compiler.errors import PreconditionError
 from planer.compiler.irutil import NodeBuilder
@@ -123,10 +123,10 @@ class TokenSkimConfig:
                 raise ValueError(f"layer {layer}: skim keep ratio {r} is not in (0, 1]")
 
     @staticmethod
-    def from_plan(skim_keep: Sequence[float | None], **kwargs: object) -> TokenSkimConfig:
+    def from_plan(skim_keep: Sequence[float | None], **kwargs: Any) -> TokenSkimConfig:
         """Builds the config for a Plan's per-layer `skim_keep` (None and 1.0 skim nothing)."""
         keep = {i: float(r) for i, r in enumerate(skim_keep) if r is not None and r < 1.0}
-        return TokenSkimConfig(keep=keep, **kwargs)  # type: ignore[arg-type]
+        return TokenSkimConfig(keep=keep, **kwargs)
 
 
 def apply_token_skim(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig) -> int:
@@ -166,22 +166,6 @@ def apply_token_skim(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig) 
     return len(points)
 
 
-class TokenSkimPass(InPlacePass):
-    """Adapter running `apply_token_skim` as an onnx-ir pass."""
-
-    def __init__(self, spec: ModelSpec, config: TokenSkimConfig):
-        super().__init__()
-        self.spec = spec
-        self.config = config
-
-    def call(self, model: ir.Model) -> PassResult:
-        count = apply_token_skim(model, self.spec, self.config)
-        return PassResult(model, modified=count > 0)
-
-
-# ---------------------------------------------------------------- checks and anchors
-
-
 def _check(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig, points: list[int]) -> None:
     if spec.kind != "encoder":
         raise PreconditionError(
@@ -216,9 +200,10 @@ def stream_in(layer: LayerSpec) -> ir.Value:
     x = layer.attention.x
     if layer.norm == "pre":
         producer = x.producer()
-        if producer is None or producer.op_type != "LayerNormalization":
+        source = producer.inputs[0] if producer is not None else None
+        if producer is None or producer.op_type != "LayerNormalization" or source is None:
             raise PreconditionError(f"layer{layer.index}: pre-LN input is not a LayerNorm.")
-        return producer.inputs[0]  # type: ignore[return-value]
+        return source
     return x
 
 

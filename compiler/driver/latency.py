@@ -16,9 +16,8 @@ it, the fastest model found is written under a name that says so and the CLI exi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,17 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from planer.compiler import emit
 from planer.compiler.calibration import (
     ModelInputInfo,
-    build_calibration,
-    model_input_infos,
     random_feeds,
 )
-from planer.compiler.driver.pipeline import CompileResult, compile_plan, read_model
+from planer.compiler.driver.compilation import CompileOptions
+from planer.compiler.driver.pipeline import CompileResult, compile_plan, load_fitting, read_model
+from planer.compiler.driver.planning import activations
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.plan import Plan
 from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
@@ -49,7 +47,7 @@ from planer.cost_model.timing import (
     ratios,
     time_interleaved,
 )
-from planer.passes.prune_fit import capture_layers, importance
+from planer.passes.prune_fit import importance
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +158,8 @@ def compile_to_latency(
     """
     say = progress or (lambda _msg: None)
     amount = target_ms if target_ms is not None else target_fraction
-    if amount is None or amount <= 0 or (target_fraction is not None and target_fraction > 1):
+    if amount is None or not math.isfinite(amount) or amount <= 0 \
+            or (target_fraction is not None and target_fraction > 1):
         raise BadInputError("--target-latency must be a positive time, or a fraction in "
                             "(0, 1] of the dense latency.")
     emit.check_output_location(model_path, out_dir)
@@ -171,11 +170,12 @@ def compile_to_latency(
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
             f"{target_ms:.1f} ms")
     model, spec = read_model(model_path)
-    say("tokenizing calibration data")
-    calib = build_calibration(calibration, model_input_infos(model), tokenizer=tokenizer,
-                              vocab_size=spec.vocab_size, seq_len=seq_len)
-    say("capturing calibration activations")
-    scores = importance(spec, capture_layers(model, spec, calib.batches))
+    # One fitting for every round: each round compiles another plan of the same model.
+    options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
+                             seq_len=seq_len)
+    fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0), say)
+    assert fitting is not None
+    scores = importance(spec, activations(fitting, model, spec, say))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".planer-search-", dir=out_dir.parent))
     rounds: list[Round] = []
@@ -197,7 +197,8 @@ def compile_to_latency(
             folder = scratch / f"round{k}"
             result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
                                   calibration=calibration, tokenizer=tokenizer, batch=batch,
-                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels)
+                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                                  fitting=fitting if calibration is not None else None)
             say(f"round {k + 1}: measuring against the dense model")
             ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
                                        seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
@@ -265,34 +266,12 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
 
 
 def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any]) -> None:
-    """Moves a verified round's files into OUT (data file first), renaming the model."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # OUT passed check_output_location, so a model under the other name is planer's own from
-    # an earlier run; it must not stay beside a report that no longer describes it.
-    other = emit.UNREACHABLE_NAME if name == emit.MODEL_NAME else emit.MODEL_NAME
-    for stale in (out_dir / other, out_dir / f"{other}.data"):
-        stale.unlink(missing_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    data = folder / f"{emit.MODEL_NAME}.data"
-    if data.exists():
-        if name != emit.MODEL_NAME:
-            _relocate_data(folder / emit.MODEL_NAME, f"{name}.data")
-            os.replace(data, out_dir / f"{name}.data")
-        else:
-            os.replace(data, out_dir / data.name)
-    for doc in ("plan.json", "report.json"):
-        os.replace(folder / doc, out_dir / doc)
-    os.replace(folder / emit.MODEL_NAME, out_dir / name)
+    """Commits a verified round's files into OUT as one unit, the model renamed `name`.
 
-
-def _relocate_data(model_file: Path, location: str) -> None:
-    """Points the model's external tensors at a renamed data file."""
-    proto = onnx.load(str(model_file), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save(proto, str(model_file))
+    emit.commit_folder replaces planer's whole earlier set, so a model left under the other
+    name by an earlier run does not stay beside a report that no longer describes it.
+    """
+    emit.commit_folder(folder, out_dir, model_name=name, report=report)
 
 
 def validate_latency_model(

@@ -1,0 +1,277 @@
+"""The compile stages, and the small runner that executes them in order.
+
+A stage reads and rewrites one `Compilation`: `applies` says whether the plan and
+options ask for it, `requires` refuses (with a sentence a user can act on) what it
+cannot do, and `run` rewrites the graph and returns whether it changed. The runner
+keeps planer's errors as they are (sentence and exit code: no wrapping in a generic
+pass error) and checks after every rewrite that the stage left no dead nodes behind,
+instead of repairing the graph after it. The list itself lives in `pipeline.STAGES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from planer.compiler.driver.compilation import Compilation
+from planer.compiler.driver.planning import choose_units, skim_layers
+from planer.compiler.errors import BadInputError, PlanerError
+from planer.compiler.irutil import remove_dead_producers
+from planer.compiler.names import PassName
+from planer.cost_model.kernels import moe_lowering_costs, skip_layernorm_costs
+from planer.passes.channel_pruning import ChannelPruningConfig, apply_channel_pruning
+from planer.passes.ffn_to_moe import (
+    apply_ffn_to_moe,
+    choose_lowering,
+    config_from_fits,
+    kernel_fits,
+)
+from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
+from planer.passes.moe_fit import fit_layers
+from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
+from planer.passes.skim_fit import fit_predictors
+from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
+
+logger = logging.getLogger(__name__)
+
+
+class Stage:
+    """One step of the compile; subclasses set `name` and override what they need."""
+
+    name: str = ""
+
+    def applies(self, c: Compilation) -> bool:
+        """Whether the plan and options ask for this stage."""
+        return True
+
+    def requires(self, c: Compilation) -> None:
+        """Raises a PlanerError with a sentence when the stage cannot run on `c`."""
+
+    def describe(self, c: Compilation) -> str:
+        """The progress line shown while the stage runs."""
+        return self.name.replace("_", " ")
+
+    def run(self, c: Compilation) -> bool:
+        """Runs the stage; returns whether the graph changed."""
+        raise NotImplementedError
+
+
+def run_stages(stages: Sequence[Stage], c: Compilation) -> None:
+    """Runs each stage that applies, in order, keeping planer's errors intact."""
+    for stage in stages:
+        if not stage.applies(c):
+            continue
+        stage.requires(c)
+        c.progress(stage.describe(c))
+        try:
+            modified = stage.run(c)
+        except PlanerError:
+            raise
+        except Exception as exc:
+            exc.add_note(f"(in planer's {stage.name} stage)")
+            raise
+        if modified:
+            c.modified()
+            dead = dead_nodes(c.model.graph)
+            if dead:
+                raise AssertionError(f"the {stage.name} stage left {len(dead)} dead nodes "
+                                     f"behind, e.g. {dead[0].name!r}")
+
+
+def dead_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Returns the nodes none of whose outputs is read or is a graph output."""
+    return [node for node in graph
+            if not any(v.uses() or v.is_graph_output() for v in node.outputs)]
+
+
+class ChooseUnits(Stage):
+    """Settles the plan (FLOPs target) and which heads and channels each layer keeps."""
+
+    name = "choose_units"
+
+    def describe(self, c: Compilation) -> str:
+        return "choosing what each layer keeps"
+
+    def run(self, c: Compilation) -> bool:
+        c.plan, c.selection, c.report.fit_records = choose_units(c)
+        return False
+
+
+class Prune(Stage):
+    """Re-emits attention with its kept heads, then slices each FFN to its kept channels.
+
+    One stage, one spec: channel pruning touches only FFN blocks, which the attention
+    rewrite leaves as they were, and a layer whose heads are all dropped has no attention
+    left for the finder to anchor on, so the spec is not found again in between.
+    """
+
+    name = "prune"
+
+    def describe(self, c: Compilation) -> str:
+        return "rewriting layers"
+
+    def run(self, c: Compilation) -> bool:
+        s, spec = c.selection, c.spec
+        heads = apply_head_pruning(c.model, spec, HeadPruningConfig(s.heads, s.head_output))
+        channels = apply_channel_pruning(c.model, spec,
+                                         ChannelPruningConfig(s.channels, s.channel_output))
+        return heads + channels > 0
+
+
+class FfnToMoe(Stage):
+    """Splits the planned FFNs into experts with fitted routers (DSTI/MoEfication)."""
+
+    name = PassName.FFN_TO_MOE
+
+    def applies(self, c: Compilation) -> bool:
+        return any(la.moe is not None for la in c.plan.layers)
+
+    def requires(self, c: Compilation) -> None:
+        if c.calib is None:
+            first = next(i for i, la in enumerate(c.plan.layers) if la.moe is not None)
+            raise BadInputError(f"plan layer {first} sets moe, whose routers are fitted on "
+                                "calibration data; pass --calibration.")
+
+    def describe(self, c: Compilation) -> str:
+        return "splitting FFNs into experts and fitting routers"
+
+    def run(self, c: Compilation) -> bool:
+        assert c.calib is not None  # requires() refused otherwise
+        o = c.options
+        info = apply_moe(c.model, c.spec, c.plan, c.calib, lowering=o.target_runtime,
+                         tokens=o.tokens, threads=o.threads, measure=o.ort_kernels == "auto")
+        c.report.add("moe", info)
+        return bool(info)
+
+
+class TokenSkim(Stage):
+    """Removes skimmed tokens before the planned layers (Transkimmer)."""
+
+    name = PassName.TOKEN_SKIM
+
+    def applies(self, c: Compilation) -> bool:
+        return bool(skim_layers(c.plan))
+
+    def requires(self, c: Compilation) -> None:
+        if any(la.moe is not None for la in c.plan.layers):
+            raise BadInputError("a plan cannot combine moe and skim_keep yet; the skim pass "
+                                "cannot read MoE layers.")
+        if 0 in skim_layers(c.plan) and c.calib is None:
+            raise BadInputError("skim_keep before layer 0 needs a fitted predictor (there is "
+                                "no earlier attention to score tokens by); pass --calibration.")
+
+    def describe(self, c: Compilation) -> str:
+        return "fitting skim predictors and removing skimmed tokens"
+
+    def run(self, c: Compilation) -> bool:
+        c.report.add("skim", apply_skim(c, lowering=c.options.target_runtime))
+        return True
+
+
+class OrtKernels(Stage):
+    """Steers ONNX Runtime's kernel choices where they measured badly (passes.ort_kernels)."""
+
+    name = PassName.ORT_KERNELS
+
+    def applies(self, c: Compilation) -> bool:
+        return c.options.target_runtime == "ort" and c.options.ort_kernels != "off"
+
+    def describe(self, c: Compilation) -> str:
+        if c.options.ort_kernels == "auto":
+            return "choosing ORT kernels (timing fused vs unfused residual LayerNorm)"
+        return "choosing ORT kernels"
+
+    def run(self, c: Compilation) -> bool:
+        o = c.options
+        # The width is the source's: ORT kernels never change it, and a layer whose heads
+        # were all dropped has no attention left for the finder to anchor on.
+        info = tune_ort_kernels(c.model, c.source_spec.hidden, tokens=o.tokens,
+                                threads=o.threads, measure=o.ort_kernels == "auto")
+        c.report.add("ort_kernels", info)
+        return True
+
+
+# What `--passes` names: the stages a FLOPs or latency target may plan for.
+PASS_GROUPS: dict[str, tuple[type[Stage], ...]] = {
+    "prune": (Prune,),
+    "moe": (FfnToMoe,),
+    "skim": (TokenSkim,),
+}
+
+
+def tune_ort_kernels(model: ir.Model, width: int, *, tokens: int, threads: int,
+                     measure: bool = True) -> dict[str, Any]:
+    """Runs passes.ort_kernels on `model`; with `measure`, only where this machine gains."""
+    info: dict[str, Any] = {}
+    unfuse = True
+    if measure:
+        choice = skip_layernorm_costs(width, tokens, threads)
+        info["skip_layernorm"] = {"tokens": tokens, "threads": threads, **choice.to_dict()}
+        unfuse = choice.unfuse
+    info.update(apply_ort_kernels(model, OrtKernelsConfig(unfuse_skip_layernorm=unfuse)))
+    # The GELU respelling replaces a chain whose first nodes it does not remove itself.
+    for node in dead_nodes(model.graph):
+        if node.graph is model.graph:
+            for value in node.outputs:
+                remove_dead_producers(value)
+    return info
+
+
+def apply_moe(model: ir.Model, spec: Any, plan: Any, calib: Any, *, lowering: str,
+              tokens: int, threads: int = 1, measure: bool = False) -> dict[str, Any]:
+    """Splits the planned FFNs into experts with fitted routers; returns per-layer quality.
+
+    Runs after pruning, so experts split the pruned width. For the ort target with
+    `measure`, layers that com.microsoft.MoE computes exactly (static top-k, relu or
+    tanh-GELU) take whichever of it and the gather chain measured faster here at
+    `tokens` and `threads`; the others, and every layer without `measure`, use gather.
+    """
+    wanted = {i: la.moe for i, la in enumerate(plan.layers) if la.moe is not None}
+    fitted = fit_layers(model, spec, calib, {i: p.experts for i, p in wanted.items()})
+    config = config_from_fits(fitted, wanted, target=lowering, tokens=tokens)
+    info = {f"layer{i}": fitted[i].quality(p).to_dict() for i, p in wanted.items()}
+    if lowering == "ort":
+        layers = dict(config.layers)
+        for layer in spec.layers:
+            moe = layers.get(layer.index)
+            if moe is None:
+                continue
+            record = info[f"layer{layer.index}"]
+            if measure and kernel_fits(layer.ffn.activation, moe.top_k):
+                costs = moe_lowering_costs(layer.ffn.w1.in_features, layer.ffn.width,
+                                           moe.experts.shape[0], int(moe.top_k or 0),
+                                           layer.ffn.activation, tokens, threads)
+                moe = layers[layer.index] = dataclasses.replace(moe, lowering=costs.lowering)
+                record["lowering_us"] = {k: v for k, v in costs.to_dict().items()
+                                         if k != "lowering"}
+            # What the rewrite will emit, from the rule it uses.
+            record["lowering"] = choose_lowering(layer.ffn, moe, config)
+        config = dataclasses.replace(config, layers=layers)
+    apply_ffn_to_moe(model, spec, config)
+    return info
+
+
+def apply_skim(c: Compilation, *, lowering: str) -> dict[str, Any]:
+    """Skims tokens where the plan says, with fitted predictors when calibration exists.
+
+    Runs after pruning (it reads the re-emitted attention). Returns predictor fit records.
+    """
+    layers = skim_layers(c.plan)
+    predictors: dict[int, Any] = {}
+    records: dict[str, Any] = {}
+    if c.calib is not None:
+        fit = fit_predictors(c.model, c.spec, layers, c.calib.batches)
+        predictors = dict(fit.predictors)
+        records = {f"layer{i}": {"mse_before": round(fit.train_loss[i][0], 4),
+                                 "mse_after": round(fit.train_loss[i][1], 4),
+                                 "mse_holdout": round(fit.holdout_loss[i], 4)}
+                   for i in layers}
+    config = TokenSkimConfig.from_plan([la.skim_keep for la in c.plan.layers],
+                                       predictors=predictors, lowering=lowering)
+    apply_token_skim(c.model, c.spec, config)
+    return {"predictors": records, "score": "fitted" if predictors else "attention",
+            "lowering": lowering}
