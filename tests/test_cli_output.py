@@ -108,9 +108,25 @@ def test_quiet_libraries_silences_other_loggers_and_warnings_then_restores() -> 
 def test_quiet_libraries_turns_transformers_bars_off_inside_only() -> None:
     hf_logging = pytest.importorskip("transformers.utils.logging")
     assert hf_logging.is_progress_bar_enabled()
-    with quiet_libraries(transformers=True):
+    with quiet_libraries(export=True):
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize("export", [True, False])
+def test_quiet_export_survives_torchs_import_time_logging_setup(export: bool) -> None:
+    """Importing torch resets its loggers' levels; quiet_libraries(export=True) imports it first."""
+    pytest.importorskip("torch")
+    code = ("import logging\n"
+            "from planer.compiler.driver.quiet import quiet_libraries\n"
+            f"with quiet_libraries(export={export}):\n"
+            "    import torch.onnx\n"
+            "    logging.getLogger('torch.onnx._internal.exporter._registration')"
+            ".warning('torchvision is not installed')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    # Without export=True the warning gets through: the reason the flag exists.
+    assert ("torchvision is not installed" in run.stderr) is not export, run.stderr
 
 
 @pytest.mark.slow

