@@ -10,15 +10,16 @@ fields planer does not know are rejected, so a typo never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from planer.compiler import files
 from planer.compiler.errors import BadInputError
 from planer.compiler.spec import ModelSpec
 
 KNOWN_FIELDS = {"heads", "ffn", "moe", "skim_keep", "int8"}
 MOE_FIELDS = {"experts", "top_k", "tau"}
+MAX_PLAN_BYTES = 16 * files.MIB  # a plan names a few numbers per layer
 INT8_BLOCKS = ("attn", "ffn", "both")
 INT8_MODES = ("dynamic", "static")
 
@@ -103,14 +104,23 @@ class Plan:
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
-    """Reads a plan file as JSON, with a clear error when it is missing or malformed."""
+    """Reads a plan file as a JSON object, with a clear error when it is unusable.
+
+    Raises:
+        BadInputError: the file is missing, not a regular file, over 16 MiB, not UTF-8
+            JSON, nested too deeply, or holds something other than a JSON object.
+    """
     path = Path(path)
+    raw = files.read_bytes(path, "plan file", max_bytes=MAX_PLAN_BYTES)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise BadInputError(f"plan file {path} does not exist.") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"plan file {path} is not valid JSON ({exc}).") from exc
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadInputError(f"plan file {path} is not UTF-8 text.") from None
+    data = files.parse_json(text, f"plan file {path}")
+    if not isinstance(data, dict):
+        kind = "null" if data is None else f"a JSON {type(data).__name__}"
+        raise BadInputError(f'plan file {path} holds {kind}, not a JSON object with a "layers" '
+                            "list.")
     return data
 
 
