@@ -1,20 +1,22 @@
 """Writes compiled models atomically and verifies them before anything is reported.
 
-Everything is first written to a hidden temporary folder inside the output folder,
-checked there (full ONNX checker, then an ONNX Runtime load with all optimizations and
-one run), and only then renamed into place, data file before model. A failed check
-leaves the output folder as it was. The input model is never a destination.
+    claim OUT (checks, lock) ─▶ stage OUT/.planer-tmp-<pid>-*/ ─▶ save model (+ data)
+    ─▶ full ONNX checker + ORT load (all optimizations) and one run ─▶ measurements
+    ─▶ plan.json, report.json ─▶ commit the whole set (compiler.outdir: journal, manifest)
+
+A failed check leaves the output folder as it was. The input model is never a
+destination, and files planer did not write are never replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from planer.compiler import outdir
 from planer.compiler.errors import BadInputError, PlanerError
+from planer.compiler.loading import check_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +48,12 @@ def check_output_location(model_path: Path, out_dir: Path) -> None:
     """Refuses output folders that would overwrite the input or a user's own files.
 
     Raises:
-        BadInputError: `out_dir` is the input, a file, or holds files planer did not write.
+        BadInputError: `out_dir` is the input, a file, a symbolic link loop, or holds
+            files planer did not write.
     """
+    check_model_file(model_path)  # before anything opens it: a FIFO would block
     src = model_path.resolve()
-    out = out_dir.resolve()
+    out = outdir.resolve_output(out_dir)
     if out == src:
         raise BadInputError(f"-o {out_dir} points at the input model; choose a new folder.")
     if out.exists() and not out.is_dir():
@@ -68,6 +74,19 @@ def check_output_location(model_path: Path, out_dir: Path) -> None:
             )
 
 
+@contextlib.contextmanager
+def claim_output(model_path: Path, out_dir: Path) -> Iterator[Path]:
+    """Checks OUT (`check_output_location`) and holds its lock for the block.
+
+    Wrap a whole compile in it, so a second planer writing the same OUT is refused at
+    once rather than after its work; `write_outputs` takes the same lock on its own
+    (re-entrantly) for callers that do not.
+    """
+    check_output_location(model_path, out_dir)
+    with outdir.output_lock(out_dir) as out:
+        yield out
+
+
 def write_outputs(
     model: ir.Model,
     out_dir: Path,
@@ -79,9 +98,11 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Saves `model` plus JSON `documents` into `out_dir` after verifying the model.
 
+    The new files replace planer's earlier set in OUT as one unit (`compiler.outdir`).
+
     Args:
         model: the compiled model.
-        out_dir: destination folder (created if missing).
+        out_dir: destination folder (created if missing; removed again on failure).
         documents: file name -> JSON-ready object (plan.json, report.json).
         external_data: keep weights in `model.onnx.data` beside the model.
         feeds: inputs for the ORT load-and-run check.
@@ -91,30 +112,58 @@ def write_outputs(
     Returns:
         The documents as written (report.json with the measurements merged in).
     """
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".planer-tmp-", dir=out_dir))
-    try:
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        path = tmp / MODEL_NAME
-        big = _weight_bytes(model) >= TWO_GB
-        ir.save(model, path, external_data=DATA_NAME if (external_data or big) else None)
-        verify_model(path, feeds)
-        docs = dict(documents)
-        if before_commit is not None:
-            extra = before_commit(path)
-            docs["report.json"] = {**docs.get("report.json", {}), **extra}
-        for name, content in docs.items():
-            (tmp / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
-        _commit(tmp, out_dir, [DATA_NAME, *docs, MODEL_NAME])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    with outdir.output_lock(out_dir) as out:
+        tmp = _staging(out, out_dir)
+        try:
+            model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+            path = tmp / MODEL_NAME
+            big = _weight_bytes(model) >= TWO_GB
+            ir.save(model, path, external_data=DATA_NAME if (external_data or big) else None)
+            outdir.checkpoint("saved")
+            verify_model(path, feeds)
+            docs = dict(documents)
+            if before_commit is not None:
+                extra = before_commit(path)
+                docs["report.json"] = {**docs.get("report.json", {}), **extra}
+            for name, content in docs.items():
+                write_json(tmp / name, content)
+            outdir.commit(tmp, out, replaces=OWN_FILES)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return docs
+
+
+def commit_folder(folder: Path, out_dir: Path, *, model_name: str = MODEL_NAME,
+                  report: Mapping[str, Any] | None = None) -> Path:
+    """Makes a verified output folder (a latency round's) OUT's output set, atomically.
+
+    `folder` holds what `write_outputs` wrote. Its files are moved (copied across file
+    systems) into a stage inside OUT; the model is renamed `model_name` (its external
+    data file and the references to it follow), `report` replaces report.json, and the
+    stage is committed. Returns the model's path in OUT.
+    """
+    with outdir.output_lock(out_dir) as out:
+        tmp = _staging(out, out_dir)
+        try:
+            for entry in folder.iterdir():
+                # The round's own manifest and lock are its folder's, not the set's.
+                if entry.is_file() and entry.name in OWN_FILES:
+                    _move(entry, tmp / entry.name)
+            if model_name != MODEL_NAME:
+                _rename_model(tmp, model_name)
+            if report is not None:
+                write_json(tmp / "report.json", report)
+            outdir.commit(tmp, out, replaces=OWN_FILES)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_dir / model_name
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Writes `content` as indented JSON (numpy values and paths as plain JSON)."""
+    path.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
 
 
 def verify_model(path: Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -140,17 +189,41 @@ def verify_model(path: Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray
     return outputs
 
 
-def _commit(tmp: Path, out_dir: Path, names: list[str]) -> None:
-    for name in names:
-        source = tmp / name
-        if source.exists():
-            os.replace(source, out_dir / name)
-        elif name == DATA_NAME and (out_dir / name).exists():
-            (out_dir / name).unlink()  # a previous run's data file no model refers to now
+def _staging(out: Path, shown: Path) -> Path:
+    try:
+        return outdir.staging_folder(out)
+    except OSError as exc:
+        raise BadInputError(f"planer cannot write to -o {shown} "
+                            f"({(exc.strerror or type(exc).__name__).lower()}).") from exc
+
+
+def _move(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(source, target)  # the round folder lives on another file system
+
+
+def _rename_model(folder: Path, name: str) -> None:
+    """Renames folder/model.onnx to `name`, its data file to `name`.data and the references."""
+    data = folder / DATA_NAME
+    if data.exists():
+        proto = onnx.load(str(folder / MODEL_NAME), load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = f"{name}.data"
+        onnx.save(proto, str(folder / MODEL_NAME))
+        os.replace(data, folder / f"{name}.data")
+    os.replace(folder / MODEL_NAME, folder / name)
 
 
 def _written_by_planer(folder: Path) -> bool:
-    report = folder / "report.json"
+    if outdir.read_manifest(folder) is not None:
+        return True
+    report = folder / "report.json"  # outputs of planer before the manifest
     try:
         return json.loads(report.read_text()).get("tool") == "planer"
     except (OSError, ValueError, AttributeError):

@@ -1,5 +1,8 @@
 """Loads an ONNX file into onnx-ir, turning every way a file can be unusable into one sentence.
 
+A model inside a planer OUT is read only once OUT holds one whole output set
+(compiler.outdir finishes a commit a killed writer left, and refuses a mixed set).
+
 External weights stay memory-mapped by onnx-ir, so models over 2 GB load without copying.
 """
 
@@ -11,11 +14,13 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from planer.compiler import files, outdir
 from planer.compiler.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(14, 25)
+MAX_MODEL_BYTES = 2 * files.GIB  # protobuf cannot parse more; larger models use external data
 
 
 def load_model(path: str | Path) -> ir.Model:
@@ -26,10 +31,8 @@ def load_model(path: str | Path) -> ir.Model:
             data that is not there, or uses an opset planer does not support.
     """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"model file {path} does not exist.")
-    if path.is_dir():
-        raise BadInputError(f"{path} is a folder; pass the .onnx file inside it.")
+    check_model_file(path)
+    outdir.check_readable(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
@@ -44,6 +47,17 @@ def load_model(path: str | Path) -> ir.Model:
         raise BadInputError(f"{path} could not be read as ONNX ({_short(exc)}).") from exc
     _check_tensors_readable(model, path)
     return model
+
+
+def check_model_file(path: Path) -> None:
+    """Refuses a model path that is not a regular file of at most 2 GB (never opening it).
+
+    Raises:
+        BadInputError: missing, a folder, a link loop, a FIFO or device, or too large.
+    """
+    if path.is_dir():
+        raise BadInputError(f"{path} is a folder; pass the .onnx file inside it.")
+    files.regular_file(path, "model file", max_bytes=MAX_MODEL_BYTES)
 
 
 def has_external_data(path: str | Path) -> bool:

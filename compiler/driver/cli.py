@@ -259,6 +259,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_compile(args: argparse.Namespace) -> int:
     """Compiles the model to the plan and prints what was done."""
     from planer.compiler.driver.pipeline import compile_plan
+    from planer.compiler.emit import claim_output
 
     path = resolve_model(args.model, verbose=args.verbose)
     from planer.passes import REGISTRY
@@ -286,16 +287,18 @@ def run_compile(args: argparse.Namespace) -> int:
                       "stand-in for real text")
     started = time.perf_counter()
     args.calibration = calibration  # _compile_latency reads it from args
-    if args.target_latency is not None:
-        return _compile_latency(args, path, tokenizer, started)
-    with Progress(console) as progress:
-        result = compile_plan(
-            path, args.output, plan_data=plan_data, target_flops=args.target_flops,
-            calibration=calibration, tokenizer=tokenizer, batch=args.batch,
-            seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
-            passes=frozenset(passes), target_runtime=args.target_runtime,
-            threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
-        )
+    # OUT stays locked for the whole compile: a second planer writing it is refused now.
+    with claim_output(path, args.output):
+        if args.target_latency is not None:
+            return _compile_latency(args, path, tokenizer, started)
+        with Progress(console) as progress:
+            result = compile_plan(
+                path, args.output, plan_data=plan_data, target_flops=args.target_flops,
+                calibration=calibration, tokenizer=tokenizer, batch=args.batch,
+                seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
+                passes=frozenset(passes), target_runtime=args.target_runtime,
+                threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
+            )
     _print_summary(result.report, time.perf_counter() - started, args.output)
     return EXIT_OK
 
