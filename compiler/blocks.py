@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
+from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import (
     PROVENANCE_BLOCK,
@@ -58,14 +59,14 @@ def find_blocks(model: ir.Model) -> ModelSpec:
         try:
             attentions.append(_find_attention(node))
         except _NoMatch as why:
-            skipped.append(f"{node.name}: {why}")
+            skipped.append(f"Softmax node {node.name!r}: {why}")
     if not attentions and any(_has_relative_scores(n) for n in graph if n.op_type == "Softmax"):
         raise UnsupportedModelError(
             "attention scores add a term computed from the hidden states "
             "(DeBERTa-style relative-position attention), which planer cannot rewrite per head."
         )
     if not attentions:
-        detail = f" ({skipped[0]})" if skipped else ""
+        detail = f"; at {skipped[0]}" if skipped else _fused_hint(graph)
         raise UnsupportedModelError(
             "no Transformer layers were found: the graph has "
             f"{sum(1 for n in graph if n.op_type == 'Softmax')} Softmax nodes but no "
@@ -97,6 +98,32 @@ class _NoMatch(Exception):
     """Internal: this candidate is not the block we look for (the message says why)."""
 
 
+def _describe(node: ir.Node) -> str:
+    return f"{node.op_type} node {node.name!r}"
+
+
+def _rotary_hint(node: ir.Node) -> str:
+    """Names rotary position embeddings when `node` combines a Neg-rotated copy of Q or K."""
+    stack, seen = [node], 0
+    while stack and seen < 80:
+        current = stack.pop(0)
+        seen += 1
+        if current.op_type in ("Neg", "Sin", "Cos"):
+            return (" (rotary position embeddings rotate Q/K pairs there, which planer does "
+                    "not rewrite yet)")
+        stack.extend(p for i in current.inputs if i is not None
+                     and (p := i.producer()) is not None and p.op_type != "MatMul")
+    return ""
+
+
+def _fused_hint(graph: ir.Graph) -> str:
+    """Names a node from another operator set that may hold the attention, if any."""
+    fused = next((n for n in graph if n.domain not in ("", "ai.onnx")), None)
+    if fused is None:
+        return ""
+    return f" (it holds {node_label(fused)}, which planer does not read)"
+
+
 # ---------------------------------------------------------------- attention
 
 
@@ -116,7 +143,7 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
             qk = producer
             break
         if producer.op_type not in SCORE_OPS:
-            raise _NoMatch(f"unexpected {producer.op_type} between Q·Kᵀ and Softmax")
+            raise _NoMatch(f"unexpected {_describe(producer)} between Q·Kᵀ and Softmax")
         idx = _data_index(producer, value_chain_input=True)
         s = _scale_of(producer, idx)
         if s is not None:
@@ -256,7 +283,8 @@ def _trace_projection(
         if op in ("Mul", "Div"):
             s = _scale_of(producer, 0)
             if s is None:
-                raise _NoMatch(f"{op} on a projection by a non-scalar")
+                raise _NoMatch(f"{_describe(producer)} multiplies a projection by a non-scalar"
+                               f"{_rotary_hint(producer)}")
             scale *= s
             nodes.append(producer)
             value = producer.inputs[0]
@@ -273,7 +301,8 @@ def _trace_projection(
             continue
         linear = _as_linear(producer, columns)
         if linear is None:
-            raise _NoMatch(f"{op} where a Q/K/V projection was expected")
+            raise _NoMatch(f"{_describe(producer)} sits where a Q/K/V projection was expected"
+                           f"{_rotary_hint(producer)}")
         return linear, scale, shapes
 
 

@@ -93,7 +93,12 @@ def _set_linear(
     if bias is None:
         raise PreconditionError(f"{name}: a refit dropped the bias of a biased projection.")
     new_b = add_initializer(graph, f"{name}/bias", bias)
+    product = lin.matmul.outputs[0]
     for node in list(lin.bias.consumers()):
+        # Only this projection's own Add: layers may share one bias initializer (ALBERT;
+        # zero biases an exporter merged), and each layer is sliced to its own width.
+        if product not in node.inputs:
+            continue
         for i, item in enumerate(node.inputs):
             if item is lin.bias:
                 node.replace_input_with(i, new_b)

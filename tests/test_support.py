@@ -1,0 +1,132 @@
+"""The up-front analysis: what compile cannot rewrite is found before any fitting, and every
+refusal names the construct (op type and node)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from planer.compiler.driver.cli import main
+from planer.compiler.driver.pipeline import compile_plan, read_model
+from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.plan import parse_plan
+from planer.compiler.support import analyze, require_supported
+from planer.fixtures.build import fixture_path
+
+TINY = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
+        "num_hidden_layers": 2, "vocab_size": 1000, "max_position_embeddings": 130}
+
+
+def _export(model_type: str, path: Path, **extra: object) -> Path:
+    """Exports a tiny random transformers model (input_ids, attention_mask) with TorchScript."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(model_type, **TINY, **extra)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):  # noqa: D102
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    args = (torch.randint(3, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long))
+    axes = {n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "last_hidden_state")}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Wrapper().eval(), args, str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"], dynamic_axes=axes)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mpnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MPNet: a relative-position bias [B, H, S, S] is added to every layer's scores."""
+    return _export("mpnet", tmp_path_factory.mktemp("mpnet") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def roformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RoFormer: rotary position embeddings on Q and K."""
+    return _export("roformer", tmp_path_factory.mktemp("roformer") / "model.onnx",
+                   embedding_size=64)
+
+
+def test_per_head_score_term_stops_head_pruning_only(mpnet: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _, spec = read_model(mpnet)
+    support = analyze(spec)
+    assert not support.supported
+    assert [la.verdict for la in support.layers] == ["FFN only", "FFN only"]
+    reason = support.layers[0].heads
+    assert reason is not None and "per-head term from ai.onnx.Expand node '" in reason
+    assert "[?, 4, ?, ?]" in reason
+    assert main(["inspect", str(mpnet), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["supported"] is False and len(data["unsupported"]) == 2
+    assert [(la["supported"], la["heads_prunable"]) for la in data["layers"]] == \
+        [(False, False)] * 2
+
+
+def test_plan_pruning_unsliceable_heads_is_refused_before_fitting(mpnet: Path) -> None:
+    _, spec = read_model(mpnet)
+    prune_heads = parse_plan({"layers": [{"heads": 2}, {}]}, spec)
+    with pytest.raises(UnsupportedModelError) as info:
+        require_supported(spec, prune_heads)
+    message = str(info.value)
+    assert "layer 0 to 2 of 4 heads" in message and "ai.onnx.Expand node" in message
+    assert "keep its heads at 4" in message
+    require_supported(spec, parse_plan({"layers": [{"ffn": 64}, {"ffn": 32}]}, spec))
+
+
+def test_flops_target_keeps_unsliceable_heads_and_prunes_channels(mpnet: Path,
+                                                                  tmp_path: Path) -> None:
+    result = compile_plan(mpnet, tmp_path / "out", target_flops=0.8)
+    layers = result.report["plan"]["layers"]
+    assert [la["heads"] for la in layers] == [4, 4]
+    assert sum(la["ffn"] for la in layers) < 256
+    assert result.report["verification"]["min_cosine"] > 0.5
+
+
+def test_rotary_refusal_names_the_node(roformer: Path) -> None:
+    with pytest.raises(UnsupportedModelError) as info:
+        read_model(roformer)
+    message = str(info.value)
+    assert "Softmax node '" in message and "Add node '" in message
+    assert "rotary position embeddings" in message
+
+
+def test_float16_weights_are_refused_by_node(tmp_path: Path) -> None:
+    _, spec = read_model(fixture_path("bert", "torchscript"))
+    q = spec.layers[1].attention.q
+    q.weight.const_value = ir.tensor(q.w().astype(np.float16))
+    support = analyze(spec)
+    assert support.layers[0].supported and support.layers[1].verdict == "no"
+    with pytest.raises(UnsupportedModelError) as info:
+        require_supported(spec)
+    message = str(info.value)
+    assert message.startswith("layer 1: the weights of ai.onnx.MatMul node '")
+    assert "float16" in message and "float32" in message
+
+
+def test_every_plain_fixture_is_supported() -> None:
+    for family in ("bert", "gpt2", "vit", "albert"):
+        _, spec = read_model(fixture_path(family, "dynamo"))
+        assert analyze(spec).supported, family
+
+
+def test_layers_sharing_one_bias_prune_to_different_widths(tmp_path: Path) -> None:
+    # ALBERT's layers read one FFN bias initializer; each layer slices its own copy.
+    plan = {"layers": [{"ffn": 64}, {"ffn": 32}]}
+    result = compile_plan(fixture_path("albert", "dynamo"), tmp_path / "out", plan_data=plan)
+    assert [la["ffn"]["after"] for la in result.report["layers"]] == [64, 32]
