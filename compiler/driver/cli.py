@@ -22,7 +22,12 @@ from rich.table import Table
 
 import planer
 from planer.compiler.driver import diff_cli
-from planer.compiler.driver.argtypes import positive_int
+from planer.compiler.driver.argtypes import (
+    duration,
+    latency_target,
+    output_folder,
+    positive_int,
+)
 from planer.compiler.driver.defaults import (
     CALIBRATION_NOTE,
     bundled_model,
@@ -119,11 +124,12 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = sub.add_parser("compile", help="rewrite a model to a plan and write OUT/")
     _model_arg(compile_)
-    compile_.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    compile_.add_argument("-o", "--output", required=True, type=output_folder,
+                          help="output folder")
     compile_.add_argument("--plan", type=Path, help="plan JSON: per-layer heads/ffn to keep")
     compile_.add_argument("--target-flops", type=float, metavar="R",
                           help="keep this fraction (0, 1] of the FLOPs at --batch/--seq-len")
-    compile_.add_argument("--target-latency", type=_latency, metavar="T",
+    compile_.add_argument("--target-latency", type=latency_target, metavar="T",
                           help="meet this median latency on the runtime: 20ms, 0.02s, or "
                                "relative to the measured dense model, 50%% or 0.5x")
     compile_.add_argument("--threads", type=positive_int, default=1,
@@ -147,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="unlabelled inputs: .txt, .tsv/.csv (first column), .jsonl, .npz")
     compile_.add_argument("--tokenizer", type=Path, metavar="DIR",
                           help="Hugging Face tokenizer folder or tokenizer.json for text input")
+    compile_.add_argument("--recover", type=duration, metavar="TIME", dest="recover_seconds",
+                          help="after rewriting, distil the original into the compiled model "
+                               "on the calibration text for this wall-clock budget (5m, 90s)")
+    compile_.add_argument("--recover-steps", type=positive_int, metavar="N",
+                          help="recovery budget as optimizer steps (with or without --recover)")
     compile_.add_argument("--no-refit", dest="reconstruct", action="store_false",
                           help="skip the least-squares refit of output projections")
     compile_.add_argument("--selection", choices=("calibrated", "magnitude"),
@@ -183,33 +194,6 @@ def _shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     parser.add_argument("--seq-len", type=positive_int, default=128,
                         help="sequence length (default 128)")
-
-
-def _latency(text: str) -> tuple[str, float]:
-    """Parses `20ms`/`0.02s`/`20` as ("ms", 20.0) and `50%`/`0.5x` as ("dense", 0.5)."""
-    value = text.strip().lower()
-    for suffix, factor in (("%", 0.01), ("x", 1.0)):
-        if value.endswith(suffix):
-            try:
-                fraction = float(value[: -len(suffix)]) * factor
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a latency such as 50%") \
-                    from exc
-            return "dense", fraction
-    return "ms", _milliseconds(text)
-
-
-def _milliseconds(text: str) -> float:
-    value = text.strip().lower()
-    scale = 1.0
-    for suffix, factor in (("ms", 1.0), ("s", 1000.0)):
-        if value.endswith(suffix):
-            value, scale = value[: -len(suffix)], factor
-            break
-    try:
-        return float(value) * scale
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a latency such as 20ms") from exc
 
 
 def resolve_model(path: Path | None, *, verbose: bool = False) -> Path:
@@ -262,13 +246,13 @@ def run_compile(args: argparse.Namespace) -> int:
     from planer.compiler.emit import claim_output
 
     path = resolve_model(args.model, verbose=args.verbose)
-    from planer.passes import REGISTRY
+    from planer.compiler.driver.stages import PASS_GROUPS
 
     passes = {p.strip() for p in args.passes.split(",") if p.strip()}
-    unknown = passes - set(REGISTRY)
+    unknown = passes - set(PASS_GROUPS)
     if unknown:
         raise BadInputError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(REGISTRY))}.")
+                            f"{', '.join(sorted(PASS_GROUPS))}.")
     plan_data = load_plan(args.plan) if args.plan else None
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is None:
@@ -298,6 +282,7 @@ def run_compile(args: argparse.Namespace) -> int:
                 seq_len=args.seq_len, reconstruct=args.reconstruct, method=args.selection,
                 passes=frozenset(passes), target_runtime=args.target_runtime,
                 threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
+                recover_seconds=args.recover_seconds, recover_steps=args.recover_steps,
             )
     _print_summary(result.report, time.perf_counter() - started, args.output)
     return EXIT_OK
@@ -306,6 +291,7 @@ def run_compile(args: argparse.Namespace) -> int:
 def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | None,
                      started: float) -> int:
     from planer.compiler.driver.latency import compile_to_latency
+    from planer.compiler.driver.pipeline import CompileResult
     from planer.compiler.errors import TargetUnreachableError
 
     if args.plan is not None or args.target_flops is not None:
@@ -320,9 +306,10 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
                 calibration=args.calibration,
                 tokenizer=tokenizer, batch=args.batch, seq_len=args.seq_len,
                 threads=args.threads, refresh=args.refresh, ort_kernels=args.ort_kernels,
-                progress=progress)
+                progress=progress, recover_seconds=args.recover_seconds,
+                recover_steps=args.recover_steps)
     except TargetUnreachableError as exc:
-        if exc.result is not None:
+        if isinstance(exc.result, CompileResult):
             _print_summary(exc.result.report, time.perf_counter() - started, args.output)
         raise
     _print_summary(result.report, time.perf_counter() - started, args.output)

@@ -32,14 +32,17 @@ from planer.compiler.driver.report import build_report
 from planer.compiler.driver.stages import (
     ChooseUnits,
     FfnToMoe,
+    Int8,
     OrtKernels,
     Prune,
+    Recover,
     Stage,
     TokenSkim,
     run_stages,
     tune_ort_kernels,
 )
 from planer.compiler.driver.verify import compare_outputs, fidelity
+from planer.compiler.errors import BadInputError
 from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec
@@ -60,9 +63,14 @@ STAGES: list[Stage] = [
     # After the weight surgery: skimming rewires the sequence plumbing around layers and
     # reads the re-emitted attention (attention-received scores).
     TokenSkim(),
-    # Last graph rewrite: it respells nodes the earlier stages emitted (residual Adds,
-    # GELU) for ORT's kernels and must see the final graph.
+    # After every structural rewrite, so what is trained is what ships; before the kernel
+    # respelling and int8, so the torch mirror reads float weights in the standard form.
+    Recover(),
+    # It respells nodes the earlier stages emitted (residual Adds, GELU) for ORT's kernels
+    # and must see the final float graph.
     OrtKernels(),
+    # Last: every other stage reads float weights.
+    Int8(),
 ]
 
 
@@ -125,6 +133,8 @@ def compile_plan(
     ort_kernels: str = "auto",
     progress: Progress | None = None,
     fitting: Fitting | None = None,
+    recover_seconds: float | None = None,
+    recover_steps: int | None = None,
 ) -> CompileResult:
     """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
 
@@ -136,7 +146,7 @@ def compile_plan(
         plan_data=plan_data, target_flops=target_flops, calibration=calibration,
         tokenizer=tokenizer, batch=batch, seq_len=seq_len, reconstruct=reconstruct,
         method=method, passes=passes, target_runtime=target_runtime, threads=threads,
-        ort_kernels=ort_kernels)
+        ort_kernels=ort_kernels, recover_seconds=recover_seconds, recover_steps=recover_steps)
     return compile_with(model_path, out_dir, options, progress=progress, fitting=fitting)
 
 
@@ -153,6 +163,9 @@ def compile_with(model_path: Path, out_dir: Path, options: CompileOptions, *,
     plan = parse_plan(options.plan_data, spec) if options.plan_data is not None \
         else Plan.neutral(spec)
     require_calibration(plan, options.calibration, options.target_flops, options.passes)
+    if options.recovers and options.calibration is None:
+        raise BadInputError("--recover distils the original model on calibration text; pass "
+                            "--calibration.")
     if fitting is None:
         fitting = load_fitting(model, spec, options, say)
     c = Compilation(model_path, options, model, plan, spec, fitting=fitting, progress=say)

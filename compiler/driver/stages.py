@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from planer.compiler.calibration import read_texts
 from planer.compiler.driver.compilation import Compilation
 from planer.compiler.driver.planning import choose_units, skim_layers
 from planer.compiler.errors import BadInputError, PlanerError
@@ -193,6 +194,63 @@ class OrtKernels(Stage):
                                 threads=o.threads, measure=o.ort_kernels == "auto")
         c.report.add("ort_kernels", info)
         return True
+
+
+class Recover(Stage):
+    """Distils the original model into the rewritten one on calibration text (recovery/)."""
+
+    name = PassName.RECOVER
+
+    def applies(self, c: Compilation) -> bool:
+        return c.options.recovers
+
+    def requires(self, c: Compilation) -> None:
+        from planer.recovery.distill import check_inputs
+
+        o = c.options
+        check_inputs(c.calib, o.recover_seconds, o.recover_steps, None, None)
+
+    def describe(self, c: Compilation) -> str:
+        o = c.options
+        budget = [f"{o.recover_seconds:g} s" if o.recover_seconds else "",
+                  f"{o.recover_steps} steps" if o.recover_steps else ""]
+        return f"recovering by distillation from the original ({', '.join(b for b in budget if b)})"
+
+    def run(self, c: Compilation) -> bool:
+        from planer.recovery.distill import recover
+
+        o = c.options
+        texts = read_texts(o.calibration) if _is_text(o.calibration) else None
+        result = recover(c.source, c.model, c.calib, budget_s=o.recover_seconds,
+                         max_steps=o.recover_steps, progress=c.progress, texts=texts,
+                         tokenizer=o.tokenizer if texts is not None else None)
+        c.report.add("recovery", result.to_dict())
+        # Weights only: names, shapes and every node are as before (recover checks it), so
+        # the block analysis still holds.
+        return False
+
+
+class Int8(Stage):
+    """Quantizes the blocks the plan marks int8 through onnxruntime.quantization."""
+
+    name = PassName.QUANTIZE
+
+    def applies(self, c: Compilation) -> bool:
+        return any(la.int8 is not None for la in c.plan.layers)
+
+    def describe(self, c: Compilation) -> str:
+        return "quantizing blocks to int8 (onnxruntime.quantization)"
+
+    def run(self, c: Compilation) -> bool:
+        from planer.passes.quantize import apply_int8
+
+        info = apply_int8(c.model, c.spec, c.plan, c.calib, target=c.options.target_runtime)
+        c.report.add("int8", info)
+        return bool(info)
+
+
+def _is_text(path: Any) -> bool:
+    return path is not None and str(path).lower().endswith((".txt", ".tsv", ".csv", ".jsonl"))
 
 
 # What `--passes` names: the stages a FLOPs or latency target may plan for.
