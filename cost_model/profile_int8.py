@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from planer.compiler.plan import INT8_MODES
+from planer.compiler.progress import Bar, NullProgress, ProgressLike, as_progress
 from planer.cost_model.profile import (
     BlockShape,
     Measurement,
@@ -46,27 +47,46 @@ def int8_kind(kind: str, mode: str) -> str:
 def profile_int8_blocks(
     shape: BlockShape, heads: Sequence[int], channels: Sequence[int], *,
     store: ProfileStore, modes: Sequence[str] = ("dynamic",), refresh: bool = False,
-    repeats: int = 15, progress: Callable[[int, int], None] | None = None,
+    repeats: int = 15, progress: ProgressLike | NullProgress | None = None,
 ) -> dict[str, list[Measurement]]:
     """Measures INT8 attention at each head count and FFN at each width (stored ones reused).
+
+    `progress` gets one bar counting timed runs, as profile.profile_blocks shows it.
 
     Returns:
         int8 kind -> one Measurement per requested unit count (0 units: 0 ms).
     """
-    result: dict[str, list[Measurement]] = {}
-    for kind, units in (("attn", sorted(set(heads))), ("ffn", sorted(set(channels)))):
-        for mode in modes:
+    wanted = [(kind, mode, units) for kind, units in (("attn", sorted(set(heads))),
+                                                      ("ffn", sorted(set(channels))))
+              for mode in modes]
+    stored = {int8_kind(k, m): {} if refresh else
+              {x.units: x for x in store.load(int8_kind(k, m), shape)} for k, m, _ in wanted}
+    missing = {(k, m): [u for u in units if u not in stored[int8_kind(k, m)] and u > 0]
+               for k, m, units in wanted}
+    total = 2 * repeats * sum(len(units) for units in missing.values())
+    label = f"timing {total // (2 * repeats) if total else 0} INT8 block variants beside float"
+    with as_progress(progress).bar(label, total) as bar:
+        for (kind, mode), units in missing.items():
+            if not units:
+                continue
+            measured = measure_pairs(kind, mode, shape, units, repeats=repeats,
+                                     progress=_rounds(bar, 2 * len(units)))
+            store.save(shape, measured)
             name = int8_kind(kind, mode)
-            stored = {m.units: m for m in store.load(name, shape)} if not refresh else {}
-            missing = [u for u in units if u not in stored and u > 0]
-            if missing:
-                measured = measure_pairs(kind, mode, shape, missing, repeats=repeats,
-                                         progress=progress)
-                store.save(shape, measured)
-                stored.update({m.units: m for m in measured if m.kind == name})
-            stored[0] = Measurement(name, 0, 0.0)  # a dropped block does no work
-            result[name] = [stored[u] for u in units]
+            stored[name].update({m.units: m for m in measured if m.kind == name})
+    result: dict[str, list[Measurement]] = {}
+    for kind, mode, units in wanted:
+        name = int8_kind(kind, mode)
+        stored[name][0] = Measurement(name, 0, 0.0)  # a dropped block does no work
+        result[name] = [stored[name][u] for u in units]
     return result
+
+
+def _rounds(bar: Bar, runs: int) -> Callable[[int, int], None]:
+    def advance(_done: int, _total: int) -> None:
+        bar.advance(runs)  # one round ran every session once
+
+    return advance
 
 
 def measure_pairs(kind: str, mode: str, shape: BlockShape, units: Sequence[int], *,

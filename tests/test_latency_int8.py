@@ -83,3 +83,15 @@ def test_store_reuses_int8_measurements(tmp_path: Path,
     assert calls[2:] == [("attn", "dynamic", [3])]  # only the new head count
     profile_int8_blocks(SHAPE, [1], [16], store=store, modes=("static",))
     assert calls[3:] == [("attn", "static", [1]), ("ffn", "static", [16])]
+
+
+def test_real_profile_fills_the_store_and_reports_progress(tmp_path: Path) -> None:
+    store = ProfileStore(1, path=tmp_path / "latency.sqlite")
+    lines: list[str] = []
+    got = profile_int8_blocks(SHAPE, [0, 2], [16], store=store, modes=("dynamic", "static"),
+                              repeats=2, progress=lines.append)
+    assert sorted(got) == ["attn_int8_dynamic", "attn_int8_static", "ffn_int8_dynamic",
+                           "ffn_int8_static"]
+    assert all(m.median_ms > 0 for ms in got.values() for m in ms if m.units)
+    assert [m.units for m in store.load("ffn_int8_static", SHAPE)] == [16]
+    assert lines and "INT8 block variants" in lines[0]
