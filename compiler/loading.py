@@ -1,34 +1,44 @@
 """Loads an ONNX file into onnx-ir, turning every way a file can be unusable into one sentence.
 
-A model inside a planer OUT is read only once OUT holds one whole output set
-(compiler.outdir finishes a commit a killed writer left, and refuses a mixed set).
+    model path ─ regular file, ≤ 2 GB ─ inside a planer OUT: finished, one set (outdir)
+    ─▶ protobuf (no weights) ─ IR version, opset ─ external data: named, inside the
+       model's folder, regular files ─▶ graph checks (compiler.validation: structure,
+       float32, inputs, ONNX checker, ORT session) ─▶ onnx-ir ─ every weight readable,
+       no NaN
 
-External weights stay memory-mapped by onnx-ir, so models over 2 GB load without copying.
+So the block finder only ever sees valid graphs, and a refusal names the defect rather
+than a symptom further down. External weights stay memory-mapped by onnx-ir, so models
+over 2 GB load without copying.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
-from planer.compiler import files, outdir
+from planer.compiler import files, outdir, validation
 from planer.compiler.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(14, 25)
 MAX_MODEL_BYTES = 2 * files.GIB  # protobuf cannot parse more; larger models use external data
+MIN_IR_VERSION = 3  # the first IR version with opset imports
 
 
 def load_model(path: str | Path) -> ir.Model:
-    """Reads `path` into an `ir.Model`, checking it is a complete, supported ONNX file.
+    """Reads `path` into an `ir.Model`, checking it is a complete, valid, supported model.
 
     Raises:
-        BadInputError: the file is missing, not ONNX, truncated, references external
-            data that is not there, or uses an opset planer does not support.
+        BadInputError: the file is missing, not a regular file, not ONNX, truncated,
+            invalid (see compiler.validation), references external data that is not
+            there or lies outside its folder, uses an opset or IR version planer does
+            not read, or holds NaN weights.
     """
     path = Path(path)
     check_model_file(path)
@@ -39,8 +49,10 @@ def load_model(path: str | Path) -> ir.Model:
         raise BadInputError(f"{path} is not a readable ONNX model ({_short(exc)}).") from exc
     if not proto.graph.node:
         raise BadInputError(f"{path} is not an ONNX model (it holds no graph nodes).")
+    _check_ir_version(proto, path)
     _check_external_data(proto, path)
     _check_opset(proto, path)
+    validation.check_graph(proto, path)
     try:
         model = ir.load(str(path))
     except Exception as exc:
@@ -71,24 +83,102 @@ def default_opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
 
+def position_limit(model: ir.Model) -> int | None:
+    """Returns how many positions the model's learned position table holds, or None.
+
+    The table is a constant [P, D] Gather whose indices the graph computes (a Range, a
+    Slice of an arange buffer, a CumSum over the mask) or reads from `position_ids`;
+    tables indexed by `input_ids` or `token_type_ids` are vocabularies, and tables of 16
+    rows or fewer are token types. Models with rotary or relative positions have none.
+    """
+    inputs = {v.name for v in model.graph.inputs}
+    limits = []
+    for node in model.graph:
+        if node.op_type != "Gather" or len(node.inputs) < 2:
+            continue
+        table, indices = node.inputs[0], node.inputs[1]
+        if table is None or indices is None or table.const_value is None:
+            continue
+        shape = table.const_value.shape.numpy()  # an initializer's shape is concrete
+        if len(shape) != 2 or shape[0] <= 16 or indices.const_value is not None:
+            continue
+        if indices.name in inputs and indices.name != "position_ids":
+            continue
+        limits.append(int(shape[0]))
+    return max(limits) if limits else None
+
+
+def check_sequence_length(model: ir.Model, seq_len: int) -> None:
+    """Refuses a sequence length longer than the model's position table.
+
+    Raises:
+        BadInputError: `seq_len` exceeds `position_limit(model)`.
+    """
+    limit = position_limit(model)
+    if limit is not None and seq_len > limit:
+        raise BadInputError(sequence_too_long(limit, seq_len))
+
+
+def sequence_too_long(limit: int, seq_len: int) -> str:
+    """Says that `seq_len` is longer than a position table of `limit` rows."""
+    return (f"the model's position table holds {limit} positions, so --seq-len {seq_len} is "
+            f"longer than it can read; use --seq-len {limit} or less.")
+
+
 def _is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
+def _check_ir_version(proto: onnx.ModelProto, path: Path) -> None:
+    version = proto.ir_version
+    if version < MIN_IR_VERSION:
+        raise BadInputError(f"{path} declares IR version {version}, which no ONNX exporter "
+                            "writes; re-export the model.")
+    if version > onnx.IR_VERSION:
+        raise BadInputError(f"{path} declares IR version {version}; planer reads IR versions "
+                            f"{MIN_IR_VERSION} to {onnx.IR_VERSION}.")
+
+
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     missing: set[str] = set()
+    folder = path.parent.resolve()
     for tensor in proto.graph.initializer:
         if not _is_external(tensor):
             continue
-        location = next(e.value for e in tensor.external_data if e.key == "location")
-        if not (path.parent / location).exists():
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location")
+        where = f"weight {tensor.name!r} of {path}"
+        if not location:
+            raise BadInputError(f"{where} is stored in an external file but names none "
+                                "(its 'location' is missing).")
+        if os.path.isabs(location) or os.path.normpath(location).startswith(".."):
+            raise BadInputError(f"{where} points outside the model's folder ({location}); "
+                                "planer reads data files beside the model only.")
+        target = path.parent / location
+        if not os.path.lexists(target) and len(location) < 256:
             missing.add(location)
+            continue
+        size = files.regular_file(target, "data file")
+        if not target.resolve().is_relative_to(folder):
+            raise BadInputError(f"{where} points outside the model's folder ({location} "
+                                f"links to {target.resolve()}).")
+        _check_extent(entries, size, where, location)
     if missing:
         names = ", ".join(sorted(missing))
         raise BadInputError(
             f"{path} keeps its weights in {names}, which is missing beside it; "
             "copy the data file next to the model."
         )
+
+
+def _check_extent(entries: dict[str, str], size: int, where: str, location: str) -> None:
+    try:
+        offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0))
+    except ValueError:
+        raise BadInputError(f"{where} has a malformed offset or length in {location}.") from None
+    if offset < 0 or length < 0 or offset + length > size:
+        raise BadInputError(f"{where} lies beyond the end of {location}; the model or its "
+                            "data file is truncated.")
 
 
 def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
@@ -108,12 +198,15 @@ def _check_tensors_readable(model: ir.Model, path: Path) -> None:
         if tensor is None:
             continue
         try:
-            tensor.numpy()
+            array = tensor.numpy()
         except Exception as exc:
             raise BadInputError(
                 f"weight {value.name!r} of {path} cannot be read ({_short(exc)}); "
                 "the model or its data file is truncated."
             ) from exc
+        if array.dtype.kind == "f" and np.isnan(array).any():
+            raise BadInputError(f"weight {value.name!r} of {path} holds NaN values; planer "
+                                "cannot compile a model whose weights are not numbers.")
 
 
 def _short(exc: Exception) -> str:
