@@ -28,7 +28,9 @@ import numpy as np
 import onnx_ir as ir
 import tokenizers
 
+from planer.compiler import files
 from planer.compiler.errors import BadInputError
+from planer.compiler.loading import position_limit, sequence_too_long
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ _HEADER_NAMES = frozenset(
     + ["question", "body", "input", "title", "premise"]
 )
 _PAD_TOKENS = ("[PAD]", "<pad>")
+MAX_TEXT_BYTES = 512 * files.MIB  # calibration samples 256 texts; a larger file is a mistake
+MAX_NPZ_BYTES = 4 * files.GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ModelInputInfo:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]  # symbolic dims as str, unknown dims as None
+    max_len: int | None = None  # longest sequence the model's position table allows
 
 
 @dataclasses.dataclass
@@ -105,14 +110,19 @@ class _Sampling:
 
 
 def model_input_infos(model: ir.Model) -> list[ModelInputInfo]:
-    """Describe the model's graph inputs, leaving out initializers listed as inputs."""
+    """Describe the model's graph inputs, leaving out initializers listed as inputs.
+
+    Token inputs carry the model's position limit, so no feed is built longer than it.
+    """
     infos = []
+    limit = position_limit(model)
     for value in model.graph.inputs:
         if value.name in model.graph.initializers or value.dtype is None:
             continue
         dims = value.shape or ()
         shape = tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in dims)
-        infos.append(ModelInputInfo(str(value.name), np.dtype(value.dtype.numpy()), shape))
+        infos.append(ModelInputInfo(str(value.name), np.dtype(value.dtype.numpy()), shape,
+                                    limit if value.name in TEXT_INPUTS else None))
     return infos
 
 
@@ -214,6 +224,8 @@ def build_calibration(
         )
     if seq_len is not None and seq_len < 2:
         raise BadInputError(f"--seq-len {seq_len} is too short; use at least 2 tokens.")
+    if seq_len is not None:
+        _check_seq_len(inputs, seq_len)
     static = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int)}
     fixed_batch = static.pop() if len(static) == 1 else None
     sampling = _Sampling(
@@ -223,7 +235,7 @@ def build_calibration(
         return _random_set(inputs, seq_len, vocab_size, sampling)
     path = Path(path)
     if path.suffix.lower() == ".npz":
-        return _npz_set(path, inputs, seq_len, sampling)
+        return _npz_set(path, inputs, seq_len, vocab_size, sampling)
     return _text_set(path, inputs, tokenizer, vocab_size, seq_len, sampling)
 
 
@@ -244,6 +256,7 @@ def random_feeds(
         BadInputError: the model declares an integer input whose meaning planer cannot guess.
 
     """
+    _check_seq_len(inputs, seq_len)
     rng = np.random.default_rng(seed)
     high = vocab_size if vocab_size is not None else 1000
     low = 1000 if high > 2000 else min(1, high - 1)
@@ -268,6 +281,12 @@ def random_feeds(
             )
         feeds[info.name] = np.ascontiguousarray(array).astype(info.dtype)
     return feeds
+
+
+def _check_seq_len(inputs: Sequence[ModelInputInfo], seq_len: int) -> None:
+    limit = min((i.max_len for i in inputs if i.max_len is not None), default=None)
+    if limit is not None and seq_len > limit:
+        raise BadInputError(sequence_too_long(limit, seq_len))
 
 
 # --- text ------------------------------------------------------------------------------
@@ -333,7 +352,9 @@ def _text_batches(
     tok = tokenizers.Tokenizer.from_str(tok.to_str())  # padding is done below, per batch
     tok.no_padding()
     # The post-processor keeps room for [CLS]/[SEP] when truncating.
-    tok.enable_truncation(seq_len or (tok.truncation or {}).get("max_length") or DEFAULT_MAX_LEN)
+    longest = seq_len or (tok.truncation or {}).get("max_length") or DEFAULT_MAX_LEN
+    limit = min((i.max_len for i in inputs if i.max_len is not None), default=longest)
+    tok.enable_truncation(min(longest, limit))
     encodings = tok.encode_batch(texts) if texts else []
     if seq_len is None:  # length neighbours share a batch, so little padding is computed
         encodings.sort(key=lambda e: len(e.ids))
@@ -359,12 +380,7 @@ def _pad_token_id(tok: tokenizers.Tokenizer) -> int:
 
 
 def _read_utf8(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInputError(f"calibration file {path} does not exist.") from None
-    except OSError as exc:  # a folder, missing permission, an I/O error
-        raise BadInputError(f"calibration file {path} cannot be read ({_short(exc)}).") from exc
+    data = files.read_bytes(path, "calibration file", max_bytes=MAX_TEXT_BYTES)
     try:
         content = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -422,10 +438,7 @@ def _json_texts(path: Path, content: str) -> list[str]:
     for n, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"line {n} of {path} is not valid JSON ({exc.msg}).") from exc
+        record = files.parse_json(line, f"line {n} of {path}")
         if isinstance(record, dict):
             record = record.get("text", next((record[k] for k in record if k in _HEADER_NAMES), 0))
         if not isinstance(record, str):
@@ -439,6 +452,7 @@ def _json_texts(path: Path, content: str) -> list[str]:
 
 def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
     """Reads every array of an .npz, or raises one sentence naming `what` and the path."""
+    files.regular_file(Path(path), what, max_bytes=MAX_NPZ_BYTES)
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
@@ -449,7 +463,8 @@ def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
 
 
 def _npz_set(
-    path: Path, inputs: Sequence[ModelInputInfo], seq_len: int | None, sampling: _Sampling
+    path: Path, inputs: Sequence[ModelInputInfo], seq_len: int | None, vocab_size: int | None,
+    sampling: _Sampling,
 ) -> CalibrationSet:
     arrays = read_npz(path, "calibration file")
     expected = sorted(info.name for info in inputs)
@@ -464,6 +479,8 @@ def _npz_set(
             f"the arrays in {path} must share one non-empty leading batch dimension."
         )
     feeds = {info.name: _check_array(path, info, arrays[info.name], seq_len) for info in inputs}
+    if "input_ids" in feeds and vocab_size is not None:
+        _check_token_ids(path, feeds["input_ids"], vocab_size)
     size = sizes.pop()
     batches, holdout = sampling.shares(feeds, size)
     source = f"{_shown(path)}: {min(size, sampling.max_samples)} samples"
@@ -489,7 +506,22 @@ def _check_array(
             f"array {info.name!r} in {path} has shape {array.shape} but the model input "
             f"(with --seq-len) needs {shown}."
         )
+    if info.max_len is not None and array.ndim > 1 and array.shape[1] > info.max_len:
+        raise BadInputError(f"array {info.name!r} in {path} holds sequences of "
+                            f"{array.shape[1]} tokens, but the model's position table holds "
+                            f"{info.max_len} positions.")
     return array.astype(info.dtype)
+
+
+def _check_token_ids(path: Path, ids: np.ndarray, vocab_size: int) -> None:
+    """Refuses token ids the embedding cannot look up (ORT would fail deep inside a run)."""
+    if ids.size == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise BadInputError(f"array 'input_ids' in {path} holds the token id {bad}, outside the "
+                            f"model's vocabulary of {vocab_size} (ids 0 to {vocab_size - 1}).")
 
 
 def _random_set(
