@@ -35,7 +35,9 @@ MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 UNREACHABLE_NAME = "fastest-missed-target.onnx"
 OWN_FILES = (MODEL_NAME, DATA_NAME, UNREACHABLE_NAME, f"{UNREACHABLE_NAME}.data", "plan.json",
-             "report.json")
+             "report.json", "report.html")
+# Renders text pages (report.html) from the final report.json and the written model.
+Pages = Callable[[Mapping[str, Any], Path], Mapping[str, str]]
 TWO_GB = 2**31
 MAX_IR_VERSION = 10  # ORT releases before 1.20 reject newer IR versions
 
@@ -95,6 +97,7 @@ def write_outputs(
     external_data: bool,
     feeds: Mapping[str, np.ndarray],
     before_commit: Callable[[Path], Mapping[str, Any]] | None = None,
+    pages: Pages | None = None,
 ) -> dict[str, Any]:
     """Saves `model` plus JSON `documents` into `out_dir` after verifying the model.
 
@@ -108,6 +111,7 @@ def write_outputs(
         feeds: inputs for the ORT load-and-run check.
         before_commit: called with the verified temporary model path; the dict it
             returns is merged into `report.json` (measured fidelity, latency).
+        pages: renders text files (report.html) from the final report and the model.
 
     Returns:
         The documents as written (report.json with the measurements merged in).
@@ -127,6 +131,7 @@ def write_outputs(
                 docs["report.json"] = {**docs.get("report.json", {}), **extra}
             for name, content in docs.items():
                 write_json(tmp / name, content)
+            _write_pages(tmp, pages, docs.get("report.json", {}), path)
             outdir.commit(tmp, out, replaces=OWN_FILES)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -135,7 +140,7 @@ def write_outputs(
 
 
 def commit_folder(folder: Path, out_dir: Path, *, model_name: str = MODEL_NAME,
-                  report: Mapping[str, Any] | None = None) -> Path:
+                  report: Mapping[str, Any] | None = None, pages: Pages | None = None) -> Path:
     """Makes a verified output folder (a latency round's) OUT's output set, atomically.
 
     `folder` holds what `write_outputs` wrote. Its files are moved (copied across file
@@ -154,11 +159,19 @@ def commit_folder(folder: Path, out_dir: Path, *, model_name: str = MODEL_NAME,
                 _rename_model(tmp, model_name)
             if report is not None:
                 write_json(tmp / "report.json", report)
+                _write_pages(tmp, pages, report, tmp / model_name)
             outdir.commit(tmp, out, replaces=OWN_FILES)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out_dir / model_name
+
+
+def _write_pages(folder: Path, pages: Pages | None, report: Mapping[str, Any],
+                 model: Path) -> None:
+    if pages is not None:
+        for name, text in pages(report, model).items():
+            (folder / name).write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, content: Any) -> None:

@@ -33,7 +33,13 @@ from planer.compiler.calibration import (
     random_feeds,
 )
 from planer.compiler.driver.compilation import CompileOptions
-from planer.compiler.driver.pipeline import CompileResult, compile_plan, load_fitting, read_model
+from planer.compiler.driver.pipeline import (
+    CompileResult,
+    compile_plan,
+    load_fitting,
+    read_model,
+    report_pages,
+)
 from planer.compiler.driver.planning import activations
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.plan import Plan
@@ -229,7 +235,7 @@ def compile_to_latency(
                                   progress=say)
             rounds[rounds.index(best)] = dataclasses.replace(
                 best, folder=scratch / "recovered", result=result)
-        return _finish(rounds, out_dir, target_ms, profile, spec, scores)
+        return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -254,7 +260,7 @@ def _chosen(rounds: list[Round], target_ms: float) -> Round:
 
 
 def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[str, Any],
-            spec: Any, scores: Any) -> CompileResult:
+            spec: Any, scores: Any, model_path: Path) -> CompileResult:
     meeting = [r for r in rounds if r.measured_ms <= target_ms]
     chosen = _chosen(rounds, target_ms)
     dense_ms = profile["dense_ms"]
@@ -274,7 +280,7 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
     }
     report = {**chosen.result.report, **summary}
     name = emit.MODEL_NAME if meeting else emit.UNREACHABLE_NAME
-    _move_outputs(chosen.folder, out_dir, name, report)
+    _move_outputs(chosen.folder, out_dir, name, report, source=model_path)
     result = CompileResult(model_path=out_dir / name, plan=chosen.plan, report=report)
     if not meeting:
         floor = floor_plan(spec) == chosen.plan
@@ -288,13 +294,15 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
     return result
 
 
-def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any]) -> None:
+def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any], *,
+                  source: Path) -> None:
     """Commits a verified round's files into OUT as one unit, the model renamed `name`.
 
     emit.commit_folder replaces planer's whole earlier set, so a model left under the other
     name by an earlier run does not stay beside a report that no longer describes it.
     """
-    emit.commit_folder(folder, out_dir, model_name=name, report=report)
+    emit.commit_folder(folder, out_dir, model_name=name, report=report,
+                       pages=report_pages(source))
 
 
 def validate_latency_model(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from planer.compiler.driver.compilation import (
 from planer.compiler.driver.planning import require_calibration, skim_layers
 from planer.compiler.driver.prune import magnitude_selection
 from planer.compiler.driver.report import build_report
+from planer.compiler.driver.report_html import render_report_html
 from planer.compiler.driver.stages import (
     ChooseUnits,
     FfnToMoe,
@@ -209,9 +211,18 @@ def _write(c: Compilation, out_dir: Path, started: float) -> CompileResult:
     written = emit.write_outputs(
         c.model, out_dir, documents={"plan.json": c.plan.to_dict(), "report.json": report},
         external_data=has_external_data(c.source), feeds=feeds, before_commit=measure,
+        pages=report_pages(c.source),
     )
     return CompileResult(model_path=out_dir / emit.MODEL_NAME, plan=c.plan,
                          report=written["report.json"])
+
+
+def report_pages(source: Path) -> emit.Pages:
+    """Renders OUT/report.html from the final report and the written model."""
+    def render(report: Mapping[str, Any], model: Path) -> dict[str, str]:
+        return {"report.html": render_report_html(dict(report), source, model)}
+
+    return render
 
 
 def _verify(c: Compilation, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
