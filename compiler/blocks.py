@@ -74,8 +74,8 @@ def find_blocks(model: ir.Model) -> ModelSpec:
         )
     for reason in skipped:
         logger.info("Softmax not taken as attention: %s", reason)
-    attentions.sort(key=lambda a: order[a.out.producer()])
-    ffns = sorted(_find_ffns(graph), key=lambda f: order[f.out.producer()])
+    attentions.sort(key=lambda a: _position(order, a.out))
+    ffns = sorted(_find_ffns(graph), key=lambda f: _position(order, f.out))
     layers = _pair_layers(attentions, ffns, order)
     for layer in layers:
         _reject_hidden_dependent_scores(layer.attention)
@@ -85,8 +85,8 @@ def find_blocks(model: ir.Model) -> ModelSpec:
         layers=layers,
         hidden=hidden,
         vocab_size=_vocab_size(graph, hidden),
-        inputs=[v.name for v in graph.inputs if v.name not in graph.initializers],
-        outputs=[v.name for v in graph.outputs],
+        inputs=[v.name for v in graph.inputs if v.name and v.name not in graph.initializers],
+        outputs=[v.name for v in graph.outputs if v.name],
         total_params=_total_params(graph),
         other_matmul_macs_per_token=_other_macs(graph, used),
         kind="decoder" if _is_fused_qkv(layers[0].attention) else "encoder",
@@ -122,6 +122,12 @@ def _fused_hint(graph: ir.Graph) -> str:
     if fused is None:
         return ""
     return f" (it holds {node_label(fused)}, which planer does not read)"
+
+
+def _position(order: dict[ir.Node, int], value: ir.Value) -> int:
+    """Returns where `value`'s producer sits in the graph (-1 for a graph input)."""
+    producer = value.producer()
+    return order[producer] if producer is not None else -1
 
 
 # ---------------------------------------------------------------- attention
@@ -169,7 +175,7 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
     o, guarded_ctx = _trace_output_projection(ctx_mm, nodes)
     nan_guard = nan_guard or guarded_ctx
     x = q.matmul.inputs[0]
-    if k.matmul.inputs[0] is not x or v.matmul.inputs[0] is not x:
+    if x is None or k.matmul.inputs[0] is not x or v.matmul.inputs[0] is not x:
         raise _NoMatch("Q, K and V read different inputs (cross-attention)")
     inner = q.out_features
     if k.out_features != inner or v.out_features != inner or o.in_features != inner:
@@ -482,6 +488,9 @@ def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
         w1 = _as_linear(root_node, None) if root_node is not None else None
         if w1 is None or w1.out_features != w2.in_features or w1.in_features != w2.out_features:
             continue
+        x = w1.matmul.inputs[0]
+        if x is None:
+            continue
         out = _linear_output(w2)
         if w2.bias is None:
             bias_add = next((u for u in out.consumers() if u.op_type == "Add"
@@ -490,7 +499,7 @@ def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
                 w2 = Linear(w2.weight, other_input(bias_add, out), w2.matmul, w2.columns)
                 out = bias_add.outputs[0]
         found.append(FfnSpec(
-            block="", x=w1.matmul.inputs[0], out=out, w1=w1, w2=w2,
+            block="", x=x, out=out, w1=w1, w2=w2,
             activation=_classify_activation(act_nodes), nodes=act_nodes,
         ))
     return found
@@ -498,11 +507,12 @@ def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
 
 def _activation_region(value: ir.Value | None) -> tuple[list[ir.Node], ir.Value] | None:
     """Returns the elementwise nodes producing `value` and the one tensor they start from."""
-    if value is None or value.producer() is None:
+    start = value.producer() if value is not None else None
+    if start is None:
         return None
     region: list[ir.Node] = []
     roots: set[ir.Value] = set()
-    stack: list[ir.Node] = [value.producer()]  # type: ignore[list-item]  # checked above
+    stack = [start]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
@@ -513,8 +523,11 @@ def _activation_region(value: ir.Value | None) -> tuple[list[ir.Node], ir.Value]
             return None
         region.append(node)
         for item in node.inputs:
-            if item is None or const_array(item) is not None:
-                if item is not None and const_array(item).size != 1:  # type: ignore[union-attr]
+            if item is None:
+                continue
+            constant = const_array(item)
+            if constant is not None:
+                if constant.size != 1:
                     return None  # per-channel constants would need slicing too
                 continue
             producer = item.producer()
@@ -557,7 +570,7 @@ def _pair_layers(
 ) -> list[LayerSpec]:
     layers = []
     for i, attn in enumerate(attentions):
-        start = order[attn.out.producer()]
+        start = _position(order, attn.out)
         stop = order[attentions[i + 1].q.matmul] if i + 1 < len(attentions) else None
         ffn = next((f for f in ffns if order[f.w1.matmul] > start
                     and (stop is None or order[f.w1.matmul] < stop)), None)

@@ -252,17 +252,18 @@ def pair_layers(a: Side, b: Side, digests: _Digests) -> dict[int, int]:
 
 def _layer_constants(side: Side, index: int, digests: _Digests) -> set[str]:
     prefix = f"layer{index}/"
-    found = set()
+    found: set[str] = set()
     for node, label in side.labels.items():
         if not label.startswith(prefix):
             continue
         for value in node.inputs:
             array = const_array(value)
             # Float tensors only: shape constants and scalars repeat across unrelated layers.
-            if array is not None and array.size > 1 and array.dtype.kind == "f":
-                found.add(digests.of(value))
-    found.discard(None)
-    return found  # type: ignore[return-value]
+            digest = digests.of(value)
+            if array is not None and array.size > 1 and array.dtype.kind == "f" \
+                    and digest is not None:
+                found.add(digest)
+    return found
 
 
 # ---------------------------------------------------------------- node pairing
@@ -312,18 +313,20 @@ class _NodeMatcher:
         return True
 
     def by_block(self) -> None:
-        assert self.a.spec is not None or not self.layers
+        spec_a, spec_b = self.a.spec, self.b.spec
+        if spec_a is None or spec_b is None:
+            return  # layers pair only where both sides have a spec
         for ia, ib in self.layers.items():
-            la, lb = self.a.spec.layers[ia], self.b.spec.layers[ib]  # type: ignore[union-attr]
+            la, lb = spec_a.layers[ia], spec_b.layers[ib]
             for pa, pb in zip(la.projections(), lb.projections(), strict=True):
                 self.add(pa.matmul, pb.matmul, "block")
                 add_a, add_b = _bias_add(pa), _bias_add(pb)
                 if add_a is not None and add_b is not None:
                     self.add(add_a, add_b, "block")
             for (_, va), (_, vb) in zip(boundaries(la), boundaries(lb), strict=False):
-                pa, pb = va.producer(), vb.producer()
-                if pa is not None and pb is not None:
-                    self.add(pa, pb, "block")
+                na, nb = va.producer(), vb.producer()
+                if na is not None and nb is not None:
+                    self.add(na, nb, "block")
 
     def by_key(self, how: str, key: Any) -> None:
         index_a = _unique(self.a.nodes, key)

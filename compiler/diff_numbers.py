@@ -103,10 +103,11 @@ def tensor_pairs(diff: Diff) -> list[dict[str, Any]]:
     """Lists the tensors to compare: layer boundaries, model outputs, paired node outputs."""
     a, b = diff.a, diff.b
     found: list[dict[str, Any]] = []
-    for ia, ib in diff.match.layers.items():
-        la, lb = a.spec.layers[ia], b.spec.layers[ib]  # type: ignore[union-attr]
-        for (name, va), (_, vb) in zip(boundaries(la), boundaries(lb), strict=False):
-            found.append({"kind": "boundary", "name": name, "values": (va, vb)})
+    if a.spec is not None and b.spec is not None:  # layers pair only where both have one
+        for ia, ib in diff.match.layers.items():
+            la, lb = a.spec.layers[ia], b.spec.layers[ib]
+            for (name, va), (_, vb) in zip(boundaries(la), boundaries(lb), strict=False):
+                found.append({"kind": "boundary", "name": name, "values": (va, vb)})
     outputs_b = {v.name: v for v in b.model.graph.outputs}
     for i, va in enumerate(a.model.graph.outputs):
         out_b = outputs_b.get(va.name) or (

@@ -32,23 +32,46 @@ class Linear:
 
     def w(self) -> np.ndarray:
         """Returns this projection's weight, [in, out]."""
-        return self.weight.const_value.numpy()[:, self.columns]  # type: ignore[union-attr]
+        return _constant(self.weight).numpy()[:, self.columns]
 
     def b(self) -> np.ndarray | None:
         """Returns this projection's bias, [out], or None."""
         if self.bias is None:
             return None
-        return self.bias.const_value.numpy().reshape(-1)[self.columns]  # type: ignore[union-attr]
+        return _constant(self.bias).numpy().reshape(-1)[self.columns]
+
+    @property
+    def input(self) -> ir.Value:
+        """The activation this projection multiplies (its MatMul's first operand)."""
+        value = self.matmul.inputs[0]
+        if value is None:
+            raise ValueError(f"{self.matmul.name} has no first input")
+        return value
 
     @property
     def in_features(self) -> int:
-        return int(self.weight.const_value.shape[0])  # type: ignore[union-attr,arg-type]
+        return int(_constant(self.weight).shape.numpy()[0])
 
     @property
     def out_features(self) -> int:
-        total = self.weight.const_value.shape[1]  # type: ignore[union-attr]
-        start, stop, _ = self.columns.indices(int(total))  # type: ignore[arg-type]
+        total = _constant(self.weight).shape.numpy()[1]
+        start, stop, _ = self.columns.indices(int(total))
         return stop - start
+
+
+def _producer(value: ir.Value) -> ir.Node:
+    """Returns the node computing a block's output (the finder only takes computed ones)."""
+    node = value.producer()
+    if node is None:
+        raise ValueError(f"{value.name} is not computed by a node, so it cannot end a block")
+    return node
+
+
+def _constant(value: ir.Value) -> ir.TensorProtocol:
+    """Returns the tensor behind a Linear's weight or bias (the finder only takes constants)."""
+    if value.const_value is None:
+        raise ValueError(f"{value.name} is not a constant, so it cannot be a Linear's weight")
+    return value.const_value
 
 
 @dataclasses.dataclass
@@ -83,6 +106,11 @@ class AttentionSpec:
     def inner(self) -> int:
         return self.heads * self.head_size
 
+    @property
+    def out_node(self) -> ir.Node:
+        """The node computing `out` (a rewrite inserts its nodes before it)."""
+        return _producer(self.out)
+
 
 @dataclasses.dataclass
 class FfnSpec:
@@ -99,6 +127,11 @@ class FfnSpec:
     @property
     def width(self) -> int:
         return self.w1.out_features
+
+    @property
+    def out_node(self) -> ir.Node:
+        """The node computing `out` (a rewrite inserts its nodes before it)."""
+        return _producer(self.out)
 
 
 @dataclasses.dataclass

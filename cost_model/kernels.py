@@ -110,8 +110,10 @@ def moe_lowering_costs(width: int, ffn_width: int, experts: int, top_k: int, act
     models = {"dense": dense, **{lowering: standalone_moe(dense, activation, layer, lowering)
                                  for lowering in ("gather", "kernel")}}
     sessions = {k: make_session(m, SessionOptions(threads=threads)) for k, m in models.items()}
-    feed = {"x": rng.standard_normal((1, tokens, width)).astype(np.float32),
-            "attention_mask": np.ones((1, tokens), np.int64)}
+    feed: dict[str, np.ndarray] = {
+        "x": rng.standard_normal((1, tokens, width)).astype(np.float32),
+        "attention_mask": np.ones((1, tokens), np.int64),
+    }
     timings = time_interleaved(sessions, feed, warmup=5, repeats=repeats)
     return MoeLoweringChoice(*(timings[k].median_ms * 1e3 for k in ("dense", "gather",
                                                                    "kernel")))
@@ -170,8 +172,7 @@ def standalone_ffn_spec(model: ir.Model, activation: str) -> FfnSpec:
     init = model.graph.initializers
 
     def linear(matmul: str, w: str, b: str) -> Linear:
-        return Linear(init[w], init[b], nodes[matmul],
-                      slice(0, init[w].const_value.shape[1]))  # type: ignore[union-attr]
+        return Linear(init[w], init[b], nodes[matmul], slice(None))  # the whole width
 
     acts = [nodes[f"act{i}"] for i in range(len(_ACTIVATION_NODES[activation]))]
     return FfnSpec(block="layer0/ffn", x=model.graph.inputs[0], out=nodes["fc2_add"].outputs[0],

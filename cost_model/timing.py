@@ -29,7 +29,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import onnx
@@ -215,13 +215,16 @@ def _per_session_feeds(
                 f"per-session feeds must name exactly the sessions; "
                 f"missing {missing}, unknown {extra}"
             )
-        return {name: feeds[name] for name in names}  # type: ignore[misc]
+        # Every value is a mapping, so `feeds` holds one feed per session.
+        per_session = cast("Mapping[str, Mapping[str, np.ndarray]]", feeds)
+        return {name: per_session[name] for name in names}
     if any(isinstance(v, Mapping) for v in values):
         raise TypeError(
             "feeds must be one feed dict shared by all sessions (name -> array) or one "
             "feed dict per session (session -> name -> array), not a mix"
         )
-    return dict.fromkeys(names, feeds)  # type: ignore[arg-type]
+    # No value is a mapping, so `feeds` is itself the one feed (name -> array).
+    return dict.fromkeys(names, cast("Mapping[str, np.ndarray]", feeds))
 
 
 def time_interleaved(

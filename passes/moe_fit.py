@@ -245,7 +245,7 @@ def fit_layers(
         if layer.index not in experts:
             continue
         ffn = layer.ffn
-        values = [ffn.x, ffn.w2.matmul.inputs[0], *_pre_activation(ffn)]
+        values = [ffn.x, ffn.w2.input, *_pre_activation(ffn)]
         fit = capture_tokens(model, values, calibration.batches, max_tokens=max_tokens, seed=seed)
         held = capture_tokens(model, values, calibration.holdout or calibration.batches,
                               max_tokens=holdout_tokens, seed=seed + 1)

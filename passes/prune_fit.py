@@ -76,8 +76,7 @@ def capture_layers(
     values: list[ir.Value] = []
     for layer in spec.layers:
         a, f = layer.attention, layer.ffn
-        values += [a.o.matmul.inputs[0], residual_of(a.out, a.x), f.w2.matmul.inputs[0],
-                   residual_of(f.out, f.x)]
+        values += [a.o.input, residual_of(a.out, a.x), f.w2.input, residual_of(f.out, f.x)]
     arrays = capture_tokens(model, values, batches, max_tokens=max_tokens, seed=seed)
     return [LayerActivations(*arrays[4 * i: 4 * i + 4]) for i in range(len(spec.layers))]
 

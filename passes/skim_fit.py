@@ -67,26 +67,28 @@ def capture_skim_data(
     probs = [layer.attention.nodes[0].outputs[0] for layer in spec.layers]
     inputs = [stream_in(spec.layers[i]) for i in layers]
     reader = ActivationReader(model, [*inputs, *probs])
+    # The reader names every value it exposes, in order: inputs first, then probabilities.
+    input_names, prob_names = reader.names[:len(inputs)], reader.names[len(inputs):]
     rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
     for feed in batches:
         out = reader.run(feed)
         mask = np.asarray(feed.get("attention_mask", np.ones(out[reader.names[0]].shape[:2])))
-        received = [received_attention(out[v.name], mask) for v in probs]
+        received = [received_attention(out[name], mask) for name in prob_names]
         real = mask.astype(bool)
         n = mask.sum(1, keepdims=True)
         final = out[reader.main_output]
-        for i, value in zip(layers, inputs, strict=True):
+        for i, name in zip(layers, input_names, strict=True):
             if target == "drift":
-                drift = np.linalg.norm(final - out[value.name], axis=-1) + 1e-6
+                drift = np.linalg.norm(final - out[name], axis=-1) + 1e-6
                 mean = (drift * mask).sum(1, keepdims=True) / n
-                rows[i].append((out[value.name][real].astype(np.float32),
+                rows[i].append((out[name][real].astype(np.float32),
                                 np.log(drift / mean)[real]))
                 continue
             # Layer 0 has no previous attention: its own stands in.
             prev = received[max(i - 1, 0) : max(i, 1)]
             sources = prev if target == "attention" else received[i:]
             score = np.log(np.mean(sources, axis=0) * n + _TINY)
-            rows[i].append((out[value.name][real].astype(np.float32), score[real]))
+            rows[i].append((out[name][real].astype(np.float32), score[real]))
     return {i: (np.concatenate([r[0] for r in parts]), np.concatenate([r[1] for r in parts]))
             for i, parts in rows.items()}
 
