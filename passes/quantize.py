@@ -15,13 +15,12 @@ int8 ones it leaves a float MatMul); symmetric int8 activations are for TensorRT
 
 Planer writes none of the quantization itself: the chosen projections go, by name, to
 `quantize_dynamic` or `quantize_static` (`nodes_to_quantize`), so only the planned
-blocks change. The projections are the
-MatMuls of the ModelSpec (`Linear.matmul`) found when the model was read, or their
-re-emitted form from head pruning (`layer3/attn/q/MatMul`); each is renamed
-`<block>/<role>/MatMul` first, so ORT's derived names are planer's. Afterwards every
-node of a quantized projection gets a block-derived name (`layer3/attn/q/int8/Mul`,
-`layer3/attn/q_k_v/int8/DynamicQuantizeLinear` for the input the three share) and
-provenance (`planer.pass = quantize`).
+blocks change. The projections are the MatMuls of the ModelSpec (`Linear.matmul`)
+found when the model was read, or their re-emitted form from head pruning
+(`layer3/attn/q/MatMul`); each is renamed `<block>/<role>/MatMul` first, so ORT's
+derived names are planer's. Afterwards every node of a quantized projection gets a
+block-derived name (`layer3/attn/q/int8/Mul`, `layer3/attn/q_k_v/int8/DynamicQuantizeLinear`
+for the input the three share) and provenance (`planer.pass = quantize`).
 
 onnxruntime.quantization reads and writes files, so the stage saves the model to a
 scratch folder (external data, no 2 GiB limit), quantizes there, reads the result
@@ -45,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -135,22 +133,9 @@ def apply_quantize(model: ir.Model, spec: ModelSpec, config: QuantizeConfig,
         _check_quantized(quantized, targets)
         _mark(quantized.graph, targets, before={n.name or "" for n in model.graph})
         _swap_graph(model, quantized)
-    return len({(t.block, t.mode) for t in targets})
-
-
-class QuantizePass(InPlacePass):
-    """Adapter running `apply_quantize` as an onnx-ir pass."""
-
-    def __init__(self, spec: ModelSpec, config: QuantizeConfig,
-                 calib: CalibrationSet | None = None):
-        super().__init__()
-        self.spec = spec
-        self.config = config
-        self.calib = calib
-
-    def call(self, model: ir.Model) -> PassResult:
-        count = apply_quantize(model, self.spec, self.config, self.calib)
-        return PassResult(model, modified=count > 0)
+    blocks = {(t.block, t.mode) for t in targets}
+    logger.info("quantized %d projections in %d blocks to int8", len(targets), len(blocks))
+    return len(blocks)
 
 
 def apply_int8(model: ir.Model, spec: ModelSpec, plan: Plan, calib: CalibrationSet | None,
@@ -158,8 +143,15 @@ def apply_int8(model: ir.Model, spec: ModelSpec, plan: Plan, calib: CalibrationS
     """Quantizes what the plan's `int8` fields ask for; returns report.json's `int8` entry.
 
     Runs last among the rewrites (after ORT kernel choice, before emission): the other
-    passes read float weights. `target="tensorrt"` makes static activations symmetric.
-    Returns an empty dict when the plan quantizes nothing (the model is untouched).
+    passes read float weights. `spec` is the model as read (the compile's source spec):
+    the finder cannot re-read a graph in ORT's kernel spelling, and the source spec's
+    FFN MatMuls are still the graph's own nodes. `target="tensorrt"` makes static
+    activations symmetric and refuses dynamic mode. Returns an empty dict when the plan
+    quantizes nothing (the model is untouched).
+
+    Raises:
+        BadInputError: static mode without calibration, or dynamic mode for TensorRT.
+        PreconditionError: a planned block is gone from the graph or already quantized.
     """
     config = QuantizeConfig.from_plan(plan, symmetric_activations=target == "tensorrt")
     dynamic = sorted(i for i, c in config.layers.items() if c.mode == "dynamic")
