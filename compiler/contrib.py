@@ -23,14 +23,22 @@ it spells them back out before canonicalization:
                                              merged GPT-2's two reshapes; canonicalize's
                                              flatten fold needs the [B, S, K] one back)
 
-Why unfuse instead of rewriting the fused kernels natively: every pass, the finder, the
-capture of activations and the diff already read the unfused form, and ORT fuses it
-again when it loads the emitted model (SkipLayerNormalization, BiasGelu/FastGelu) where
-passes.ort_kernels lets it, which is where it measured faster on this machine.
-Measured (python -m benchmarks.bench_contrib, 2 cores, ORT 1.32, batch 1, 128 tokens,
-1 thread, interleaved, median of per-round ratios): see BENCH below.
+Why unfuse instead of rewriting the fused kernels natively (slicing the packed QKV
+weight, a new num_heads): every pass, the finder, the activation capture and the diff
+already read the unfused form; ORT fuses it again when it loads the emitted model
+(SkipLayerNormalization, BiasGelu) where passes.ort_kernels lets it; and the fused
+kernels bought nothing on this CPU. all-MiniLM-L6-v2, planer's neutral compile of each
+fused form vs that form as given (`python benchmarks/bench_contrib.py --rounds 200`,
+2026-12-02, 2-core Intel Xeon shared with other jobs (load ~11, so absolute ms are
+inflated; interleaved ratios hold), ORT 1.32 CPU, batch 1, 128 tokens, 1 thread):
 
-BENCH
+    fused form as given                          planer neutral   plain export
+    ORT optimizer output (SkipLayerNorm, BiasGelu)    0.916          0.920
+    packed-QKV Attention kernels                      0.987          1.009
+    MultiHeadAttention kernels                        0.999          1.040
+
+So re-fusing Attention at emission would gain nothing measurable here, and keeping
+ORT's SkipLayerNormalization would lose 8%; benchmarks/results/contrib-minilm.json.
 
 Every expansion is the kernel's formula in standard ops, exact up to float rounding
 (tests compare against ORT running the fused graph, to 1e-4). Fused ops with parts
