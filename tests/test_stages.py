@@ -104,3 +104,16 @@ def test_other_exceptions_stay_internal_and_name_the_stage(bert: Path) -> None:
     with pytest.raises(ValueError) as info:
         run_stages([Broken()], _compilation(bert))
     assert "(in planer's broken stage)" in info.value.__notes__
+
+
+def test_an_int8_plan_compiles_through_every_stage(bert: Path, tmp_path: Path) -> None:
+    _, spec = pipeline.read_model(bert)
+    layers = [{"heads": la.attention.heads, "ffn": la.ffn.width,
+               "int8": {"blocks": "both", "mode": "dynamic"}} for la in spec.layers]
+    layers[0]["heads"] = max(1, spec.layers[0].attention.heads // 2)
+    result = pipeline.compile_plan(bert, tmp_path / "out", plan_data={"layers": layers},
+                                   ort_kernels="on")
+    assert set(result.report["int8"]) >= {f"layer{i}" for i in range(len(layers))}
+    ops = {n.op_type for n in ir.load(result.model_path).graph}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert result.report["verification"]["min_cosine"] > 0.9

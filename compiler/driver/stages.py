@@ -244,7 +244,11 @@ class Int8(Stage):
     def run(self, c: Compilation) -> bool:
         from planer.passes.quantize import apply_int8
 
-        info = apply_int8(c.model, c.spec, c.plan, c.calib, target=c.options.target_runtime)
+        # The source spec: FFN MatMuls are the nodes it names (pruning keeps them) and
+        # attention is found by the names head pruning gave it; the finder cannot read the
+        # graph again after ORT's kernel spelling (Sum, BiasGelu).
+        info = apply_int8(c.model, c.source_spec, c.plan, c.calib,
+                          target=c.options.target_runtime)
         c.report.add("int8", info)
         return bool(info)
 
