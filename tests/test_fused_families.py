@@ -8,6 +8,7 @@ weight-only quantization) before canonicalizing; the tests call it explicitly.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,37 @@ def test_optimized_minilm(exporter: str, tmp_path: Path,
     feeds = _feeds("bert", seq=64)
     for want, got in zip(run_ort(src, feeds), run_ort(result.model_path, feeds), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_reading_twice_changes_nothing(tmp_path: Path) -> None:
+    path = prepared(optimized_path("gpt2", "dynamo"), tmp_path / "read")
+    again = load_model(path)
+    assert prepare(again) == {"dequantized_weights": 0, "expanded_ops": 0}
+
+
+def test_opset14_optimizer_output_reads(tmp_path: Path) -> None:
+    # Below opset 17 ORT's optimizer writes LayerNormalization into the default domain,
+    # which the ONNX checker rejects; prepare spells it (and the fused ones) out.
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from planer.fixtures.build import build_torch_model
+
+    export, names = tmp_path / "export.onnx", ["input_ids", "attention_mask", "token_type_ids"]
+    feeds = example_inputs("bert", batch=2, seq=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(build_torch_model("bert"), tuple(torch.from_numpy(feeds[n])
+                                                           for n in names),
+                          str(export), dynamo=False, opset_version=14, input_names=names,
+                          output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "b", 1: "s"} for n in [*names,
+                                                                      "last_hidden_state"]})
+    src = tmp_path / "optimized.onnx"
+    optimize_model(str(export), model_type="bert", num_heads=0,
+                   hidden_size=0).save_model_to_file(str(src))
+    model = ir.load(str(src))  # load_model's checker refuses the default-domain LayerNorm
+    assert prepare(model)["expanded_ops"] > 0
+    ir.save(model, str(tmp_path / "read.onnx"))
+    onnx.checker.check_model(str(tmp_path / "read.onnx"), full_check=True)
+    _assert_neutral_exact(src, tmp_path / "read.onnx", "bert", tmp_path)
