@@ -60,10 +60,13 @@ def find_blocks(model: ir.Model) -> ModelSpec:
             attentions.append(_find_attention(node))
         except _NoMatch as why:
             skipped.append(f"Softmax node {node.name!r}: {why}")
-    if not attentions and any(_has_relative_scores(n) for n in graph if n.op_type == "Softmax"):
+    relative = next((found for n in graph if n.op_type == "Softmax"
+                     and (found := _relative_scores_node(n)) is not None), None)
+    if not attentions and relative is not None:
         raise UnsupportedModelError(
-            "attention scores add a term computed from the hidden states "
-            "(DeBERTa-style relative-position attention), which planer cannot rewrite per head."
+            f"attention scores add a term computed from the hidden states at "
+            f"{_describe(relative)} (DeBERTa-style relative-position attention), which "
+            "planer cannot rewrite per head."
         )
     if not attentions:
         detail = f"; at {skipped[0]}" if skipped else _fused_hint(graph)
@@ -224,8 +227,8 @@ def _is_score_like(value: ir.Value) -> bool:
     return False
 
 
-def _has_relative_scores(softmax: ir.Node) -> bool:
-    """Tells whether the scores add two products of activations (c2p/p2c relative terms)."""
+def _relative_scores_node(softmax: ir.Node) -> ir.Node | None:
+    """Returns the Add of two products of activations in the scores (c2p/p2c terms), if any."""
     stack, steps = [softmax.inputs[0]], 0
     while stack and steps < 24:
         value = stack.pop()
@@ -236,9 +239,9 @@ def _has_relative_scores(softmax: ir.Node) -> bool:
         data = [i for i in producer.inputs if i is not None and const_array(i) is None]
         if producer.op_type == "Add" and len(data) == 2 \
                 and all(_reaches_activation_matmul(i) for i in data):
-            return True
+            return producer
         stack.extend(data)
-    return False
+    return None
 
 
 def _reaches_activation_matmul(value: ir.Value, budget: int = 200) -> bool:
@@ -625,8 +628,10 @@ def _reject_hidden_dependent_scores(attn: AttentionSpec) -> None:
     for op in attn.score_ops:
         for i, item in enumerate(op.inputs):
             if i != op.scores_index and item is not None and _depends_on(item, attn.x, 40):
+                source = item.producer()
+                where = f" ({_describe(source)})" if source is not None else ""
                 raise UnsupportedModelError(
-                    "attention scores add a term computed from the hidden states "
+                    f"attention scores add a term computed from the hidden states{where} "
                     "(DeBERTa-style relative-position attention), which planer cannot "
                     "rewrite per head."
                 )

@@ -130,3 +130,12 @@ def test_layers_sharing_one_bias_prune_to_different_widths(tmp_path: Path) -> No
     plan = {"layers": [{"ffn": 64}, {"ffn": 32}]}
     result = compile_plan(fixture_path("albert", "dynamo"), tmp_path / "out", plan_data=plan)
     assert [la["ffn"]["after"] for la in result.report["layers"]] == [64, 32]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_relative_position_refusal_names_the_node(exporter: str) -> None:
+    with pytest.raises(UnsupportedModelError) as info:
+        read_model(fixture_path("deberta", exporter))
+    message = str(info.value)
+    assert "DeBERTa-style relative-position attention" in message
+    assert "hidden states at Add node '" in message
