@@ -45,6 +45,9 @@ class LayerSummary:
     norm: str  # "post" or "pre" LayerNorm
     params: int
     flops: int  # at the summary's batch and seq_len
+    supported: bool  # compile can rewrite this layer
+    heads_prunable: bool  # ... including its attention heads
+    reason: str | None = None  # why not, where it cannot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,8 @@ class ModelSummary:
     batch: int
     seq_len: int
     layers: tuple[LayerSummary, ...]
+    supported: bool  # compile can rewrite every layer
+    unsupported: tuple[str, ...]  # one sentence per thing it cannot rewrite
     data: Mapping[str, Any]  # the `planer inspect --json` object
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +147,7 @@ def inspect(model: PathLike | None = None, *, batch: int = 1, seq_len: int = 128
     """
     from planer.compiler.driver.pipeline import read_model
     from planer.compiler.driver.quiet import quiet_libraries
+    from planer.compiler.support import analyze
 
     _positive(batch=batch, seq_len=seq_len)
     path = _model_path(model)
@@ -149,13 +155,18 @@ def inspect(model: PathLike | None = None, *, batch: int = 1, seq_len: int = 128
         _, spec = read_model(path)
     data = spec.to_dict(batch=batch, seq_len=seq_len)
     data["model"] = str(path)
-    layers = tuple(LayerSummary(**{f.name: layer[f.name]
+    support = analyze(spec)  # the analysis compile runs before fitting, as `inspect` prints
+    data.update(support.to_dict())
+    for record, verdict in zip(data["layers"], support.layers, strict=True):
+        record.update(verdict.to_dict())
+    layers = tuple(LayerSummary(**{f.name: layer.get(f.name)
                                    for f in dataclasses.fields(LayerSummary)})
                    for layer in data["layers"])
     return ModelSummary(path=path, kind=data["kind"], hidden=data["hidden"],
                         vocab_size=data["vocab_size"], params=data["params"],
                         flops=data["flops"], batch=batch, seq_len=seq_len, layers=layers,
-                        data=data)
+                        supported=bool(data["supported"]),
+                        unsupported=tuple(data["unsupported"]), data=data)
 
 
 def compile(  # noqa: A001 (the verb the CLI calls compile)

@@ -27,10 +27,12 @@ def _boom(*_args: object, **_kwargs: object) -> None:
 def test_verbose_anywhere_prints_the_trace(where: str, command: str, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from planer.fixtures.build import fixture_path
+
     monkeypatch.setattr(pipeline, "read_model" if command == "inspect" else "compile_plan",
                         _boom)
-    args = [command, str(tmp_path / "m.onnx")] + (["-o", str(tmp_path / "o")]
-                                                   if command == "compile" else [])
+    model = fixture_path("bert")  # a real file: compile checks its input before compiling
+    args = [command, str(model)] + (["-o", str(tmp_path / "o")] if command == "compile" else [])
     argv = ["-v", *args] if where == "before" else [*args, "-v"]
     assert main(argv) == 1
     err = capsys.readouterr().err
