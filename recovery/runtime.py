@@ -4,10 +4,11 @@
     feed ─ Teacher (original model, layer outputs exposed)          ─ layers_L×BSD, end_BSD
     feed ─ compiled model in ORT ─ end_BSD  ==  Mirror(entry, masks) within 1e-4  (check)
 
-Both sessions run with graph optimizations off, on serialized copies of canonical models
-with only the values asked for as outputs (what nothing reads is removed), so the prefix
-does not pay for the layers and every named value survives. Batches are computed on the
-fly: nothing is held for the whole corpus.
+Both sessions run on serialized copies of canonical models with only the values asked
+for as outputs (what nothing reads is removed), so the prefix does not pay for the layers;
+ORT's fusions keep every graph output, so they stay on there. The equivalence check runs
+the compiled model with optimizations off (ORT's fusions could hide a wrong mirror).
+Batches are computed on the fly: nothing is held for the whole corpus.
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ def canonical_copy(model: ir.Model) -> ir.Model:
     return copy
 
 
-def session_for(model: ir.Model, outputs: Sequence[str], *, threads: int = 1
-                ) -> ort.InferenceSession:
-    """Returns an ORT session over a copy of `model` whose outputs are exactly `outputs`."""
+def session_for(model: ir.Model, outputs: Sequence[str], *, threads: int = 1,
+                optimize: bool = True) -> ort.InferenceSession:
+    """Returns an ORT session over a copy of `model` whose outputs are exactly `outputs`.
+
+    With `optimize`, ORT's graph optimizations are on: the teacher and the prefix are
+    frozen, only their named outputs are read (fusions keep every graph output), and the
+    teacher's forward pass is a large share of a training step.
+    """
     ir.external_data.load_to_model(model)  # bytes cannot point at external data files
     copy = ir.from_proto(ir.to_proto(model))
     values = {str(v.name): v for v in copy.graph.inputs}
@@ -54,7 +60,8 @@ def session_for(model: ir.Model, outputs: Sequence[str], *, threads: int = 1
     copy.graph.outputs.extend(values[name] for name in dict.fromkeys(outputs))
     RemoveUnusedNodesPass()(copy)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize \
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     data = ir.to_proto(copy).SerializeToString()

@@ -124,8 +124,11 @@ class Student:
         wanted = {i.name for i in session.get_inputs()}
         (expected,) = session.run([name], {k: v for k, v in feed.items() if k in wanted})
         entry, aux, mask = self.inputs(feed)
+        training = self.mirror.training
+        self.mirror.eval()
         with torch.no_grad():
             got = self.mirror(entry, aux, mask).end.numpy()
+        self.mirror.train(training)
         return max_abs_diff(got, expected, mask.numpy() if got.ndim == 3 else None)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -223,11 +226,16 @@ def pooled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class LossTerms:
-    """One batch's loss and its two parts (for logging)."""
+    """One batch's loss and its parts (for logging): distillation = layers + output."""
 
     total: torch.Tensor
     layers: float
     output: float
+    router: float = 0.0
+
+    @property
+    def distill(self) -> float:
+        return float(self.total.detach()) - self.router
 
 
 def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
@@ -249,9 +257,11 @@ def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
                               dim=-1)
     output = (1.0 - cos).sum() / sequences
     total = config.layer_weight * layer + config.output_weight * output
+    router = 0.0
     if out.aux_loss is not None:
         total = total + config.router_weight * out.aux_loss
-    return LossTerms(total, float(layer.detach()), float(output.detach()))
+        router = config.router_weight * float(out.aux_loss.detach())
+    return LossTerms(total, float(layer.detach()), float(output.detach()), router)
 
 
 # ---------------------------------------------------------------- the loop
@@ -271,19 +281,31 @@ class FitResult:
     best: Evaluation
     best_state: dict[str, torch.Tensor]
     losses: list[float]
+    router_losses: list[float] = dataclasses.field(default_factory=list)
 
     def loss_summary(self, points: int = 40) -> dict[str, Any]:
-        """Summarises the loss curve: first/last/min and at most `points` window means."""
-        if not self.losses:
-            return {}
-        values = np.asarray(self.losses)
-        edges = np.linspace(0, len(values), min(points, len(values)) + 1).astype(int)
-        curve = [[int(b), round(float(values[a:b].mean()), 5)]
-                 for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-        head = values[: max(1, len(values) // 20)]
-        tail = values[-max(1, len(values) // 20):]
-        return {"first": round(float(head.mean()), 5), "last": round(float(tail.mean()), 5),
-                "min": round(float(values.min()), 5), "curve": curve}
+        """Summarises the distillation loss curve (first/last/min, <= `points` window means).
+
+        MoE routers' regression loss, when there is one, is summarised under "router".
+        """
+        summary = _curve(self.losses, points)
+        if any(self.router_losses):
+            summary["router"] = _curve(self.router_losses, points)
+        return summary
+
+
+def _curve(losses: list[float], points: int) -> dict[str, Any]:
+    """Returns first/last (mean of the first/last 5%), min and window means of a curve."""
+    if not losses:
+        return {}
+    values = np.asarray(losses)
+    edges = np.linspace(0, len(values), min(points, len(values)) + 1).astype(int)
+    curve = [[int(b), round(float(values[a:b].mean()), 5)]
+             for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    head = values[: max(1, len(values) // 20)]
+    tail = values[-max(1, len(values) // 20):]
+    return {"first": round(float(head.mean()), 5), "last": round(float(tail.mean()), 5),
+            "min": round(float(values.min()), 5), "curve": curve}
 
 
 class Trainer:
@@ -313,8 +335,12 @@ class Trainer:
         if self.layer_loss:
             self.scales = holdout.layer_mean_square
 
-    def train_step(self, feed: Feed, fraction: float) -> tuple[float, int, int]:
-        """Runs one optimizer step on a global batch; returns (loss, sequences, tokens)."""
+    def train_step(self, feed: Feed, fraction: float) -> tuple[float, float, int, int]:
+        """Runs one optimizer step on a global batch.
+
+        Returns:
+            (distillation loss, weighted router loss, sequences, tokens), whole batch.
+        """
         full = data.trim(feed)
         batch = next(iter(full.values())).shape[0]
         shard = data.trim(data.rows(full, np.arange(self.world.rank, batch, self.world.size)))
@@ -335,11 +361,13 @@ class Trainer:
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.student.mirror.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return self.world.total(float(terms.total.detach())), batch, int(tokens)
+        return (self.world.total(terms.distill), self.world.total(terms.router), batch,
+                int(tokens))
 
     def evaluate(self, holdout: Holdout) -> Evaluation:
         """Measures pooled and per-token cosine to the teacher on the holdout."""
         pooled_cos, token_cos = [], []
+        self.student.mirror.eval()  # no router regression while measuring
         with torch.no_grad():
             for (entry, aux, mask), end in zip(holdout.inputs, holdout.teacher_end, strict=True):
                 got = self.student.mirror(entry, aux, mask).end
@@ -347,6 +375,7 @@ class Trainer:
                 if got.ndim == 3:
                     real = mask.bool()
                     token_cos.append(F.cosine_similarity(got[real], end[real], dim=-1))
+        self.student.mirror.train()
         p = torch.cat(pooled_cos).double().numpy()
         t = torch.cat(token_cos).double().numpy() if token_cos else p
         return Evaluation(float(p.mean()), float(np.percentile(p, 5)), float(t.mean()))
@@ -359,6 +388,7 @@ class Trainer:
         reserve = 2.0 * (time.perf_counter() - t0) + 2.0  # final evaluation and write-back
         best_state, best_step = self.student.snapshot(), 0
         losses: list[float] = []
+        router_losses: list[float] = []
         step = sequences = tokens = stale = 0
         stopped, step_s = "", 0.0
         while True:
@@ -369,10 +399,11 @@ class Trainer:
             if stop:
                 stopped = stop
                 break
-            loss, n_seq, n_tok = self.train_step(next(batches), fraction)
+            loss, router, n_seq, n_tok = self.train_step(next(batches), fraction)
             step += 1
             sequences, tokens = sequences + n_seq, tokens + n_tok
             losses.append(loss)
+            router_losses.append(router)
             step_s = time.perf_counter() - now if step == 1 else 0.9 * step_s + 0.1 * (
                 time.perf_counter() - now)
             evaluation = None
@@ -390,7 +421,7 @@ class Trainer:
             if final.pooled_cosine > best.pooled_cosine:
                 best, best_state, best_step = final, self.student.snapshot(), step
         return FitResult(step, sequences, tokens, time.perf_counter() - t0, stopped, best_step,
-                         before, best, best_state, losses)
+                         before, best, best_state, losses, router_losses)
 
     def _position(self, step: int, now: float, t0: float, deadline: float | None,
                   reserve: float, step_s: float, max_steps: int | None) -> tuple[float, str]:
