@@ -47,6 +47,7 @@ _HEADER_NAMES = frozenset(
 _PAD_TOKENS = ("[PAD]", "<pad>")
 MAX_TEXT_BYTES = 512 * files.MIB  # calibration samples 256 texts; a larger file is a mistake
 MAX_NPZ_BYTES = 4 * files.GIB
+MAX_TOKENIZER_BYTES = 256 * files.MIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,9 @@ def load_tokenizer(path: str | Path, *, vocab_size: int | None = None) -> tokeni
             f"tokenizer {path} is neither a tokenizer.json nor a folder holding "
             "tokenizer.json or vocab.txt."
         )
+    # tokenizers reads the whole file; a real tokenizer.json is a few MiB.
+    files.regular_file(file if file.is_file() else path / "vocab.txt", "tokenizer file",
+                       max_bytes=MAX_TOKENIZER_BYTES)
     try:
         if file.is_file():
             tokenizer = tokenizers.Tokenizer.from_file(str(file))
