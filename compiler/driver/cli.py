@@ -420,7 +420,8 @@ def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None
             f"compiled {report['measured_ms']:.2f} ms (predicted {report['predicted_ms']:.2f})"
             f"   speedup {report['speedup']:.2f}x   "
             f"{'target met' if report['target_met'] else 'target missed'}")
-    out.print(f"wrote {output}/ (model, plan.json, report.json) in {seconds:.1f} s")
+    out.print(f"wrote {output}/ (model, plan.json, report.json, report.html) in "
+              f"{seconds:.1f} s")
 
 
 if __name__ == "__main__":
