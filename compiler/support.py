@@ -14,14 +14,16 @@ the same sentence instead of failing its own check after minutes of fitting.
 
 What a layer needs beyond what the finder already checks:
 
-* Every extra term added to the attention scores (mask, bias) must be the same for
-  every head (head axis 1 or absent): head pruning replays these terms on fewer heads,
-  and a per-head [B, H, S, S] term (MPNet, T5 buckets, ALiBi slopes) would no longer
-  broadcast.
+* Every extra term added to the attention scores (mask, bias) must either be the same
+  for every head (head axis 1 or absent) or carry the heads on axis -3 with a size the
+  graph's shapes state (an MPNet or T5 relative-position bias, ALiBi slopes): head
+  pruning replays these terms on fewer heads and slices such a term to the kept ones.
+  A term that varies per head along an axis planer cannot place is refused.
 * Projection weights must be float32: the refit solves in float64 and writes float32.
 
-A per-head term stops head pruning only: channel pruning still rewrites the layer, the
-FLOPs and latency allocations keep its heads, and a plan that prunes them is refused.
+An unplaceable per-head term stops head pruning only: channel pruning still rewrites
+the layer, the FLOPs and latency allocations keep its heads, and a plan that prunes them
+is refused.
 """
 
 from __future__ import annotations
@@ -156,11 +158,29 @@ def _fatal_problem(layer: LayerSpec) -> str | None:
     return None
 
 
+def per_head_operands(attn: AttentionSpec) -> list[tuple[int, int]]:
+    """Returns (score step, input position) of each score term with a head axis to slice.
+
+    Such a term is [.., H, S, S] with H = the layer's head count on axis -3 (the scores'
+    head axis, by broadcasting), known from the graph's shapes; head pruning keeps its
+    rows of the kept heads (an MPNet or T5 relative-position bias, ALiBi slopes).
+    """
+    found = []
+    for index, step in enumerate(attn.score_ops):
+        for position, operand in enumerate(step.inputs):
+            if position != step.scores_index and operand is not None \
+                    and _static_head_axis(operand) == attn.heads > 1:
+                found.append((index, position))
+    return found
+
+
 def _per_head_term(attn: AttentionSpec) -> str | None:
-    """Names a score term that differs per head, which head pruning cannot slice yet."""
-    for step in attn.score_ops:
-        for i, operand in enumerate(step.inputs):
-            if i == step.scores_index or operand is None:
+    """Names a score term that differs per head in a way head pruning cannot slice."""
+    sliceable = set(per_head_operands(attn))
+    for index, step in enumerate(attn.score_ops):
+        for position, operand in enumerate(step.inputs):
+            if position == step.scores_index or operand is None \
+                    or (index, position) in sliceable:
                 continue
             how = _head_axis(operand, attn.heads)
             if how is not None:
@@ -168,21 +188,30 @@ def _per_head_term(attn: AttentionSpec) -> str | None:
                 where = f"from {node_label(node)}" if node is not None else \
                     f"from graph input {operand.name!r}"
                 return (f"its attention scores add a per-head term {where} ({how}), which "
-                        "head pruning cannot slice yet")
+                        "head pruning cannot slice: its head axis is not known to be axis -3 "
+                        f"of size {attn.heads}")
     return None
 
 
-def _head_axis(value: ir.Value, heads: int) -> str | None:
-    """Says why `value` has a head axis of size `heads` > 1, or returns None."""
+def _static_head_axis(value: ir.Value) -> int | None:
     shape = value.shape
-    if shape is not None and len(shape) >= 3:
-        dim = shape[len(shape) - 3]
-        if isinstance(dim, int):
-            return f"shape {_dims(shape)}" if dim > 1 else None
+    if shape is None or len(shape) < 3:
+        return None
+    dim = shape[len(shape) - 3]
+    return dim if isinstance(dim, int) else None
+
+
+def _head_axis(value: ir.Value, heads: int) -> str | None:
+    """Says why `value` varies per head (`heads` > 1), or returns None when it cannot."""
+    dim = _static_head_axis(value)
+    if dim is not None:
+        return f"shape {_dims(value.shape)}" if dim > 1 else None  # type: ignore[arg-type]
     if heads > 1 and _reaches_head_constant(value, heads):
         return f"computed from a constant with an axis of {heads}, the head count"
-    if shape is None and value.producer() is None and value.const_value is None:
-        return "a graph input whose head axis is unknown"
+    if value.producer() is None and value.const_value is None and \
+            (value.shape is None or len(value.shape) >= 3):
+        # A graph input could be fed [B, H, S, S] as well as [B, 1, S, S].
+        return "a graph input whose head axis is not fixed"
     return None
 
 

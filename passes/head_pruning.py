@@ -10,7 +10,9 @@ After:   x_BSD ─ MatMul(wq_DI) ─ Add ─ Reshape[0,0,H,d] ─ Transpose ─�
          ─ MatMul(wo_ID) ─ Add ─ out_BSD                       (I = H·d)
 
 Keeping head h keeps Q/K/V columns and O rows h·d..(h+1)·d; the per-head attention is
-independent, so with all heads kept the rewrite reproduces the original block. Reshape
+independent, so with all heads kept the rewrite reproduces the original block. A score
+term with its own value per head ([.., H, S, S] on axis -3: MPNet's relative-position
+bias, compiler.support.per_head_operands) is gathered to the kept heads before its step. Reshape
 shapes are constants with the layer's own head count (never -1): ORT's transformer
 optimizer reads the head count from them, and a -1 makes it fall back to one global
 count, silently wrong for pruned layers. A layer kept at 0 heads contributes only the
@@ -36,6 +38,7 @@ from planer.compiler.irutil import (
     replace_uses,
 )
 from planer.compiler.spec import AttentionSpec, ModelSpec
+from planer.compiler.support import per_head_operands
 
 PASS_NAME = "head_pruning"
 
@@ -116,9 +119,16 @@ def _emit_attention(
     scores = b.op("MatMul", [q, k], "scores/MatMul")
     scores = b.op("Mul", [scores, b.const("scale", np.array(attn.scale, dtype=dtype))],
                   "scores/Mul")
+    per_head = set(per_head_operands(attn)) if n < attn.heads else set()
     for i, step in enumerate(attn.score_ops):
         inputs = list(step.inputs)
         inputs[step.scores_index] = scores
+        for j, term in enumerate(inputs):
+            if (i, j) in per_head:
+                # A per-head score term (relative-position bias) keeps the kept heads' rows.
+                kept = b.const(f"scores/{step.op_type}_{i}/heads", np.array(heads, np.int64))
+                inputs[j] = b.op("Gather", [term, kept], f"scores/{step.op_type}_{i}/Gather",
+                                 {"axis": -3})
         scores = b.op(step.op_type, inputs, f"scores/{step.op_type}_{i}", step.attributes)
     probs = b.op("Softmax", [scores], "Softmax", {"axis": -1})
     ctx = b.op("MatMul", [probs, v], "context/MatMul")

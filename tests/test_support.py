@@ -6,30 +6,40 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper
 
 from planer.compiler.driver.cli import main
 from planer.compiler.driver.pipeline import compile_plan, read_model
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.plan import parse_plan
-from planer.compiler.support import analyze, require_supported
+from planer.compiler.support import analyze, prepare, require_supported
 from planer.fixtures.build import fixture_path
+from planer.fixtures.families import _perturb_constant_parameters as perturb_constant_parameters
+from planer.fixtures.fused import fused_bert_path
+from planer.passes.prune_fit import Importance, allocate
 
 TINY = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
         "num_hidden_layers": 2, "vocab_size": 1000, "max_position_embeddings": 130}
 
 
-def _export(model_type: str, path: Path, **extra: object) -> Path:
-    """Exports a tiny random transformers model (input_ids, attention_mask) with TorchScript."""
+def export_tiny(model_type: str, path: Path, **extra: object) -> tuple[Any, Path]:
+    """Exports a tiny random transformers model (input_ids, attention_mask) with TorchScript.
+
+    Returns the eval-mode torch wrapper (same weights) and the ONNX path.
+    """
     import torch
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.for_model(model_type, **TINY, **extra)
     torch.manual_seed(0)
     model = AutoModel.from_config(config).eval()
+    perturb_constant_parameters(model)  # as the fixtures do: no merged zero biases
 
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -41,61 +51,70 @@ def _export(model_type: str, path: Path, **extra: object) -> Path:
 
     args = (torch.randint(3, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long))
     axes = {n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "last_hidden_state")}
+    wrapper = Wrapper().eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Wrapper().eval(), args, str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state"], dynamic_axes=axes)
-    return path
+    return wrapper, path
 
 
 @pytest.fixture(scope="module")
-def mpnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MPNet: a relative-position bias [B, H, S, S] is added to every layer's scores."""
-    return _export("mpnet", tmp_path_factory.mktemp("mpnet") / "model.onnx")
+def bias_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fused-Attention BERT with a caller-fed attention_bias [b, h, s, s] per layer."""
+    proto = onnx.load(str(fused_bert_path("attention")))
+    proto.graph.input.append(helper.make_tensor_value_info(
+        "attention_bias", TensorProto.FLOAT, ["b", "h", "s", "s"]))
+    for node in proto.graph.node:
+        if node.op_type == "Attention":
+            node.input[:] = [*node.input[:4], "", "attention_bias"]
+    model = ir.serde.deserialize_model(proto)
+    prepare(model)
+    path = tmp_path_factory.mktemp("bias") / "model.onnx"
+    ir.save(model, str(path))
+    return path
 
 
 @pytest.fixture(scope="module")
 def roformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RoFormer: rotary position embeddings on Q and K."""
-    return _export("roformer", tmp_path_factory.mktemp("roformer") / "model.onnx",
-                   embedding_size=64)
+    return export_tiny("roformer", tmp_path_factory.mktemp("roformer") / "model.onnx",
+                       embedding_size=64)[1]
 
 
-def test_per_head_score_term_stops_head_pruning_only(mpnet: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    _, spec = read_model(mpnet)
+def test_unplaceable_per_head_term_stops_head_pruning_only(
+        bias_input: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, spec = read_model(bias_input)
     support = analyze(spec)
     assert not support.supported
     assert [la.verdict for la in support.layers] == ["FFN only", "FFN only"]
     reason = support.layers[0].heads
-    assert reason is not None and "per-head term from ai.onnx.Expand node '" in reason
-    assert "[?, 4, ?, ?]" in reason
-    assert main(["inspect", str(mpnet), "--json"]) == 0
+    assert reason is not None and "per-head term from graph input 'attention_bias'" in reason
+    assert main(["inspect", str(bias_input), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["supported"] is False and len(data["unsupported"]) == 2
     assert [(la["supported"], la["heads_prunable"]) for la in data["layers"]] == \
         [(False, False)] * 2
 
 
-def test_plan_pruning_unsliceable_heads_is_refused_before_fitting(mpnet: Path) -> None:
-    _, spec = read_model(mpnet)
+def test_plan_pruning_unsliceable_heads_is_refused_before_fitting(bias_input: Path) -> None:
+    _, spec = read_model(bias_input)
     prune_heads = parse_plan({"layers": [{"heads": 2}, {}]}, spec)
     with pytest.raises(UnsupportedModelError) as info:
         require_supported(spec, prune_heads)
     message = str(info.value)
-    assert "layer 0 to 2 of 4 heads" in message and "ai.onnx.Expand node" in message
+    assert "layer 0 to 2 of 4 heads" in message and "graph input 'attention_bias'" in message
     assert "keep its heads at 4" in message
     require_supported(spec, parse_plan({"layers": [{"ffn": 64}, {"ffn": 32}]}, spec))
 
 
-def test_flops_target_keeps_unsliceable_heads_and_prunes_channels(mpnet: Path,
-                                                                  tmp_path: Path) -> None:
-    result = compile_plan(mpnet, tmp_path / "out", target_flops=0.8)
-    layers = result.report["plan"]["layers"]
-    assert [la["heads"] for la in layers] == [4, 4]
-    assert sum(la["ffn"] for la in layers) < 256
-    assert result.report["verification"]["min_cosine"] > 0.5
+def test_allocation_keeps_unsliceable_heads_and_prunes_channels(bias_input: Path) -> None:
+    _, spec = read_model(bias_input)
+    scores = Importance(heads=[np.full(4, 1e-9)] * 2, channels=[np.ones(128)] * 2)
+    counts = allocate(spec, scores, 0.8, batch=1, seq_len=64)
+    assert [h for h, _ in counts] == [4, 4]
+    assert sum(f for _, f in counts) < 256
 
 
 def test_rotary_refusal_names_the_node(roformer: Path) -> None:
