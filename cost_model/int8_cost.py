@@ -36,9 +36,12 @@ from scipy.special import erf
 
 from planer.compiler.capture import ActivationReader
 from planer.compiler.spec import AttentionSpec, FfnSpec, Linear, ModelSpec
+from planer.cost_model.latency import LatencyModel
+from planer.cost_model.profile_int8 import int8_kind
 from planer.passes.prune_fit import residual_of
 
 Feed = dict[str, np.ndarray]
+INT8_MODE = "dynamic"  # the mode the search offers (static needs calibrated ranges per plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,28 @@ def measure_int8_costs(
     costs = totals[..., 0] / np.maximum(totals[..., 1], 1e-30)
     return Int8Costs(attn=tuple(float(c) for c in costs[:, 0]),
                      ffn=tuple(float(c) for c in costs[:, 1]))
+
+
+def int8_pays(model: LatencyModel, spec: ModelSpec) -> bool:
+    """Whether a dynamic INT8 curve beats its float twin at the model's full block size."""
+    full = {"attn": spec.layers[0].attention.heads, "ffn": spec.layers[0].ffn.width}
+    for kind, float_curve in (("attn", model.attn), ("ffn", model.ffn)):
+        curve = model.int8.get(int8_kind(kind, INT8_MODE))
+        if curve is not None and curve(full[kind]) < float_curve(full[kind]):
+            return True
+    return False
+
+
+def costs_if_int8_pays(
+    latency: LatencyModel, model: ir.Model, spec: ModelSpec, batches: Sequence[Feed], *,
+    batch: int, progress: Callable[[str], None] | None = None,
+) -> Int8Costs | None:
+    """Measures INT8 costs when the latency model says INT8 can save time here, else None."""
+    if not int8_pays(latency, spec):
+        return None
+    if progress is not None:
+        progress("measuring what INT8 costs per block")
+    return measure_int8_costs(model, spec, batches, batch=batch)
 
 
 class _Capture:

@@ -43,9 +43,11 @@ from planer.compiler.driver.pipeline import (
 from planer.compiler.driver.planning import activations
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.plan import Plan
+from planer.cost_model.int8_cost import costs_if_int8_pays
 from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
 from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
-from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss
+from planer.cost_model.profile_int8 import profile_int8_blocks
+from planer.cost_model.search import Quality, floor_plan, plan_for_latency, predicted_loss
 from planer.cost_model.timing import (
     SessionOptions,
     Timing,
@@ -99,6 +101,9 @@ def profile_model(
     channels = sorted({*range(0, ffn.width + 1, step), ffn.width})
     say("profiling block variants (stored ones are reused)")
     measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh)
+    # INT8 beside float, so the search sees where INT8 pays on this machine.
+    int8 = profile_int8_blocks(shape, heads, channels, store=store, refresh=refresh,
+                               progress=progress)
     say("compiling the neutral plan")
     with tempfile.TemporaryDirectory(prefix="planer-neutral-") as scratch:
         neutral = compile_plan(model_path, Path(scratch) / "neutral", batch=batch,
@@ -108,14 +113,14 @@ def profile_model(
                            seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
     dense_ms = times["dense"]
     latency = fit_latency_model(measured["attn"], measured["ffn"], times["neutral"],
-                                Plan.neutral(spec))
+                                Plan.neutral(spec), int8=int8)
     info = {"device": store.device, "store": str(store.path), "dense_ms": round(dense_ms, 3),
             "neutral_ms": round(times["neutral"], 3),
             "overhead_ms": round(latency.overhead_ms, 3),
             "block_mape": {"attn": round(held_out_error(measured["attn"]), 4),
                            "ffn": round(held_out_error(measured["ffn"]), 4)},
             "points": {k: [(m.units, round(m.median_ms, 4)) for m in v]
-                       for k, v in measured.items()}}
+                       for k, v in {**measured, **int8}.items()}}
     return latency, info
 
 
@@ -185,7 +190,9 @@ def compile_to_latency(
                              seq_len=seq_len)
     fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0), say)
     assert fitting is not None
-    scores = importance(spec, activations(fitting, model, spec, say))
+    scores = Quality(importance(spec, activations(fitting, model, spec, say)),
+                     costs_if_int8_pays(latency, model, spec, fitting.calib.batches,
+                                        batch=batch, progress=say))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".planer-search-", dir=out_dir.parent))
     rounds: list[Round] = []
