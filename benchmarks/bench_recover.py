@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 type=float if field.type == "float" else int,
                                 default=field.default)
     parser.add_argument("--schedule", default=RecoveryConfig.schedule)
+    parser.add_argument("--layer-weighting", default=RecoveryConfig.layer_weighting)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     config = RecoveryConfig(**{f.name: getattr(args, f.name)

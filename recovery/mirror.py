@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
+from planer.compiler.names import PROVENANCE_PASS, PassName
 from planer.compiler.spec import AttentionSpec, FfnSpec, Linear
 from planer.recovery.structure import MoeBlock, Step, Stream, unsupported_steps
 
@@ -214,6 +215,10 @@ class Mirror(nn.Module):
     def __init__(self, stream: Stream):
         super().__init__()
         bad = unsupported_steps(stream)
+        if any(isinstance(s.block, ir.Node) and s.block.metadata_props.get(PROVENANCE_PASS)
+               == PassName.TOKEN_SKIM for s in stream.steps):
+            raise UnsupportedModelError("recovery does not mirror token skimming yet; recover a "
+                                        "plan without skim_keep.")
         if bad:
             raise UnsupportedModelError("recovery cannot mirror these ops between the layers: "
                                         + ", ".join(bad[:5]) + ".")

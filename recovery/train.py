@@ -52,6 +52,8 @@ class RecoveryConfig:
         output_weight: weight of (1 - cosine) on the mean-pooled final output.
         router_weight: weight of the MoE routers' expert-norm regression.
         grad_clip: gradient-norm clip (0 turns it off).
+        layer_weighting: "uniform", or "error": each layer's term weighted by its initial
+            held-out error (mean 1).
         eval_every: steps between held-out evaluations.
         patience: evaluations without a gain before stopping early (0: never).
         threads: torch and ORT intra-op threads (None: torch's default).
@@ -68,6 +70,7 @@ class RecoveryConfig:
     output_weight: float = 1.0
     router_weight: float = 0.1
     grad_clip: float = 1.0
+    layer_weighting: str = "uniform"
     eval_every: int = 25
     patience: int = 8
     threads: int | None = None
@@ -192,25 +195,32 @@ class Holdout:
     feeds: list[dict[str, np.ndarray]]
     inputs: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]
     teacher_end: list[torch.Tensor]
-    layer_mean_square: list[float]
+    layer_mean_square: list[float]  # the teacher's, per layer
+    layer_error: list[float]  # the student's relative squared error per layer, at build time
 
     @staticmethod
     def build(student: Student, teacher_run: Callable[[Feed], TeacherOutput],
               feeds: Sequence[Feed]) -> Holdout:
         trimmed = [data.trim(f) for f in feeds]
         inputs, ends = [], []
-        sums: list[float] = []
-        count = 0.0
+        squares = errors = np.zeros(0)
         for feed in trimmed:
             entry, aux, mask = student.inputs(feed)
             out = teacher_run(feed)
             inputs.append((entry, aux, mask))
             ends.append(torch.from_numpy(out.end))
+            with torch.no_grad():
+                mine = student.mirror(entry, aux, mask).layers
             m = mask.numpy()[..., None].astype(np.float64)
-            squares = [float((np.square(t.astype(np.float64)) * m).sum()) for t in out.layers]
-            sums = squares if not sums else [a + b for a, b in zip(sums, squares, strict=True)]
-            count += float(m.sum()) * (out.end.shape[-1] if out.end.ndim == 3 else 1)
-        return Holdout(trimmed, inputs, ends, [s / max(count, 1.0) for s in sums])
+            sq = np.array([(np.square(t.astype(np.float64)) * m).sum() for t in out.layers])
+            err = np.array([(np.square(s.numpy() - t.astype(np.float64)) * m).sum()
+                            for s, t in zip(mine, out.layers, strict=False)])
+            squares = sq if not squares.size else squares + sq
+            errors = err if not errors.size else errors + err
+        count = sum(float(i[2].sum()) for i in inputs) * max(1, ends[0].shape[-1])
+        error = (errors / np.maximum(squares, 1e-12)).tolist() if errors.size == squares.size \
+            else []
+        return Holdout(trimmed, inputs, ends, (squares / max(count, 1.0)).tolist(), error)
 
 
 # ---------------------------------------------------------------- loss
@@ -331,9 +341,18 @@ class Trainer:
         return self.teacher.run(feed)
 
     def set_scales(self, holdout: Holdout) -> None:
-        """Normalises each layer's MSE by the teacher's mean square there (held out)."""
-        if self.layer_loss:
-            self.scales = holdout.layer_mean_square
+        """Normalises each layer's MSE by the teacher's mean square there (held out).
+
+        With `layer_weighting` "error", a layer's term is also weighted by its own share of
+        the initial error (mean 1), so the budget goes where the rewrite lost most.
+        """
+        if not self.layer_loss:
+            return
+        scales = np.asarray(holdout.layer_mean_square)
+        if self.config.layer_weighting == "error" and holdout.layer_error:
+            error = np.asarray(holdout.layer_error)
+            scales = scales / np.maximum(error / max(error.mean(), 1e-12), 1e-3)
+        self.scales = scales.tolist()
 
     def train_step(self, feed: Feed, fraction: float) -> tuple[float, float, int, int]:
         """Runs one optimizer step on a global batch.
