@@ -43,6 +43,7 @@ from planer.compiler.driver.pipeline import (
 from planer.compiler.driver.planning import activations
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.plan import Plan
+from planer.compiler.progress import as_progress
 from planer.cost_model.int8_cost import costs_if_int8_pays
 from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
 from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
@@ -100,7 +101,8 @@ def profile_model(
     step = max(1, ffn.width // 16)
     channels = sorted({*range(0, ffn.width + 1, step), ffn.width})
     say("profiling block variants (stored ones are reused)")
-    measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh)
+    measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh,
+                              progress=progress)
     # INT8 beside float, so the search sees where INT8 pays on this machine.
     int8 = profile_int8_blocks(shape, heads, channels, store=store, refresh=refresh,
                                progress=progress)
@@ -202,6 +204,7 @@ def compile_to_latency(
         if latency.predict(floor_plan(spec)) > target_ms:
             say("the target is below the predicted floor; measuring the fastest plan")
             budget = 0.0
+        rounds_bar = as_progress(progress).bar("latency rounds", max_rounds)
         for k in range(max_rounds):
             plan = plan_for_latency(spec, scores, latency, budget)
             seen = [r.plan for r in rounds]
@@ -223,6 +226,7 @@ def compile_to_latency(
             measured = ratio * dense_ms
             rounds.append(Round(budget, latency.predict(plan), measured, plan, folder, result,
                                 raw))
+            rounds_bar.advance(measured_ms=round(measured, 2), target_ms=round(target_ms, 2))
             logger.info("round %d: budget %.2f predicted %.2f measured %.2f (ratio %.3f)", k,
                         budget, latency.predict(plan), measured, ratio)
             if measured <= target_ms and (measured >= CLOSE_ENOUGH * target_ms or budget == 0):
@@ -230,6 +234,7 @@ def compile_to_latency(
             if measured > target_ms and plan == floor_plan(spec):
                 break
             budget *= target_ms / measured
+        rounds_bar.close()
         if recover_seconds or recover_steps:
             # Once, on the plan the rounds settled on: training changes weights only, so
             # the latency measured for that plan still holds.
