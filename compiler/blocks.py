@@ -23,13 +23,8 @@ import onnx_ir as ir
 
 from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
-from planer.compiler.irutil import (
-    PROVENANCE_BLOCK,
-    PROVENANCE_PASS,
-    const_array,
-    other_input,
-    scalar,
-)
+from planer.compiler.irutil import const_array, other_input, scalar
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import AttentionSpec, FfnSpec, LayerSpec, Linear, ModelSpec, ScoreOp
 
 logger = logging.getLogger(__name__)
@@ -478,7 +473,7 @@ def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
     for node in graph:
         if node.op_type != "MatMul" or const_array(node.inputs[1]) is None:
             continue
-        if node.metadata_props.get(PROVENANCE_PASS) == "ffn_to_moe":
+        if node.metadata_props.get(PROVENANCE_PASS) == PassName.FFN_TO_MOE:
             continue  # an expert's MLP is a slice of its layer's FFN, not an FFN of its own
         w2 = _as_linear(node, None)
         if w2 is None:
@@ -578,9 +573,9 @@ def _pair_layers(
         ffn = next((f for f in ffns if order[f.w1.matmul] > start
                     and (stop is None or order[f.w1.matmul] < stop)), None)
         if ffn is None:
-            if any(n.metadata_props.get(PROVENANCE_PASS) == "ffn_to_moe"
-                   and n.metadata_props.get(PROVENANCE_BLOCK) == f"layer{i}/ffn"
-                   for n in order):
+            if any(n.metadata_props.get(PROVENANCE_PASS) == PassName.FFN_TO_MOE
+                   and BlockId.try_parse(n.metadata_props.get(PROVENANCE_BLOCK))
+                   == BlockId(i, "ffn") for n in order):
                 raise UnsupportedModelError(
                     f"layer {i}'s FFN was already split into experts by planer (ffn_to_moe); "
                     "reading MoE layers back is not supported yet, so inspect or compile the "
@@ -590,8 +585,8 @@ def _pair_layers(
                 f"attention block {i} has no feed-forward block after it; planer needs "
                 "attention + FFN layers."
             )
-        attn.block = f"layer{i}/attn"
-        ffn.block = f"layer{i}/ffn"
+        attn.block = str(BlockId(i, "attn"))
+        ffn.block = str(BlockId(i, "ffn"))
         layers.append(LayerSpec(index=i, attention=attn, ffn=ffn, norm=_norm_style(attn)))
     return layers
 

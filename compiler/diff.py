@@ -41,8 +41,9 @@ import onnx_ir as ir
 
 from planer.compiler.blocks import find_blocks
 from planer.compiler.canonicalize import canonicalize
-from planer.compiler.irutil import PROVENANCE_BLOCK, PROVENANCE_PASS, const_array
+from planer.compiler.irutil import const_array
 from planer.compiler.loading import load_model
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId
 from planer.compiler.spec import LayerSpec, Linear, ModelSpec, layer_record, model_flops
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def block_labels(model: ir.Model, spec: ModelSpec | None) -> dict[ir.Node, str]:
     for node in model.graph:
         block = node.metadata_props.get(PROVENANCE_BLOCK)
         if block:
-            labels[node] = "/".join(block.split("/")[:2])
+            labels[node] = _block_label(block)
     if spec is None:
         return labels
     graph = _dataflow(model)
@@ -121,10 +122,21 @@ def block_labels(model: ir.Model, spec: ModelSpec | None) -> dict[ir.Node, str]:
         i, a, f = layer.index, layer.attention, layer.ffn
         for sub, x, out in (("attn", a.x, a.out), ("ffn", f.x, f.out)):
             for node in _region(graph, x, out):
-                labels.setdefault(node, f"layer{i}/{sub}")
+                labels.setdefault(node, str(BlockId(i, sub)))
         for node in (*_residual_norm(a.out), *_residual_norm(f.out)):
-            labels.setdefault(node, f"layer{i}/norm")
+            labels.setdefault(node, str(BlockId(i, "norm")))
     return labels
+
+
+def _block_label(block: str) -> str:
+    """Returns the block a provenance block id belongs to (`layer3/ffn/expert2` -> `layer3/ffn`).
+
+    Blocks that are no layer's (token skimming's shared state, `skim`) keep two path levels.
+    """
+    parsed = BlockId.try_parse(block)
+    if parsed is None:
+        return "/".join(block.split("/")[:2])
+    return str(BlockId(parsed.layer, parsed.kind))
 
 
 def _dataflow(model: ir.Model) -> nx.DiGraph:
@@ -161,10 +173,11 @@ def boundaries(layer: LayerSpec) -> list[tuple[str, ir.Value]]:
     """Returns the layer's block outputs, each followed by its residual sum/norm output."""
     result = []
     for sub, out in (("attn", layer.attention.out), ("ffn", layer.ffn.out)):
-        result.append((f"layer{layer.index}/{sub}/out", out))
+        block = BlockId(layer.index, sub)
+        result.append((str(block.child("out")), out))
         after = _residual_norm(out)
         if after:
-            result.append((f"layer{layer.index}/{sub}/norm", after[-1].outputs[0]))
+            result.append((str(block.child("norm")), after[-1].outputs[0]))
     return result
 
 
@@ -251,10 +264,10 @@ def pair_layers(a: Side, b: Side, digests: _Digests) -> dict[int, int]:
 
 
 def _layer_constants(side: Side, index: int, digests: _Digests) -> set[str]:
-    prefix = f"layer{index}/"
     found: set[str] = set()
     for node, label in side.labels.items():
-        if not label.startswith(prefix):
+        block = BlockId.try_parse(label)
+        if block is None or block.layer != index:
             continue
         for value in node.inputs:
             array = const_array(value)
@@ -294,11 +307,12 @@ class _NodeMatcher:
         label = side.labels.get(node)
         if label is None:
             return OUTSIDE
-        layer, _, sub = label.partition("/")
         if not is_a:
             return label
-        index = int(layer.removeprefix("layer")) if layer[5:].isdigit() else -1
-        return f"layer{self.layers[index]}/{sub}" if index in self.layers else None
+        block = BlockId.try_parse(label)
+        if block is None or block.layer not in self.layers:
+            return None
+        return str(BlockId(self.layers[block.layer], block.sub))
 
     def add(self, na: ir.Node, nb: ir.Node, how: str) -> bool:
         if na in self.pairs or nb in self.taken or na.op_type != nb.op_type \
@@ -588,16 +602,20 @@ class Diff:
     def _passes(self, ib: int | None) -> list[str]:
         if ib is None:
             return []
-        prefix = f"layer{ib}/"
         return sorted({node.metadata_props.get(PROVENANCE_PASS, "") for node in self.b.nodes
-                       if node.metadata_props.get(PROVENANCE_BLOCK, "").startswith(prefix)}
-                      - {""})
+                       if _layer_of(node.metadata_props.get(PROVENANCE_BLOCK)) == ib} - {""})
+
+
+def _layer_of(label: str | None) -> int | None:
+    """Returns the layer index of a block id, or None for a label that is not one."""
+    block = BlockId.try_parse(label)
+    return block.layer if block is not None else None
 
 
 def _row_of(label: str | None, side: str, inverse: Mapping[int, int]) -> tuple:
-    if label is None or not label[5:].split("/")[0].isdigit():
+    index = _layer_of(label)
+    if index is None:
         return (OUTSIDE,)
-    index = int(label[5:].split("/")[0])
     if side == "b":
         return ("a", inverse[index]) if index in inverse else ("b", index)
     return ("a", index)

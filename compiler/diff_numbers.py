@@ -25,7 +25,7 @@ from planer.compiler.calibration import build_calibration, model_input_infos, re
 from planer.compiler.capture import ActivationReader
 from planer.compiler.diff import Diff, Side, attributes_key, boundaries
 from planer.compiler.errors import BadInputError
-from planer.compiler.irutil import PROVENANCE_PASS
+from planer.compiler.names import PROVENANCE_PASS, PassName
 
 DEFAULT_TOLERANCE = 1e-4
 _CHUNK = 32  # extra outputs fetched per ORT run, to bound memory on long graphs
@@ -122,7 +122,7 @@ def tensor_pairs(diff: Diff) -> list[dict[str, Any]]:
         # through other intermediates: only the tensors around them compare.
         if pair is None or pair[1] == "sequence" or (
                 pair[1] == "structure" and attributes_key(node) != attributes_key(pair[0])) \
-                or pair[0].metadata_props.get(PROVENANCE_PASS) == "ort_kernels":
+                or pair[0].metadata_props.get(PROVENANCE_PASS) == PassName.ORT_KERNELS:
             continue
         for va, vb in zip(node.outputs, pair[0].outputs, strict=False):
             if va.dtype is not None and not va.dtype.is_floating_point():

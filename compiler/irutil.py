@@ -15,8 +15,9 @@ import onnx_ir as ir
 
 from planer.compiler.errors import PreconditionError
 
-PROVENANCE_PASS = "planer.pass"
-PROVENANCE_BLOCK = "planer.block"
+# Defined once in compiler.names; re-exported (`as`) for modules that import them from here.
+from planer.compiler.names import PROVENANCE_BLOCK as PROVENANCE_BLOCK
+from planer.compiler.names import PROVENANCE_PASS as PROVENANCE_PASS
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

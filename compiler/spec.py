@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from planer.compiler.names import BlockId
+
 
 @dataclasses.dataclass
 class Linear:
@@ -145,7 +147,7 @@ class LayerSpec:
 
     @property
     def block(self) -> str:
-        return f"layer{self.index}"
+        return str(BlockId(self.index))
 
     def params(self) -> int:
         """Counts the weights and biases of the layer's projections (norms excluded)."""

@@ -25,9 +25,10 @@ import onnx_ir as ir
 
 from planer.compiler.errors import PreconditionError
 from planer.compiler.irutil import add_initializer, bypass_with_constant
+from planer.compiler.names import PassName
 from planer.compiler.spec import FfnSpec, Linear, ModelSpec
 
-PASS_NAME = "channel_pruning"
+PASS_NAME = PassName.CHANNEL_PRUNING
 
 
 @dataclasses.dataclass(frozen=True)

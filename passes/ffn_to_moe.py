@@ -49,19 +49,15 @@ import numpy as np
 import onnx_ir as ir
 
 from planer.compiler.errors import PreconditionError
-from planer.compiler.irutil import (
-    PROVENANCE_PASS,
-    NodeBuilder,
-    remove_dead_producers,
-    replace_uses,
-)
+from planer.compiler.irutil import NodeBuilder, remove_dead_producers, replace_uses
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, PassName
 from planer.compiler.plan import MoePlan
 from planer.compiler.spec import FfnSpec, ModelSpec
 from planer.passes.moe_fit import FittedLayer, Router, activation_root
 
 logger = logging.getLogger(__name__)
 
-PASS_NAME = "ffn_to_moe"
+PASS_NAME = PassName.FFN_TO_MOE
 TARGETS = ("ort", "tensorrt")
 LOWERINGS = ("auto", "gather", "scatter", "kernel")
 KERNEL_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu"}
@@ -486,7 +482,7 @@ def _multi(b: NodeBuilder, op_type: str, inputs: list[ir.Value | None], name: st
            attributes: dict, outputs: int) -> list[ir.Value]:
     node = ir.node(op_type, inputs, attributes=attributes, name=f"{b.block}/{name}",
                    num_outputs=outputs,
-                   metadata_props={"planer.pass": b.pass_name, "planer.block": b.block})
+                   metadata_props={PROVENANCE_PASS: b.pass_name, PROVENANCE_BLOCK: b.block})
     for i, value in enumerate(node.outputs):
         value.name = f"{b.block}/{name}_out{i}"
     b.graph.insert_before(b.anchor, node)

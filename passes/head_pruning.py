@@ -37,10 +37,11 @@ from planer.compiler.irutil import (
     remove_dead_producers,
     replace_uses,
 )
+from planer.compiler.names import PassName
 from planer.compiler.spec import AttentionSpec, ModelSpec
 from planer.compiler.support import per_head_operands
 
-PASS_NAME = "head_pruning"
+PASS_NAME = PassName.HEAD_PRUNING
 
 
 @dataclasses.dataclass(frozen=True)

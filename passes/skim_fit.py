@@ -33,7 +33,7 @@ import onnx_ir as ir
 from planer.compiler.capture import ActivationReader
 from planer.compiler.errors import require_torch
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
-from planer.passes.token_skim import Predictor, keep_count, stream_in
+from planer.passes.token_skim import Predictor, active_masks, keep_count, stream_in
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +224,13 @@ def skim_report(
     before it kept), mean real tokens, and cosine to the dense model's final hidden
     states: per real token and mean-pooled per sequence, each as mean and 5th percentile.
     """
-    names = {f"layer{i}/skim/active_next_out": i for i in points}
-    values = [v for node in skimmed.graph for v in node.outputs if v.name in names]
+    masks = active_masks(skimmed)
+    missing = sorted(set(points) - set(masks))
+    if missing:
+        raise ValueError(f"the skimmed model has no skim point before layer(s) {missing}")
     dense_reader = ActivationReader(dense, [])
-    skim_reader = ActivationReader(skimmed, values)
+    skim_reader = ActivationReader(skimmed, [masks[i] for i in points])
+    names = dict(zip(skim_reader.names, points, strict=True))  # in the order given
     kept: dict[int, list[float]] = {i: [] for i in points}
     real, token_cos, pooled_cos = [], [], []
     for feed in holdout:

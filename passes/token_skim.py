@@ -49,11 +49,14 @@ import onnx_ir as ir
 from planer.compiler.errors import PreconditionError
 from planer.compiler.irutil import NodeBuilder
 from planer.compiler.loading import default_opset
+from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import LayerSpec, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-PASS_NAME = "token_skim"
+PASS_NAME = PassName.TOKEN_SKIM
+# The block of the nodes every skim point shares (token state, write-back): no one layer's.
+STATE_BLOCK = "skim"
 LOWERINGS = ("ort", "tensorrt")
 SCORES = ("attention", "cls")
 _F32 = np.float32
@@ -146,11 +149,12 @@ def apply_token_skim(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig) 
     # Anchors are taken before any skim node reads the layer inputs.
     anchors = {i: _first_reader(graph, stream_in(spec.layers[i])) for i in points}
     state = _initial_state(graph, first, anchors[points[0]])
-    state_start = next(n for n in graph if n.metadata_props.get("planer.block") == "skim")
+    state_start = next(n for n in graph if n.metadata_props.get(PROVENANCE_BLOCK) == STATE_BLOCK)
     stages: list[_Stage] = []
     for index in points:
         layer = spec.layers[index]
-        b = NodeBuilder(graph, anchors[index], pass_name=PASS_NAME, block=f"layer{index}/skim")
+        b = NodeBuilder(graph, anchors[index], pass_name=PASS_NAME,
+                        block=str(BlockId(index, "skim")))
         # The layer's own input: computed by the layers before it on the previous slots.
         state = dataclasses.replace(state, h=stream_in(layer))
         score = _score(b, spec, layer, state, config, opset)
@@ -164,6 +168,32 @@ def apply_token_skim(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig) 
     _write_back(graph, spec, stages, state, config, opset)
     _forget_shapes(graph, state_start)
     return len(points)
+
+
+def active_masks(model: ir.Model) -> dict[int, ir.Value]:
+    """Returns, per skim point (layer index), the [B, K] mask of the slots it kept (1/0).
+
+    Works on a model read back from disk: the nodes are found by their provenance (this
+    pass, block `layer<i>/skim`), never by value names, and the mask is the one float Cast
+    of a Less in that block (`_skim`: slot index < kept count).
+
+    Raises:
+        ValueError: a skim block holds more than one such mask.
+    """
+    masks: dict[int, ir.Value] = {}
+    for node in model.graph:
+        block = BlockId.try_parse(node.metadata_props.get(PROVENANCE_BLOCK))
+        if node.metadata_props.get(PROVENANCE_PASS) != PASS_NAME or block is None \
+                or block.sub != "skim" or node.op_type != "Cast":
+            continue
+        source = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if source is None or source.op_type != "Less" \
+                or source.metadata_props.get(PROVENANCE_BLOCK) != str(block):
+            continue
+        if block.layer in masks:
+            raise ValueError(f"{block} holds more than one active mask")
+        masks[block.layer] = node.outputs[0]
+    return masks
 
 
 def _check(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig, points: list[int]) -> None:
@@ -183,7 +213,7 @@ def _check(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig, points: li
             )
     for layer in spec.layers[points[0]:]:
         softmax = layer.attention.nodes[0]
-        if softmax.metadata_props.get("planer.pass") != "head_pruning":
+        if softmax.metadata_props.get(PROVENANCE_PASS) != PassName.HEAD_PRUNING:
             raise PreconditionError(
                 f"{layer.attention.block} is not in canonical form; run head pruning (all "
                 "heads kept is fine) before token skimming, so attention reshapes stop "
@@ -202,7 +232,7 @@ def stream_in(layer: LayerSpec) -> ir.Value:
         producer = x.producer()
         source = producer.inputs[0] if producer is not None else None
         if producer is None or producer.op_type != "LayerNormalization" or source is None:
-            raise PreconditionError(f"layer{layer.index}: pre-LN input is not a LayerNorm.")
+            raise PreconditionError(f"{layer.block}: pre-LN input is not a LayerNorm.")
         return source
     return x
 
@@ -211,12 +241,12 @@ def stream_out(layer: LayerSpec) -> ir.Value:
     """Returns the residual stream leaving the layer (post-LN: after its output LayerNorm)."""
     add = next((u for u in layer.ffn.out.consumers() if u.op_type == "Add"), None)
     if add is None:
-        raise PreconditionError(f"layer{layer.index}: the FFN output feeds no residual Add.")
+        raise PreconditionError(f"{layer.block}: the FFN output feeds no residual Add.")
     if layer.norm == "pre":
         return add.outputs[0]
     ln = next((u for u in add.outputs[0].consumers() if u.op_type == "LayerNormalization"), None)
     if ln is None:
-        raise PreconditionError(f"layer{layer.index}: no LayerNorm after the FFN residual.")
+        raise PreconditionError(f"{layer.block}: no LayerNorm after the FFN residual.")
     return ln.outputs[0]
 
 
@@ -231,7 +261,7 @@ def _first_reader(graph: ir.Graph, value: ir.Value) -> ir.Node:
 def _redirect_readers(old: ir.Value, new: ir.Value) -> None:
     """Points the model's readers of `old` at `new`; the skim nodes keep reading `old`."""
     for use in list(old.uses()):
-        if use.node.metadata_props.get("planer.pass") != PASS_NAME:
+        if use.node.metadata_props.get(PROVENANCE_PASS) != PASS_NAME:
             use.node.replace_input_with(use.idx, new)
 
 
@@ -268,7 +298,7 @@ class _Stage:
 
 def _initial_state(graph: ir.Graph, layer: LayerSpec, anchor: ir.Node) -> _State:
     h = stream_in(layer)
-    b = NodeBuilder(graph, anchor, pass_name=PASS_NAME, block="skim")
+    b = NodeBuilder(graph, anchor, pass_name=PASS_NAME, block=STATE_BLOCK)
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     shape_h = b.op("Shape", [h], "shape_BSD")
     shape_bs = b.op("Slice", [shape_h, _i64(b, "zero", [0]), _i64(b, "two", [2])], "shape_BS")
@@ -411,7 +441,7 @@ def _slots(b: NodeBuilder, k: ir.Value, k_in: ir.Value, ratio: float, lowering: 
 def _topk_indices(b: NodeBuilder, x: ir.Value, k: ir.Value, name: str) -> ir.Value:
     node = ir.node("TopK", [x, k], attributes={"axis": -1, "largest": 1, "sorted": 1},
                    num_outputs=2, name=f"{b.block}/{name}/TopK",
-                   metadata_props={"planer.pass": b.pass_name, "planer.block": b.block})
+                   metadata_props={PROVENANCE_PASS: b.pass_name, PROVENANCE_BLOCK: b.block})
     node.outputs[0].name = f"{b.block}/{name}/TopK_values"
     node.outputs[1].name = f"{b.block}/{name}/TopK_out"
     b.graph.insert_before(b.anchor, node)
@@ -469,7 +499,7 @@ def _write_back(graph: ir.Graph, spec: ModelSpec, stages: list[_Stage], final: _
     uses = list(y.uses())
     producer = y.producer()
     assert producer is not None
-    b = NodeBuilder(graph, producer, pass_name=PASS_NAME, block="skim/write_back")
+    b = NodeBuilder(graph, producer, pass_name=PASS_NAME, block=f"{STATE_BLOCK}/write_back")
     if config.lowering == "ort":
         full = _write_back_scatter(b, stages, final, y, opset)
     else:

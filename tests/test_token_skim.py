@@ -21,6 +21,7 @@ from planer.passes.skim_fit import (
 from planer.passes.token_skim import (
     Predictor,
     TokenSkimConfig,
+    active_masks,
     apply_token_skim,
     keep_count,
     stream_in,
@@ -164,6 +165,22 @@ def test_nodes_carry_provenance_and_names_are_deterministic(bert: Path) -> None:
         assert all(n.name.startswith(n.metadata_props["planer.block"] + "/") for n in added)
         protos.append(ir.to_proto(model).graph.SerializeToString())
     assert protos[0] == protos[1]
+
+
+@pytest.mark.parametrize("lowering", ["ort", "tensorrt"])
+def test_active_masks_are_found_by_provenance_not_names(bert: Path, lowering: str) -> None:
+    model, spec = read_canonical(bert)
+    apply_token_skim(model, spec, TokenSkimConfig(keep={0: 1.0, 1: 0.5}, lowering=lowering,
+                                                  predictors={0: random_predictor(64)}))
+    named = {v.name: v for n in model.graph for v in n.outputs}
+    expected = {0: named["layer0/skim/active_next_out"], 1: named["layer1/skim/active_next_out"]}
+    for i, node in enumerate(model.graph):  # names carry no meaning to the lookup
+        node.name = f"n{i}"
+        for j, value in enumerate(node.outputs):
+            value.name = f"v{i}_{j}"
+    masks = active_masks(model)
+    assert masks.keys() == expected.keys()
+    assert all(masks[i] is expected[i] for i in expected)
 
 
 def test_predictor_fitting_reduces_its_loss(bert: Path) -> None:

@@ -42,6 +42,7 @@ from planer.compiler.errors import (
     BadInputError,
     PlanerError,
 )
+from planer.compiler.names import BlockId
 from planer.compiler.plan import load_plan
 from planer.compiler.progress import Progress
 
@@ -386,7 +387,7 @@ def _print_summary(report: dict[str, Any], seconds: float, output: Path) -> None
             row.append(f"{layer['skim_keep']:.2f}" if "skim_keep" in layer else "")
         if moe:
             row.append(_moe_cell(layer.get("moe"), report.get("moe", {})
-                                 .get(f"layer{layer['index']}")))
+                                 .get(str(BlockId(layer["index"])))))
         table.add_row(*row)
     out.print(table)
     fid = report.get("fidelity")
