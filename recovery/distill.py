@@ -22,11 +22,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from planer.compiler.calibration import CalibrationSet, load_tokenizer, model_input_infos
@@ -224,11 +223,6 @@ class _ProgressAdapter:
         elif self.say is not None:
             shown = ", ".join(f"{k} {v}" for k, v in fields.items())
             self.say(f"recovery step {step}: {shown}")
-
-
-def evaluate_pair(trainer: Trainer, feeds: Sequence[Mapping[str, np.ndarray]]) -> Evaluation:
-    """Measures the mirror against the teacher on `feeds` (for benchmarks and tests)."""
-    return trainer.evaluate(Holdout.build(trainer.student, trainer.teacher_run, list(feeds)))
 
 
 __all__ = ["RecoveryConfig", "RecoveryError", "RecoveryReport", "Student", "recover"]

@@ -209,7 +209,9 @@ class Mirror(nn.Module):
 
     Args:
         stream: the stream (`structure.read_stream`) of the canonical compiled model.
-        blocks: extra block mirrors by kind (MoE comes from `recovery.moe`).
+
+    Raises:
+        UnsupportedModelError: the stream holds an op or block the mirror cannot replay.
     """
 
     def __init__(self, stream: Stream):

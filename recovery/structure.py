@@ -113,20 +113,7 @@ def read_stream(model: ir.Model) -> Stream:
         raise UnsupportedModelError(
             f"the output {end.name} does not depend on the first layer's input {entry.name}."
         )
-    inside: set[int] = set()
-    steps: list[Step] = []
-    for blk in found:
-        producer = blk.out.producer()
-        if producer is None or id(producer) not in region:
-            continue
-        inside |= _block_nodes(blk.out, blk.x, region)
-        kind = "moe" if isinstance(blk, MoeBlock) else ("attn" if isinstance(blk, AttentionSpec)
-                                                        else "ffn")
-        steps.append(Step(kind, [blk.x], blk.out, blk))
-    for node in graph:
-        if id(node) in region and id(node) not in inside:
-            steps.append(Step(node.op_type, [v for v in node.inputs if v is not None],
-                              node.outputs[0], node))
+    steps = _steps(graph, found, region)
     steps.sort(key=lambda s: order[id(s.output.producer())])
     aux = _aux_values(steps, entry, region)
     norm = _norm_style(steps)
@@ -135,18 +122,35 @@ def read_stream(model: ir.Model) -> Stream:
     return Stream(entry, aux, end, steps, _layer_outputs(steps, norm), norm, others, region)
 
 
+def _steps(graph: ir.Graph, found: list[Block], region: set[int]) -> list[Step]:
+    """Returns the region's blocks as one step each, and its other nodes as stream ops."""
+    inside: set[int] = set()
+    steps: list[Step] = []
+    for blk in found:
+        producer = blk.out.producer()
+        if producer is None or id(producer) not in region:
+            continue
+        inside |= _block_nodes(blk.out, blk.x, region)
+        kind = "moe" if isinstance(blk, MoeBlock) else \
+            "attn" if isinstance(blk, AttentionSpec) else "ffn"
+        steps.append(Step(kind, [blk.x], blk.out, blk))
+    for node in graph:
+        if id(node) in region and id(node) not in inside:
+            steps.append(Step(node.op_type, [v for v in node.inputs if v is not None],
+                              node.outputs[0], node))
+    return steps
+
+
 def unsupported_steps(stream: Stream) -> list[str]:
     """Names the stream ops a torch mirror cannot replay (empty when it can)."""
     bad = []
     for step in stream.steps:
-        if step.kind in ("attn", "ffn", "moe") or step.kind not in STREAM_OPS:
-            if step.kind not in ("attn", "ffn", "moe"):
-                bad.append(f"{step.kind} ({step.output.name})")
-            continue
         node = step.block
-        assert isinstance(node, ir.Node)
-        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
-            bad.append(f"{node.domain}::{node.op_type} ({node.name})")
+        if not isinstance(node, ir.Node):
+            continue  # a block: its own mirror decides
+        if step.kind not in STREAM_OPS or node.domain not in ("", "ai.onnx") \
+                or len(node.outputs) != 1:
+            bad.append(f"{node.op_type} ({node.name})")
     return bad
 
 
