@@ -47,7 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from planer.compiler.errors import PreconditionError
-from planer.compiler.irutil import NodeBuilder
+from planer.compiler.irutil import NodeBuilder, remove_dead_producers
 from planer.compiler.loading import default_opset
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import LayerSpec, ModelSpec
@@ -167,6 +167,12 @@ def apply_token_skim(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig) 
         _rewire_mask(layer, stages[points.index(point)].mask_add, point)
     _write_back(graph, spec, stages, state, config, opset)
     _forget_shapes(graph, state_start)
+    # Each stage builds the next stage's state; what no later stage or lowering read (the
+    # last stage's positions, the first stage's leavers under scatter) goes now.
+    for node in reversed(list(graph)):
+        if (node.graph is graph and node.metadata_props.get(PROVENANCE_PASS) == PASS_NAME
+                and not any(v.uses() or v.is_graph_output() for v in node.outputs)):
+            remove_dead_producers(node.outputs[0])
     return len(points)
 
 
