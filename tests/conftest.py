@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_goldens(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-goldens"))
+
+
+@pytest.fixture
+def golden(update_goldens: bool) -> Callable[[str, str], None]:
+    """Checks text against tests/golden/NAME; a missing file fails, --update-goldens writes."""
+    from tests.goldens import GOLDEN, check_golden
+
+    def check(name: str, text: str) -> None:
+        check_golden(GOLDEN / name, text, update=update_goldens)
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from planer.compiler.irutil import PROVENANCE_BLOCK, PROVENANCE_PASS
 from planer.compiler.plan import parse_plan
 from planer.fixtures.build import build_torch_model, example_inputs, fixture_path
 from tests.conftest import run_ort
+from tests.goldens import structure
 
-GOLDEN = Path(__file__).parent / "golden"
 PLAN = {"layers": [{"heads": 2, "ffn": 48}, {"heads": 3, "ffn": 100}]}
 
 
@@ -59,30 +60,12 @@ def test_pruned_bert_matches_independently_sliced_torch_model(exporter: str,
     np.testing.assert_allclose(actual, expected.numpy(), rtol=0, atol=1e-4)
 
 
-def _structure(path: Path) -> str:
-    """Prints the graph without initializers: one line per node, planer's nodes marked."""
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-    lines = []
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        ins = ", ".join("<w>" if i in inits else i for i in node.input)
-        tag = ""
-        if PROVENANCE_PASS in meta:
-            tag = f"  [{meta[PROVENANCE_PASS]} {meta[PROVENANCE_BLOCK]}]"
-        lines.append(f"{node.op_type} {node.name}({ins}) -> {', '.join(node.output)}{tag}")
-    return "\n".join(lines) + "\n"
-
-
-def test_golden_structure_of_pruned_bert(tmp_path: Path, update_goldens: bool) -> None:
+def test_golden_structure_of_pruned_bert(tmp_path: Path,
+                                        golden: Callable[[str, str], None]) -> None:
     # ort_kernels "on": the golden must not depend on which LayerNorm form times faster.
     result = compile_plan(fixture_path("bert", "torchscript"), tmp_path / "out", plan_data=PLAN,
                           ort_kernels="on")
-    text = _structure(result.model_path)
-    golden = GOLDEN / "bert_torchscript_pruned.txt"
-    if update_goldens or not golden.exists():
-        golden.write_text(text)
-    assert text == golden.read_text()
+    golden("bert_torchscript_pruned.txt", structure(result.model_path))
 
 
 def test_every_new_node_has_provenance_and_block_name(tmp_path: Path) -> None:
