@@ -20,6 +20,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="rewrite tests/golden/* from the current output")
 
 
+# Fixtures that load a real model (MiniLM, paraphrase-MiniLM); tests using them are slow.
+REAL_MODEL_FIXTURES = {"minilm_dynamo", "minilm_torchscript", "minilm_pair", "paraphrase_l3"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuses a test that loads a real model without `@pytest.mark.slow`.
+
+    The default run (`-m "not slow"`) must stay quick; a test that forgets the mark would
+    quietly make it slow, so the omission stops collection with the test's name.
+    """
+    unmarked = [item.nodeid for item in items
+                if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests load a real model but are not marked "
+                                f"@pytest.mark.slow: {', '.join(unmarked)}")
+
+
 @pytest.fixture
 def update_goldens(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-goldens"))

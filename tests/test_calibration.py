@@ -423,6 +423,7 @@ PARAPHRASE = Path(__file__).resolve().parents[1] / (
 )
 
 
+@pytest.mark.slow
 @needs_sst2
 @needs_minilm
 @pytest.mark.skipif(not PARAPHRASE.is_file(), reason="paraphrase-MiniLM ONNX not installed")

@@ -9,7 +9,20 @@ from pathlib import Path
 import pytest
 
 from planer.compiler.driver.cli import main
+from planer.fixtures.build import fixture_path
 from tests.conftest import cnn_model
+
+
+# The tiny random BERT has the real MiniLM's file layout (dynamo: external data beside the
+# graph; torchscript: one file) at a fraction of the cost, so these run in the default suite.
+@pytest.fixture(scope="module")
+def tiny_dynamo() -> Path:
+    return fixture_path("bert", "dynamo")
+
+
+@pytest.fixture(scope="module")
+def tiny_torchscript() -> Path:
+    return fixture_path("bert", "torchscript")
 
 
 def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *, contains: str) -> str:
@@ -33,26 +46,26 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     _fails(["inspect", str(tmp_path / "nope.onnx")], capsys, contains="does not exist")
 
 
-def test_truncated_file(minilm_torchscript: Path, tmp_path: Path,
+def test_truncated_file(tiny_torchscript: Path, tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
-    data = minilm_torchscript.read_bytes()
+    data = tiny_torchscript.read_bytes()
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) // 2])
     _fails(["compile", str(cut), "-o", str(tmp_path / "out")], capsys, contains="cut.onnx")
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_external_data(minilm_dynamo: Path, tmp_path: Path,
+def test_missing_external_data(tiny_dynamo: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     lone = tmp_path / "model.onnx"
-    shutil.copy(minilm_dynamo, lone)
+    shutil.copy(tiny_dynamo, lone)
     _fails(["inspect", str(lone)], capsys, contains="missing beside it")
 
 
-def test_truncated_external_data(minilm_dynamo: Path, tmp_path: Path,
+def test_truncated_external_data(tiny_dynamo: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    shutil.copy(minilm_dynamo, tmp_path / "model.onnx")
-    data = (minilm_dynamo.parent / "model.onnx.data").read_bytes()
+    shutil.copy(tiny_dynamo, tmp_path / "model.onnx")
+    data = (tiny_dynamo.parent / "model.onnx.data").read_bytes()
     (tmp_path / "model.onnx.data").write_bytes(data[: len(data) // 3])
     _fails(["inspect", str(tmp_path / "model.onnx")], capsys, contains="truncated")
 
@@ -65,36 +78,36 @@ def test_cnn_has_no_transformer_layers(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.parametrize(("plan", "message"), [
-    ({"layers": [{"heads": 6, "ffn": 768}] * 5}, "the plan has 5 layers but the model has 6"),
-    ({"layers": [{"heads": 13, "ffn": 768}] * 6}, "asks for 13 heads, but that layer has 12"),
-    ({"layers": [{"heads": 6, "ffn": 4000}] * 6}, "asks for 4000 ffn"),
-    ({"layers": [{"heads": 6, "experts": 4}] * 6}, "unknown field(s) experts"),
-    ({"layers": [{"heads": "six"}] * 6}, "must be a whole number"),
+    ({"layers": [{"heads": 2, "ffn": 64}] * 1}, "the plan has 1 layers but the model has 2"),
+    ({"layers": [{"heads": 5, "ffn": 64}] * 2}, "asks for 5 heads, but that layer has 4"),
+    ({"layers": [{"heads": 2, "ffn": 4000}] * 2}, "asks for 4000 ffn"),
+    ({"layers": [{"heads": 2, "experts": 4}] * 2}, "unknown field(s) experts"),
+    ({"layers": [{"heads": "two"}] * 2}, "must be a whole number"),
     ({"stages": []}, '"layers" list'),
 ])
-def test_plan_that_does_not_fit(plan: dict, message: str, minilm_torchscript: Path, tmp_path: Path,
+def test_plan_that_does_not_fit(plan: dict, message: str, tiny_torchscript: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
-    _fails(["compile", str(minilm_torchscript), "--plan", str(path), "-o", str(tmp_path / "out")],
+    _fails(["compile", str(tiny_torchscript), "--plan", str(path), "-o", str(tmp_path / "out")],
            capsys, contains=message)
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_not_json(minilm_torchscript: Path, tmp_path: Path,
+def test_plan_not_json(tiny_torchscript: Path, tmp_path: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "plan.json"
     path.write_text("{heads: 6")
-    _fails(["compile", str(minilm_torchscript), "--plan", str(path), "-o", str(tmp_path / "o")],
+    _fails(["compile", str(tiny_torchscript), "--plan", str(path), "-o", str(tmp_path / "o")],
            capsys, contains="not valid JSON")
 
 
-def test_output_is_the_input(minilm_dynamo: Path, tmp_path: Path,
+def test_output_is_the_input(tiny_dynamo: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
-    shutil.copy(minilm_dynamo, folder / "model.onnx")
-    shutil.copy(minilm_dynamo.parent / "model.onnx.data", folder / "model.onnx.data")
+    shutil.copy(tiny_dynamo, folder / "model.onnx")
+    shutil.copy(tiny_dynamo.parent / "model.onnx.data", folder / "model.onnx.data")
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     _fails(["compile", str(folder / "model.onnx"), "-o", str(folder / "model.onnx")], capsys,
            contains="points at the input model")
@@ -103,20 +116,20 @@ def test_output_is_the_input(minilm_dynamo: Path, tmp_path: Path,
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
-def test_output_folder_with_user_files(minilm_torchscript: Path, tmp_path: Path,
+def test_output_folder_with_user_files(tiny_torchscript: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text('{"mine": true}')
-    _fails(["compile", str(minilm_torchscript), "-o", str(out)], capsys,
+    _fails(["compile", str(tiny_torchscript), "-o", str(out)], capsys,
            contains="that planer did not write")
     assert json.loads((out / "report.json").read_text()) == {"mine": True}
 
 
-def test_recompile_into_own_output_replaces_it(minilm_torchscript: Path, tmp_path: Path) -> None:
+def test_recompile_into_own_output_replaces_it(tiny_torchscript: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main(["compile", str(minilm_torchscript), "-o", str(out)]) == 0
+    assert main(["compile", str(tiny_torchscript), "-o", str(out)]) == 0
     (out / "notes.txt").write_text("keep me")
-    assert main(["compile", str(minilm_torchscript), "-o", str(out)]) == 0
+    assert main(["compile", str(tiny_torchscript), "-o", str(out)]) == 0
     assert (out / "notes.txt").read_text() == "keep me"
     assert not [p for p in out.iterdir() if p.name.startswith(".planer-tmp")]

@@ -66,6 +66,7 @@ def test_verbose_turns_on_planers_debug_log_and_restores_it(
     assert (logging.getLogger().level, logging.getLogger("planer").level) == before
 
 
+@pytest.mark.slow
 def test_inspect_piped_prints_every_digit(minilm_dynamo: Path) -> None:
     # A real pipe (not pytest's capture), at the narrow width rich would otherwise assume.
     env = {**os.environ, "COLUMNS": "80"}

@@ -62,6 +62,7 @@ def minilm_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     return minilm_path("dynamo"), result.model_path, write_feeds(root / "x.npz", vocab=30522)
 
 
+@pytest.mark.slow
 def test_minilm_json_names_every_layer_and_the_first_divergent_node(
         minilm_pair: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     dense, compiled, inputs = minilm_pair
@@ -88,6 +89,7 @@ def test_minilm_json_names_every_layer_and_the_first_divergent_node(
     assert div["outputs"][0]["diverged"]
 
 
+@pytest.mark.slow
 def test_minilm_text_output(minilm_pair: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
     from rich.console import Console

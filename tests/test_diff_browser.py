@@ -36,6 +36,7 @@ def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_html_page_renders_offline_without_errors(
         minilm_pair: tuple[Path, Path, Path], tmp_path: Path,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:

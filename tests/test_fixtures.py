@@ -155,6 +155,7 @@ def test_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not any(p.name.startswith((".tmp-", ".stale-")) for p in root.iterdir())
 
 
+@pytest.mark.slow
 def test_paraphrase_l3_loads() -> None:
     try:
         path = build.paraphrase_l3_path()

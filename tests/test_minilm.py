@@ -13,6 +13,8 @@ from planer.compiler.driver.cli import main
 from planer.compiler.driver.pipeline import compile_plan
 from tests.conftest import run_ort, text_feeds
 
+pytestmark = pytest.mark.slow  # every test here loads a real MiniLM
+
 
 @pytest.fixture(scope="module")
 def paraphrase_l3() -> Path:

@@ -39,6 +39,7 @@ def _minilm_feeds() -> dict[str, np.ndarray]:
             "attention_mask": mask, "token_type_ids": np.zeros((2, 24), np.int64)}
 
 
+@pytest.mark.slow
 def test_minilm_gelus_fuse_and_skip_layernorm_fusion_is_blocked(tmp_path: Path) -> None:
     src = minilm_path("dynamo")
     before = _ops_after_ort(src, tmp_path)

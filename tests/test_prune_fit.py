@@ -97,6 +97,7 @@ def _tiny_tokenizer(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_target_flops_report(tmp_path: Path, minilm_torchscript: Path) -> None:
     result = compile_plan(minilm_torchscript, tmp_path / "out", target_flops=0.6,
                           calibration=SST2, tokenizer=minilm_tokenizer_dir(), seq_len=64)

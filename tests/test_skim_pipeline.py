@@ -66,6 +66,7 @@ def test_skim_before_layer0_needs_calibration(tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_skim_on_a_model_whose_first_output_is_not_the_hidden_states(tmp_path: Path) -> None:
     # paraphrase-MiniLM-L3-v2's output 0 is an Identity of input_ids; skim reports and
     # fidelity must read the hidden states (regression: this crashed with a TypeError).
