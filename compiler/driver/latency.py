@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from planer.compiler import emit
+from planer.compiler import emit, outdir
 from planer.compiler.calibration import (
     ModelInputInfo,
     random_feeds,
@@ -44,6 +44,7 @@ from planer.compiler.driver.planning import activations
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.plan import Plan
 from planer.compiler.progress import as_progress
+from planer.compiler.support import require_supported
 from planer.cost_model.int8_cost import costs_if_int8_pays
 from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
 from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
@@ -176,7 +177,22 @@ def compile_to_latency(
             or (target_fraction is not None and target_fraction > 1):
         raise BadInputError("--target-latency must be a positive time, or a fraction in "
                             "(0, 1] of the dense latency.")
-    emit.check_output_location(model_path, out_dir)
+    with emit.claim_output(model_path, out_dir):
+        return _compile_to_latency(
+            model_path, out_dir, amount=amount, target_ms=target_ms,
+            target_fraction=target_fraction, calibration=calibration, tokenizer=tokenizer,
+            batch=batch, seq_len=seq_len, threads=threads, refresh=refresh,
+            max_rounds=max_rounds, ort_kernels=ort_kernels, say=say,
+            recover_seconds=recover_seconds, recover_steps=recover_steps)
+
+
+def _compile_to_latency(
+    model_path: Path, out_dir: Path, *, amount: float, target_ms: float | None,
+    target_fraction: float | None, calibration: Path | None, tokenizer: Path | None,
+    batch: int, seq_len: int, threads: int, refresh: bool, max_rounds: int, ort_kernels: str,
+    say: Progress, recover_seconds: float | None, recover_steps: int | None,
+) -> CompileResult:
+    progress = say
     if (recover_seconds or recover_steps) and calibration is None:
         raise BadInputError("--recover distils the original model on calibration text; pass "
                             "--calibration.")
@@ -187,6 +203,7 @@ def compile_to_latency(
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
             f"{target_ms:.1f} ms")
     model, spec = read_model(model_path)
+    require_supported(spec)
     # One fitting for every round: each round compiles another plan of the same model.
     options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
                              seq_len=seq_len)
@@ -195,8 +212,10 @@ def compile_to_latency(
     scores = Quality(importance(spec, activations(fitting, model, spec, say)),
                      costs_if_int8_pays(latency, model, spec, fitting.calib.batches,
                                         batch=batch, progress=say))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".planer-search-", dir=out_dir.parent))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Inside OUT and named after this process, so a killed search is cleaned up by the
+    # next planer that opens OUT.
+    scratch = outdir.staging_folder(out_dir, kind="search")
     rounds: list[Round] = []
     dense_ms = profile["dense_ms"]
     try:

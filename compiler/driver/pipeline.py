@@ -48,6 +48,7 @@ from planer.compiler.errors import BadInputError
 from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec
+from planer.compiler.support import prepare, require_supported
 from planer.passes.skim_fit import skim_report
 
 __all__ = ["STAGES", "CompileResult", "compile_plan", "read_canonical", "read_model",
@@ -86,8 +87,13 @@ class CompileResult:
 
 
 def read_model(path: Path) -> tuple[ir.Model, ModelSpec]:
-    """Loads, canonicalizes and describes the model at `path`."""
+    """Loads, canonicalizes and describes the model at `path`.
+
+    Foreign spellings come first (support.prepare: weight-only int8 dequantized, ORT's
+    fused contrib operators expanded), so canonicalization and the finder see one form.
+    """
     model = load_model(path)
+    prepare(model)
     canonicalize(model)
     return model, find_blocks(model)
 
@@ -159,11 +165,19 @@ def compile_with(model_path: Path, out_dir: Path, options: CompileOptions, *,
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     options.check()
-    emit.check_output_location(model_path, out_dir)
+    with emit.claim_output(model_path, out_dir):
+        return _compile_locked(model_path, out_dir, options, say, fitting, stages, started)
+
+
+def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, say: Progress,
+                    fitting: Fitting | None, stages: list[Stage] | None,
+                    started: float) -> CompileResult:
     say(f"reading {model_path}")
     model, spec = read_model(model_path)
     plan = parse_plan(options.plan_data, spec) if options.plan_data is not None \
         else Plan.neutral(spec)
+    # Before any calibration or fitting: what compile cannot rewrite is refused now.
+    require_supported(spec, plan)
     require_calibration(plan, options.calibration, options.target_flops, options.passes)
     if options.recovers and options.calibration is None:
         raise BadInputError("--recover distils the original model on calibration text; pass "
