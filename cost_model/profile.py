@@ -1,13 +1,15 @@
 """Profiles block variants on the target runtime and stores every measurement in SQLite.
 
-A block variant is one attention block with h heads or one FFN block with f channels,
-built in the same canonical form the passes emit (MatMul ─ Add ─ Reshape[0,0,h,d] ─
-Transpose ... for attention, MatMul ─ Add ─ erf-GELU ─ MatMul ─ Add for the FFN), at
-the deployment batch and sequence length. All variants of a shape are timed in
-interleaved rounds in one process (cost_model.timing), so machine drift hits them
-alike. Measurements live in `<cache>/profiles/latency.sqlite`, keyed by the device
-fingerprint (CPU model, cores, threads, provider, library versions), and are reused
-by later compiles; `refresh=True` measures again.
+A block variant is one attention block with h heads (the form head pruning emits:
+MatMul ─ Add ─ Reshape[0,0,h,d] ─ Transpose ...) or one FFN block with f channels
+(MatMul ─ Add ─ erf-GELU as exporters spell it, five elementwise ops ─ MatMul ─ Add:
+what channel pruning leaves; the ORT-kernels stage later fuses that GELU into BiasGelu,
+which these variants do not model), at the deployment batch and sequence length. All
+variants of a shape are timed in interleaved rounds in one process (cost_model.timing),
+so machine drift hits them alike. Measurements live in
+`<cache>/profiles/latency.sqlite`, keyed by the device fingerprint (CPU model, cores,
+threads, provider, library versions), and are reused by later compiles; `refresh=True`
+measures again.
 """
 
 from __future__ import annotations

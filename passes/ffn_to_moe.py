@@ -382,16 +382,6 @@ def _finish(b: NodeBuilder, ffn: FfnSpec, acc_TD: ir.Value, shape: ir.Value) -> 
     return y
 
 
-def _scalar(b: NodeBuilder, name: str, value: np.ndarray) -> ir.Value:
-    """Registers a 0-d initializer (`add_initializer` would store it as shape [1])."""
-    full = f"{b.block}/{name}"
-    tensor = ir.tensor(np.asarray(value), name=full)
-    const = ir.Value(name=full, shape=ir.Shape([]), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
-    b.graph.register_initializer(const)
-    return const
-
-
 def _zeros(b: NodeBuilder, like: ir.Value, name: str) -> ir.Value:
     shape = b.op("Shape", [like], f"{name}/Shape")
     zero = ir.tensor(np.zeros(1, dtype=np.float32))
@@ -410,7 +400,7 @@ def _emit_scatter(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMas
     acc = None
     for e, group in enumerate(moe.experts):
         name = f"expert{e}"
-        pick = b.op("Gather", [sel_ET, _scalar(b, f"{name}/id", np.array(e, dtype=np.int64))],
+        pick = b.op("Gather", [sel_ET, b.const(f"{name}/id", np.array(e, dtype=np.int64))],
                     f"{name}/Gather", {"axis": 0})
         nz = b.op("NonZero", [pick], f"{name}/NonZero")
         idx = b.op("Transpose", [nz], f"{name}/Transpose", {"perm": [1, 0]})
@@ -428,7 +418,7 @@ def _emit_sorted(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask
     x_TD, shape = _flatten(b, ffn)
     r_TE = _router(b, x_TD, moe.router)
     real_T1 = tokens.real_T1(b.anchor)
-    unchosen = _scalar(b, "sort/unchosen", np.array(e_count, dtype=np.int64))
+    unchosen = b.const("sort/unchosen", np.array(e_count, dtype=np.int64))
     if moe.top_k is not None:
         # Static k: the pairs are (t, j < k) holding TopK's expert ids. Exactly k per token
         # (an exact tie at the k-th score, which the >= rule would add, is dropped here;
@@ -454,7 +444,7 @@ def _emit_sorted(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask
                  "sort/total/ReduceSum", {"keepdims": 1})
     # Ascending keys group the chosen pairs by expert; the unchosen (key E) fall off the end.
     _, order = _topk(b, key, total, "sort", largest=0)
-    token = b.op("Div", [order, _scalar(b, "sort/per_token", np.array(per_token, np.int64))],
+    token = b.op("Div", [order, b.const("sort/per_token", np.array(per_token, np.int64))],
                  "sort/Div")
     x_nD = b.op("Gather", [x_TD, token], "sort/rows/Gather", {"axis": 0})
     parts = _multi(b, "Split", [x_nD, counts_E], "sort/Split", {"axis": 0}, e_count)
@@ -464,9 +454,9 @@ def _emit_sorted(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask
     y_nD = b.op("Concat", [*ys, zero_row], "unsort/Concat", {"axis": 0})
     # rank[pair] = its row in y_nD when chosen, else `total`, the zero row.
     fill = b.op("Expand", [total, b.op("Shape", [key], "unsort/Shape")], "unsort/Expand")
-    ranks = b.op("Range", [_scalar(b, "unsort/zero", np.array(0, dtype=np.int64)),
+    ranks = b.op("Range", [b.const("unsort/zero", np.array(0, dtype=np.int64)),
                            b.op("Squeeze", [total], "unsort/Squeeze"),
-                           _scalar(b, "unsort/one", np.array(1, dtype=np.int64))],
+                           b.const("unsort/one", np.array(1, dtype=np.int64))],
                  "unsort/Range")
     rank = b.op("ScatterElements", [fill, order, ranks], "unsort/ScatterElements",
                 {"axis": 0})
@@ -552,7 +542,7 @@ def _emit_tensorrt(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMa
     acc = None
     for e, group in enumerate(moe.experts):
         name = f"expert{e}"
-        row = b.op("Gather", [score_EP, _scalar(b, f"{name}/id", np.array(e, dtype=np.int64))],
+        row = b.op("Gather", [score_EP, b.const(f"{name}/id", np.array(e, dtype=np.int64))],
                    f"{name}/Gather", {"axis": 0})
         values, idx_C = _topk(b, row, c, name)
         valid = b.op("GreaterOrEqual", [values, b.const(f"{name}/zero", np.array(

@@ -2,7 +2,8 @@
 
 Weight magnitude is the data-free fallback: a head's V and O weights (what it can write
 into the residual stream) and a channel's W1 column and W2 row. Calibrated, label-free
-importance lives in `passes.calibrated` and is preferred when calibration data exists.
+importance (`passes.prune_fit.importance`, from captured activations) is preferred when
+calibration data exists.
 """
 
 from __future__ import annotations

@@ -602,15 +602,7 @@ def _const(b: NodeBuilder, name: str, array: np.ndarray) -> ir.Value:
     full = f"{b.block}/const/{name}"
     if full in b.graph.initializers:
         return b.graph.initializers[full]
-    if array.ndim:
-        return b.const(f"const/{name}", array)
-    # irutil.add_initializer goes through np.ascontiguousarray, which turns 0-d into [1];
-    # Gather/Range need true scalars.
-    tensor = ir.tensor(array, name=full)
-    value = ir.Value(name=full, shape=ir.Shape(()), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
-    b.graph.register_initializer(value)
-    return value
+    return b.const(f"const/{name}", array)
 
 
 def _unsqueeze(b: NodeBuilder, x: ir.Value, axes: list[int], name: str, opset: int) -> ir.Value:

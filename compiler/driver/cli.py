@@ -1,4 +1,4 @@
-"""The `planer` command line: inspect, compile.
+"""The `planer` command line: inspect, compile, profile, diff.
 
 The CLI alone prints to the user. Errors a user can act on print one sentence to
 stderr and exit with a documented code: 2 bad input, 3 target unreachable, 1 internal.
