@@ -31,6 +31,11 @@ from planer.compiler.loading import check_model_file
 
 logger = logging.getLogger(__name__)
 
+# The form of the graphs planer emits. Bump it whenever a change makes the emitted graph of
+# some block different (nodes, their order or attributes): stored latency measurements of
+# block variants (cost_model.profile) are keyed by it, so older ones are measured again.
+EMISSION_VERSION = 1
+
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 UNREACHABLE_NAME = "fastest-missed-target.onnx"

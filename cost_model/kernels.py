@@ -6,13 +6,14 @@ Sum, which ORT's fusion does not match); passes.ort_kernels acts on it.
 `moe_lowering_costs` times an MoE FFN lowered as planer's gather chain and as ORT's
 com.microsoft.MoE kernel, where the kernel fits; passes.ffn_to_moe acts on it. Both run
 on one-block models of the real shapes with random weights (speed does not depend on the
-values) and are cached per process and shape.
+values). Each call measures; `KernelTimings` keeps one compile's measurements, keyed by
+shape, tokens and threads, so its stages (and a latency search's rounds) time each shape
+once, and a new `KernelTimings` asks for fresh timings. Nothing is cached per process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 import onnx
@@ -43,7 +44,6 @@ class KernelChoice:
                 "unfuse": self.unfuse}
 
 
-@functools.cache
 def skip_layernorm_costs(width: int, tokens: int, threads: int, *,
                          repeats: int = 60) -> KernelChoice:
     """Times fused vs unfused residual LayerNorm on [1, tokens, width] (ORT CPU, "all")."""
@@ -92,7 +92,6 @@ class MoeLoweringChoice:
                 "kernel_us": round(self.kernel_us, 1), "lowering": self.lowering}
 
 
-@functools.cache
 def moe_lowering_costs(width: int, ffn_width: int, experts: int, top_k: int, activation: str,
                        tokens: int, threads: int, *, repeats: int = 40) -> MoeLoweringChoice:
     """Times dense vs gather vs kernel MoE FFNs on [1, tokens, width] (ORT CPU, "all")."""
@@ -117,6 +116,36 @@ def moe_lowering_costs(width: int, ffn_width: int, experts: int, top_k: int, act
     timings = time_interleaved(sessions, feed, warmup=5, repeats=repeats)
     return MoeLoweringChoice(*(timings[k].median_ms * 1e3 for k in ("dense", "gather",
                                                                    "kernel")))
+
+
+class KernelTimings:
+    """The kernel measurements of one compile, keyed by everything they depend on.
+
+    Pass the same object to every stage (and every round of a latency search) that asks:
+    each shape is timed once. A fresh object measures again.
+    """
+
+    def __init__(self) -> None:
+        self._skip: dict[tuple[int, int, int, int], KernelChoice] = {}
+        self._moe: dict[tuple[int, int, int, int, str, int, int, int], MoeLoweringChoice] = {}
+
+    def skip_layernorm(self, width: int, tokens: int, threads: int, *,
+                       repeats: int = 60) -> KernelChoice:
+        """Returns `skip_layernorm_costs` for this shape, measured on first request."""
+        key = (width, tokens, threads, repeats)
+        if key not in self._skip:
+            self._skip[key] = skip_layernorm_costs(width, tokens, threads, repeats=repeats)
+        return self._skip[key]
+
+    def moe_lowering(self, width: int, ffn_width: int, experts: int, top_k: int,
+                     activation: str, tokens: int, threads: int, *,
+                     repeats: int = 40) -> MoeLoweringChoice:
+        """Returns `moe_lowering_costs` for this shape, measured on first request."""
+        key = (width, ffn_width, experts, top_k, activation, tokens, threads, repeats)
+        if key not in self._moe:
+            self._moe[key] = moe_lowering_costs(width, ffn_width, experts, top_k, activation,
+                                                tokens, threads, repeats=repeats)
+        return self._moe[key]
 
 
 _ACTIVATION_NODES = {

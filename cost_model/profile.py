@@ -8,8 +8,9 @@ which these variants do not model), at the deployment batch and sequence length.
 variants of a shape are timed in interleaved rounds in one process (cost_model.timing),
 so machine drift hits them alike. Measurements live in
 `<cache>/profiles/latency.sqlite`, keyed by the device fingerprint (CPU model, cores,
-threads, provider, library versions), and are reused by later compiles; `refresh=True`
-measures again.
+threads, provider, library versions) and by planer's emission version
+(compiler.emit.EMISSION_VERSION), and are reused by later compiles of the same emission;
+`refresh=True` measures again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from planer.compiler import emit
 from planer.compiler.cache import cache_dir
 from planer.compiler.progress import Bar, NullProgress, ProgressLike, as_progress
 from planer.cost_model.timing import (
@@ -41,8 +43,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS measurement (
     device TEXT NOT NULL, kind TEXT NOT NULL, batch INTEGER NOT NULL, tokens INTEGER NOT NULL,
     hidden INTEGER NOT NULL, head_size INTEGER NOT NULL, units INTEGER NOT NULL,
-    threads INTEGER NOT NULL, median_ms REAL NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (device, kind, batch, tokens, hidden, head_size, units, threads)
+    threads INTEGER NOT NULL, emission INTEGER NOT NULL, median_ms REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (device, kind, batch, tokens, hidden, head_size, units, threads, emission)
 );
 CREATE TABLE IF NOT EXISTS device (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL);
 """
@@ -69,13 +72,15 @@ class Measurement:
 
 
 class ProfileStore:
-    """The SQLite store of block measurements for one device fingerprint."""
+    """The SQLite store of block measurements for one device and emission version."""
 
     def __init__(self, threads: int, path: Path | None = None):
         self.path = path or cache_dir("profiles") / "latency.sqlite"
         self.fingerprint = device_fingerprint(SessionOptions(threads=threads))
         self.device = fingerprint_key(self.fingerprint)
+        self.emission = emit.EMISSION_VERSION
         self.db = sqlite3.connect(self.path)
+        _drop_unversioned(self.db)
         self.db.executescript(SCHEMA)
         self.db.execute("INSERT OR REPLACE INTO device VALUES (?, ?)",
                         (self.device, repr(sorted(self.fingerprint.items()))))
@@ -84,19 +89,35 @@ class ProfileStore:
     def load(self, kind: str, shape: BlockShape) -> list[Measurement]:
         rows = self.db.execute(
             "SELECT units, median_ms FROM measurement WHERE device=? AND kind=? AND batch=? "
-            "AND tokens=? AND hidden=? AND head_size=? AND threads=? ORDER BY units",
+            "AND tokens=? AND hidden=? AND head_size=? AND threads=? AND emission=? "
+            "ORDER BY units",
             (self.device, kind, shape.batch, shape.tokens, shape.hidden, shape.head_size,
-             shape.threads),
+             shape.threads, self.emission),
         ).fetchall()
         return [Measurement(kind, int(u), float(ms)) for u, ms in rows]
 
     def save(self, shape: BlockShape, measurements: Sequence[Measurement]) -> None:
         self.db.executemany(
-            "INSERT OR REPLACE INTO measurement VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO measurement (device, kind, batch, tokens, hidden, "
+            "head_size, units, threads, emission, median_ms, created) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [(self.device, m.kind, shape.batch, shape.tokens, shape.hidden, shape.head_size,
-              m.units, shape.threads, m.median_ms, time.time()) for m in measurements],
+              m.units, shape.threads, self.emission, m.median_ms, time.time())
+             for m in measurements],
         )
         self.db.commit()
+
+
+def _drop_unversioned(db: sqlite3.Connection) -> None:
+    """Drops a store written before rows carried the emission version.
+
+    Its rows do not say which emitted form they timed, so none can be trusted again.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(measurement)")}
+    if columns and "emission" not in columns:
+        logger.info("dropping latency measurements stored without an emission version")
+        db.execute("DROP TABLE measurement")
+        db.commit()
 
 
 def profile_blocks(
