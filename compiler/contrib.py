@@ -313,11 +313,11 @@ def _expand_fast_gelu(graph: ir.Graph, node: ir.Node, opset: int) -> None:
     x = node.inputs[0]
     if (bias := _input(node, 1)) is not None:
         x = e.op("Add", [x, bias], "bias/Add")
-    cube = e.op("Mul", [e.op("Mul", [x, x], "square"), x], "cube")  # type: ignore[list-item]
+    cube = e.op("Mul", [e.op("Mul", [x, x], "square"), x], "cube")
     inner = e.op("Add", [x, e.op("Mul", [cube, e.const("c", 0.044715)], "Mul_c")], "Add_x")
     inner = e.op("Mul", [inner, e.const("k", math.sqrt(2.0 / math.pi))], "Mul_k")
     plus = e.op("Add", [e.op("Tanh", [inner], "Tanh"), e.const("one", 1.0)], "Add_one")
-    half = e.op("Mul", [x, e.const("half", 0.5)], "Mul_half")  # type: ignore[list-item]
+    half = e.op("Mul", [x, e.const("half", 0.5)], "Mul_half")
     e.replace(0, e.op("Mul", [half, plus], "Mul"))
     e.finish()
 

@@ -241,7 +241,7 @@ def _dropped_bias(node: ir.Node) -> ir.Value | None:
 def _end_value(graph: ir.Graph) -> ir.Value:
     """Returns the graph output that carries the hidden states (`capture.main_output`)."""
     infos = [_Info(str(v.name), v) for v in graph.outputs]
-    name = main_output(infos)  # type: ignore[arg-type]
+    name = main_output(infos)
     return next(v for v in graph.outputs if v.name == name)
 
 
