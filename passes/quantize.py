@@ -162,8 +162,8 @@ def apply_int8(model: ir.Model, spec: ModelSpec, plan: Plan, calib: CalibrationS
     if not blocks:
         return {}
     info: dict[str, Any] = {
-        f"layer{i}": {**choice.to_dict(),
-                      "matmuls": sum(len(ROLES[k]) for k in choice.kinds())}
+        str(BlockId(i)): {**choice.to_dict(),
+                          "matmuls": sum(len(ROLES[k]) for k in choice.kinds())}
         for i, choice in sorted(config.layers.items())
     }
     if "static" in config.modes() and calib is not None:
