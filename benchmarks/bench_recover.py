@@ -34,7 +34,7 @@ from planer.recovery.distill import recover
 from planer.recovery.train import RecoveryConfig
 
 
-def training_texts(data: Path = DATA, mix: str = "sst2+agnews") -> list[str]:
+def training_texts(data: Path = DATA, mix: str = "balanced") -> list[str]:
     """Returns the training texts: SST-2 train and/or AG News dev without its last rows.
 
     "sst2+agnews" takes both whole (88% SST-2 phrases); "balanced" a seeded sample of
@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--mix", default="sst2+agnews")
+    parser.add_argument("--mix", default="balanced",
+                        choices=("balanced", "sst2+agnews", "sst2", "agnews"))
     parser.add_argument("--no-score", action="store_true")
     for field in dataclasses.fields(RecoveryConfig):
         if field.type in ("float", "int"):

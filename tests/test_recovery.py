@@ -193,3 +193,24 @@ def test_recover_streams_texts(compiled: tuple[Path, CalibrationSet],
     # Full batches but the last of each epoch (the ~90 fitting texts make 5 of 16 and one of 10).
     assert 0.9 * 20 * CONFIG.batch_size <= report.sequences <= 20 * CONFIG.batch_size
     assert report.fidelity_after["pooled_cosine"] > report.fidelity_before["pooled_cosine"]
+
+
+def test_error_weighting_puts_weight_where_the_error_is(
+        compiled: tuple[Path, CalibrationSet]) -> None:
+    from planer.recovery.train import Holdout, Trainer, World, build_student, load_teacher
+
+    path, calib = compiled
+    src = fixture_path("bert", "dynamo")
+    student, teacher = build_student(load_model(path), threads=1), load_teacher(src, threads=1)
+    holdout = Holdout.build(student, teacher.run, calib.holdout)
+    uniform = Trainer(student, teacher, CONFIG, seed=0, world=World())
+    uniform.set_scales(holdout)
+    weighted = Trainer(student, teacher, RecoveryConfig(layer_weighting="error"), seed=0,
+                       world=World())
+    weighted.set_scales(holdout)
+    assert uniform.scales is not None and weighted.scales is not None
+    # A term's weight is 1 / scale: the ratio between the two runs is the layer's error share.
+    ratio = np.asarray(uniform.scales) / np.asarray(weighted.scales)
+    error = np.asarray(holdout.layer_error)
+    np.testing.assert_allclose(ratio, error / error.mean(), rtol=1e-6)
+    assert error[1] > error[0]  # the noisy layer-1 projections: the larger error
