@@ -25,6 +25,7 @@ from planer.compiler.calibration import CalibrationSet
 from planer.compiler.errors import BadInputError
 from planer.compiler.plan import Plan
 from planer.compiler.spec import ModelSpec
+from planer.cost_model.kernels import KernelTimings
 from planer.passes.prune_fit import LayerActivations
 
 Progress = Callable[[str], None]
@@ -130,6 +131,9 @@ class Compilation:
     fitting: Fitting | None = None
     selection: Any = None  # compiler.driver.prune.Selection, once the units are chosen
     report: Report = dataclasses.field(default_factory=Report)
+    # Kernel timings (passes.ort_kernels, MoE lowering): one object per compile, shared
+    # by the latency search's rounds so each shape is timed once.
+    kernels: KernelTimings = dataclasses.field(default_factory=KernelTimings)
     progress: Progress = lambda _msg: None
     _spec: ModelSpec | None = None
 

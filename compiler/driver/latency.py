@@ -46,6 +46,7 @@ from planer.compiler.plan import Plan
 from planer.compiler.progress import as_progress
 from planer.compiler.support import require_supported
 from planer.cost_model.int8_cost import costs_if_int8_pays
+from planer.cost_model.kernels import KernelTimings
 from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
 from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
 from planer.cost_model.profile_int8 import profile_int8_blocks
@@ -204,6 +205,7 @@ def _compile_to_latency(
             f"{target_ms:.1f} ms")
     model, spec = read_model(model_path)
     require_supported(spec)
+    kernels = KernelTimings()  # every round's compile times each kernel shape once
     # One fitting for every round: each round compiles another plan of the same model.
     options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
                              seq_len=seq_len)
@@ -237,7 +239,8 @@ def _compile_to_latency(
             result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
                                   calibration=calibration, tokenizer=tokenizer, batch=batch,
                                   seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                  fitting=fitting if calibration is not None else None)
+                                  fitting=fitting if calibration is not None else None,
+                                  kernels=kernels)
             say(f"round {k + 1}: measuring against the dense model")
             ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
                                        seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
@@ -263,7 +266,7 @@ def _compile_to_latency(
                                   seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
                                   fitting=fitting if calibration is not None else None,
                                   recover_seconds=recover_seconds, recover_steps=recover_steps,
-                                  progress=say)
+                                  progress=say, kernels=kernels)
             rounds[rounds.index(best)] = dataclasses.replace(
                 best, folder=scratch / "recovered", result=result)
         return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path)
@@ -362,5 +365,5 @@ def validate_latency_model(
         shutil.rmtree(scratch, ignore_errors=True)
     rows = [{"plan": [(la.heads, la.ffn) for la in plans[k].layers],
              "predicted_ms": latency.predict(plans[k]), "measured_ms": times[k]} for k in paths]
-    errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows]
+    errors = [abs(latency.predict(plans[k]) - times[k]) / times[k] for k in paths]
     return {"mape": float(np.mean(errors)), "models": rows}

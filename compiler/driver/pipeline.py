@@ -49,6 +49,7 @@ from planer.compiler.loading import has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec
 from planer.compiler.support import prepare, require_supported
+from planer.cost_model.kernels import KernelTimings
 from planer.passes.skim_fit import skim_report
 
 __all__ = ["STAGES", "CompileResult", "compile_plan", "read_canonical", "read_model",
@@ -143,6 +144,7 @@ def compile_plan(
     fitting: Fitting | None = None,
     recover_seconds: float | None = None,
     recover_steps: int | None = None,
+    kernels: KernelTimings | None = None,
 ) -> CompileResult:
     """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
 
@@ -155,23 +157,26 @@ def compile_plan(
         tokenizer=tokenizer, batch=batch, seq_len=seq_len, reconstruct=reconstruct,
         method=method, passes=passes, target_runtime=target_runtime, threads=threads,
         ort_kernels=ort_kernels, recover_seconds=recover_seconds, recover_steps=recover_steps)
-    return compile_with(model_path, out_dir, options, progress=progress, fitting=fitting)
+    return compile_with(model_path, out_dir, options, progress=progress, fitting=fitting,
+                        kernels=kernels)
 
 
 def compile_with(model_path: Path, out_dir: Path, options: CompileOptions, *,
                  progress: Progress | None = None, fitting: Fitting | None = None,
-                 stages: list[Stage] | None = None) -> CompileResult:
+                 stages: list[Stage] | None = None,
+                 kernels: KernelTimings | None = None) -> CompileResult:
     """Compiles `model_path` as `options` say and writes the verified result to `out_dir`."""
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     options.check()
     with emit.claim_output(model_path, out_dir):
-        return _compile_locked(model_path, out_dir, options, say, fitting, stages, started)
+        return _compile_locked(model_path, out_dir, options, say, fitting, stages, started,
+                               kernels or KernelTimings())
 
 
 def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, say: Progress,
                     fitting: Fitting | None, stages: list[Stage] | None,
-                    started: float) -> CompileResult:
+                    started: float, kernels: KernelTimings) -> CompileResult:
     say(f"reading {model_path}")
     model, spec = read_model(model_path)
     plan = parse_plan(options.plan_data, spec) if options.plan_data is not None \
@@ -184,7 +189,8 @@ def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, sa
                             "--calibration.")
     if fitting is None:
         fitting = load_fitting(model, spec, options, say)
-    c = Compilation(model_path, options, model, plan, spec, fitting=fitting, progress=say)
+    c = Compilation(model_path, options, model, plan, spec, fitting=fitting, progress=say,
+                    kernels=kernels)
     run_stages(STAGES if stages is None else stages, c)
     finish_graph(model)
     return _write(c, out_dir, started)

@@ -23,7 +23,7 @@ from planer.compiler.driver.planning import choose_units, skim_layers
 from planer.compiler.errors import BadInputError, PlanerError
 from planer.compiler.irutil import remove_dead_producers
 from planer.compiler.names import PassName
-from planer.cost_model.kernels import moe_lowering_costs, skip_layernorm_costs
+from planer.cost_model.kernels import KernelTimings
 from planer.passes.channel_pruning import ChannelPruningConfig, apply_channel_pruning
 from planer.passes.ffn_to_moe import (
     apply_ffn_to_moe,
@@ -144,7 +144,8 @@ class FfnToMoe(Stage):
         assert c.calib is not None  # requires() refused otherwise
         o = c.options
         info = apply_moe(c.model, c.spec, c.plan, c.calib, lowering=o.target_runtime,
-                         tokens=o.tokens, threads=o.threads, measure=o.ort_kernels == "auto")
+                         tokens=o.tokens, threads=o.threads, measure=o.ort_kernels == "auto",
+                         kernels=c.kernels)
         c.report.add("moe", info)
         return bool(info)
 
@@ -191,7 +192,8 @@ class OrtKernels(Stage):
         # The width is the source's: ORT kernels never change it, and a layer whose heads
         # were all dropped has no attention left for the finder to anchor on.
         info = tune_ort_kernels(c.model, c.source_spec.hidden, tokens=o.tokens,
-                                threads=o.threads, measure=o.ort_kernels == "auto")
+                                threads=o.threads, measure=o.ort_kernels == "auto",
+                                kernels=c.kernels)
         c.report.add("ort_kernels", info)
         return True
 
@@ -220,7 +222,8 @@ class Recover(Stage):
         from planer.recovery.distill import recover
 
         o = c.options
-        texts = read_texts(o.calibration) if _is_text(o.calibration) else None
+        texts = read_texts(o.calibration) if o.calibration is not None \
+            and _is_text(o.calibration) else None
         result = recover(c.source, c.model, c.calib, budget_s=o.recover_seconds,
                          max_steps=o.recover_steps, progress=c.progress, texts=texts,
                          tokenizer=o.tokenizer if texts is not None else None)
@@ -266,12 +269,12 @@ PASS_GROUPS: dict[str, tuple[type[Stage], ...]] = {
 
 
 def tune_ort_kernels(model: ir.Model, width: int, *, tokens: int, threads: int,
-                     measure: bool = True) -> dict[str, Any]:
+                     measure: bool = True, kernels: KernelTimings | None = None) -> dict[str, Any]:
     """Runs passes.ort_kernels on `model`; with `measure`, only where this machine gains."""
     info: dict[str, Any] = {}
     unfuse = True
     if measure:
-        choice = skip_layernorm_costs(width, tokens, threads)
+        choice = (kernels or KernelTimings()).skip_layernorm(width, tokens, threads)
         info["skip_layernorm"] = {"tokens": tokens, "threads": threads, **choice.to_dict()}
         unfuse = choice.unfuse
     info.update(apply_ort_kernels(model, OrtKernelsConfig(unfuse_skip_layernorm=unfuse)))
@@ -284,7 +287,8 @@ def tune_ort_kernels(model: ir.Model, width: int, *, tokens: int, threads: int,
 
 
 def apply_moe(model: ir.Model, spec: Any, plan: Any, calib: Any, *, lowering: str,
-              tokens: int, threads: int = 1, measure: bool = False) -> dict[str, Any]:
+              tokens: int, threads: int = 1, measure: bool = False,
+              kernels: KernelTimings | None = None) -> dict[str, Any]:
     """Splits the planned FFNs into experts with fitted routers; returns per-layer quality.
 
     Runs after pruning, so experts split the pruned width. For the ort target with
@@ -304,7 +308,8 @@ def apply_moe(model: ir.Model, spec: Any, plan: Any, calib: Any, *, lowering: st
                 continue
             record = info[f"layer{layer.index}"]
             if measure and kernel_fits(layer.ffn.activation, moe.top_k):
-                costs = moe_lowering_costs(layer.ffn.w1.in_features, layer.ffn.width,
+                costs = (kernels or KernelTimings()).moe_lowering(
+                                           layer.ffn.w1.in_features, layer.ffn.width,
                                            moe.experts.shape[0], int(moe.top_k or 0),
                                            layer.ffn.activation, tokens, threads)
                 moe = layers[layer.index] = dataclasses.replace(moe, lowering=costs.lowering)
