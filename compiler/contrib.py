@@ -69,6 +69,7 @@ from planer.compiler.contrib_emit import (
 )
 from planer.compiler.irutil import const_array
 from planer.compiler.loading import default_opset
+from planer.compiler.names import PROVENANCE_PASS, PassName
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,14 @@ def expand_contrib_ops(model: ir.Model) -> int:
     """
     opset = default_opset(model)
     graph = model.graph
-    for node in graph:
+    # planer's own MoE nodes (com.microsoft.MoE among them) are left for the finder, which
+    # says the model was already split into experts by planer.
+    foreign = [n for n in graph
+               if n.metadata_props.get(PROVENANCE_PASS) != PassName.FFN_TO_MOE]
+    for node in foreign:
         _refuse_unexpandable(node, opset)
     count = 0
-    for node in list(graph):
+    for node in foreign:
         expand = _expansion(node, opset)
         if expand is None:
             continue
