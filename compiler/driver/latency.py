@@ -251,11 +251,15 @@ def _compile_to_latency(
             rounds_bar.advance(measured_ms=round(measured, 2), target_ms=round(target_ms, 2))
             logger.info("round %d: budget %.2f predicted %.2f measured %.2f (ratio %.3f)", k,
                         budget, latency.predict(plan), measured, ratio)
-            if measured <= target_ms and (measured >= CLOSE_ENOUGH * target_ms or budget == 0):
+            if measured <= target_ms and measured >= CLOSE_ENOUGH * target_ms:
                 break
             if measured > target_ms and plan == floor_plan(spec):
                 break
-            budget *= target_ms / measured
+            # Relax or tighten from what this plan was predicted at: after a budget of 0 (the
+            # floor predicted above the target) a floor measured far under the target means
+            # the latency model runs slow here (stored block timings from a quieter or busier
+            # machine than now), and the search must come back up rather than stop there.
+            budget = max(budget, latency.predict(plan)) * target_ms / measured
         rounds_bar.close()
         if recover_seconds or recover_steps:
             # Once, on the plan the rounds settled on: training changes weights only, so
