@@ -15,8 +15,8 @@ it spells them back out before canonicalization:
     FusedMatMul(A, B)                     ─▶ [Transpose] ─ MatMul ─ [Mul(α)]
     Attention, MultiHeadAttention         ─▶ compiler.contrib_attention (three projections,
                                              Reshape/Transpose, scores, mask, Softmax, ·V)
-    BiasGelu, Gelu                        ─▶ canonicalize.ExpandOrtKernelsPass (it already
-                                             spells planer's own ort_kernels output back)
+    BiasGelu, Gelu                        ─▶ canonicalize's ExpandBiasGelu/ExpandGelu rules (they
+                                             already spell planer's own ort_kernels output back)
     LayerNormalization below opset 17     ─▶ ReduceMean/Sub/…/Add (ORT writes it in the
                                              default domain, where the checker rejects it)
     Reshape(ctx_BSHd, [-1, K]) ─ MatMul   ─▶ Reshape[0,0,K] ─ Reshape[-1,K] ─ MatMul (ORT

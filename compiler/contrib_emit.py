@@ -131,7 +131,7 @@ def layer_norm(e: Emitter, x: ir.Value, gamma: ir.Value | None, beta: ir.Value |
     if opset >= 17 and gamma is not None:
         return e.op("LayerNormalization", [x, gamma, beta], name,
                     {"axis": -1, "epsilon": float(eps)})
-    # The decomposed chain canonicalize's FuseLayerNormPass matches at opset >= 17.
+    # The decomposed chain canonicalize's FuseLayerNorm rule matches at opset >= 17.
     mean = reduce_mean_last(e, x, f"{name}/mean", opset)
     d = e.op("Sub", [x, mean], f"{name}/Sub")
     var = reduce_mean_last(e, e.op("Mul", [d, d], f"{name}/square"), f"{name}/var", opset)

@@ -32,7 +32,6 @@ import math
 from typing import Any
 
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 from onnxscript.rewriter import pattern as rw
 
 from planer.compiler.irutil import const_array
@@ -66,18 +65,6 @@ def apply_ort_kernels(model: ir.Model, config: OrtKernelsConfig) -> dict[str, in
     if config.unfuse_skip_layernorm:
         counts["residual_sum"] = apply_rules(model, [ResidualAddToSum()])
     return counts
-
-
-class OrtKernelsPass(InPlacePass):
-    """Adapter running `apply_ort_kernels` as an onnx-ir pass."""
-
-    def __init__(self, config: OrtKernelsConfig):
-        super().__init__()
-        self.config = config
-
-    def call(self, model: ir.Model) -> PassResult:
-        counts = apply_ort_kernels(model, self.config)
-        return PassResult(model, modified=any(counts.values()))
 
 
 # ---------------------------------------------------------------- residual Add -> Sum
