@@ -13,6 +13,9 @@ from onnx import TensorProto, helper
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
+# Tests that read the real text beside the repository (a user's clone has none of it).
+needs_shared = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside "
+                                  "the repository")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

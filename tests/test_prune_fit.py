@@ -14,7 +14,7 @@ from planer.compiler.driver.pipeline import compile_plan, read_model
 from planer.compiler.spec import model_flops
 from planer.fixtures.build import fixture_path, minilm_tokenizer_dir
 from planer.passes.prune_fit import allocate, capture_layers, importance, refit, relative_error
-from tests.conftest import DATA, run_ort, text_feeds
+from tests.conftest import DATA, needs_shared, run_ort, text_feeds
 
 SST2 = DATA / "sst2" / "train.tsv"
 
@@ -97,6 +97,7 @@ def _tiny_tokenizer(tmp_path: Path) -> Path:
     return folder
 
 
+@needs_shared
 @pytest.mark.slow
 def test_target_flops_report(tmp_path: Path, minilm_torchscript: Path) -> None:
     result = compile_plan(minilm_torchscript, tmp_path / "out", target_flops=0.6,
@@ -111,6 +112,7 @@ def test_target_flops_report(tmp_path: Path, minilm_torchscript: Path) -> None:
                           for la in pruned)
 
 
+@needs_shared
 @pytest.mark.slow
 def test_calibrated_choice_beats_magnitude(tmp_path: Path, minilm_dynamo: Path) -> None:
     common = dict(target_flops=0.5, calibration=SST2, tokenizer=minilm_tokenizer_dir(),
@@ -125,6 +127,7 @@ def test_calibrated_choice_beats_magnitude(tmp_path: Path, minilm_dynamo: Path) 
     assert c > m + 0.05, (c, m)
 
 
+@needs_shared
 @pytest.mark.parametrize(("args", "message"), [
     (["--target-flops", "0"], "--target-flops must be in (0, 1]"),
     (["--target-flops", "1.5"], "--target-flops must be in (0, 1]"),

@@ -26,7 +26,7 @@ from planer.passes.token_skim import (
     keep_count,
     stream_in,
 )
-from tests.conftest import run_ort, text_feeds
+from tests.conftest import needs_shared, run_ort, text_feeds
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +229,7 @@ def test_keep_count_is_robust_to_float_rounding() -> None:
     assert keep_count(0.01, 5) == 1
 
 
+@needs_shared
 @pytest.mark.slow
 def test_minilm_skim_is_exact_when_neutral_and_close_at_half(minilm_dynamo: Path,
                                                              tmp_path: Path) -> None:
