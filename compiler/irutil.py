@@ -128,6 +128,11 @@ def replace_uses(old: ir.Value, new: ir.Value) -> None:
         old.replace_all_uses_with(new)
 
 
+def is_dead(node: ir.Node) -> bool:
+    """Whether none of `node`'s outputs is read or is a graph output."""
+    return not any(v.uses() or v.is_graph_output() for v in node.outputs)
+
+
 def remove_dead_producers(value: ir.Value) -> None:
     """Removes the producer of `value` and its inputs' producers while none feeds anything.
 
@@ -142,7 +147,7 @@ def remove_dead_producers(value: ir.Value) -> None:
         node = stack.pop()
         if node is None or graph is None or node.graph is not graph:
             continue
-        if any(v.uses() or v.is_graph_output() for v in node.outputs):
+        if not is_dead(node):
             continue
         inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)

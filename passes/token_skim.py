@@ -47,7 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from planer.compiler.errors import PreconditionError
-from planer.compiler.irutil import NodeBuilder, remove_dead_producers
+from planer.compiler.irutil import NodeBuilder, is_dead, remove_dead_producers
 from planer.compiler.loading import default_opset
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import LayerSpec, ModelSpec
@@ -171,7 +171,7 @@ def apply_token_skim(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig) 
     # last stage's positions, the first stage's leavers under scatter) goes now.
     for node in reversed(list(graph)):
         if (node.graph is graph and node.metadata_props.get(PROVENANCE_PASS) == PASS_NAME
-                and not any(v.uses() or v.is_graph_output() for v in node.outputs)):
+                and is_dead(node)):
             remove_dead_producers(node.outputs[0])
     return len(points)
 

@@ -21,7 +21,7 @@ from planer.compiler.calibration import read_texts
 from planer.compiler.driver.compilation import Compilation
 from planer.compiler.driver.planning import choose_units, skim_layers
 from planer.compiler.errors import BadInputError, PlanerError
-from planer.compiler.irutil import remove_dead_producers
+from planer.compiler.irutil import is_dead
 from planer.compiler.names import PassName
 from planer.cost_model.kernels import KernelTimings
 from planer.passes.channel_pruning import ChannelPruningConfig, apply_channel_pruning
@@ -85,8 +85,7 @@ def run_stages(stages: Sequence[Stage], c: Compilation) -> None:
 
 def dead_nodes(graph: ir.Graph) -> list[ir.Node]:
     """Returns the nodes none of whose outputs is read or is a graph output."""
-    return [node for node in graph
-            if not any(v.uses() or v.is_graph_output() for v in node.outputs)]
+    return [node for node in graph if is_dead(node)]
 
 
 class ChooseUnits(Stage):
@@ -278,11 +277,6 @@ def tune_ort_kernels(model: ir.Model, width: int, *, tokens: int, threads: int,
         info["skip_layernorm"] = {"tokens": tokens, "threads": threads, **choice.to_dict()}
         unfuse = choice.unfuse
     info.update(apply_ort_kernels(model, OrtKernelsConfig(unfuse_skip_layernorm=unfuse)))
-    # The GELU respelling replaces a chain whose first nodes it does not remove itself.
-    for node in dead_nodes(model.graph):
-        if node.graph is model.graph:
-            for value in node.outputs:
-                remove_dead_producers(value)
     return info
 
 
