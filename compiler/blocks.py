@@ -92,6 +92,26 @@ def find_blocks(model: ir.Model) -> ModelSpec:
     )
 
 
+def find_unpaired_blocks(graph: ir.Graph) -> list[AttentionSpec | FfnSpec]:
+    """Returns every attention and FFN block of `graph`, unpaired, attention first.
+
+    `find_blocks` pairs each attention with the next FFN, so it refuses (or mispairs) a
+    compiled graph whose plan dropped a sub-block; readers that order blocks themselves
+    (recovery's residual stream) take them one by one here. Softmax nodes that are not
+    attention are skipped.
+    """
+    found: list[AttentionSpec | FfnSpec] = []
+    for node in graph:
+        if node.op_type != "Softmax":
+            continue
+        try:
+            found.append(_find_attention(node))
+        except _NoMatch:
+            continue
+    found.extend(_find_ffns(graph))
+    return found
+
+
 class _NoMatch(Exception):
     """Internal: this candidate is not the block we look for (the message says why)."""
 

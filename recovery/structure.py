@@ -165,17 +165,9 @@ def _find_blocks(graph: ir.Graph) -> list[Block]:
 
     `find_blocks` pairs each attention with the next FFN and so refuses (or mispairs) a
     compiled model whose plan dropped a sub-block; the stream orders blocks by itself, so
-    it takes the finder's per-block readers directly.
+    it takes the finder's unpaired blocks.
     """
-    found: list[Block] = []
-    for node in graph:
-        if node.op_type != "Softmax":
-            continue
-        try:
-            found.append(finder._find_attention(node))
-        except finder._NoMatch:
-            continue
-    found.extend(finder._find_ffns(graph))
+    found: list[Block] = list(finder.find_unpaired_blocks(graph))
     found.extend(_moe_blocks(graph))
     return found
 

@@ -21,6 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from planer.compiler.canonicalize import canonicalize
+from planer.compiler.loading import load_model
+from planer.compiler.support import prepare
 from planer.recovery import data
 from planer.recovery.mirror import Mirror, MirrorOutput, max_abs_diff, param_count, write_back
 from planer.recovery.runtime import (
@@ -170,9 +173,9 @@ def build_student(model: ir.Model, *, threads: int | None = None) -> Student:
 
 def load_teacher(original_path: Path, *, threads: int | None = None) -> Teacher:
     """Loads the original model as the teacher (canonical, layer outputs exposed)."""
-    from planer.compiler.driver.pipeline import read_model
-
-    original, _ = read_model(original_path)
+    original = load_model(original_path)
+    prepare(original)  # the spellings compile reads (int8 weights, ORT contrib ops) first
+    canonicalize(original)
     return Teacher(original, threads=threads or torch.get_num_threads())
 
 
