@@ -7,6 +7,12 @@ subsample bounds memory: every value gets the same rows, so an input and an outp
 captured together stay paired row for row.
 
 Graph optimizations are off so every named intermediate survives to be read.
+
+A value some exporters keep flattened to token rows (TorchScript's GPT-2 Conv1D reads
+its input as Reshape(x, [-1, K]), and nothing restores [B, S, K] before the output
+projection) is handed back as [B, S, W], so every reader sees one layout:
+
+    ctx_(B·S)W ─▶ reshape to the feed's [B, S] ─▶ ctx_BSW
 """
 
 from __future__ import annotations
@@ -57,10 +63,36 @@ class ActivationReader:
         self.main_output = main_output(self.session.get_outputs()[:len(original)])
 
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
-        """Runs one batch; returns every requested value and the model outputs by name."""
+        """Runs one batch; returns every requested value and the model outputs by name.
+
+        Requested values flattened to [B·S, W] token rows come back as [B, S, W].
+        """
         names = list(dict.fromkeys([*self.names, *self.model_outputs]))
         arrays = self.session.run(names, {k: v for k, v in feed.items() if k in self.input_names})
-        return dict(zip(names, arrays, strict=True))
+        out = dict(zip(names, arrays, strict=True))
+        tokens = token_shape(feed)
+        if tokens is not None:
+            for name in self.names:
+                out[name] = unflatten_tokens(out[name], tokens)
+        return out
+
+
+def token_shape(feed: Feed) -> tuple[int, int] | None:
+    """Returns the feed's [B, S] (from its token ids or mask), or None for other inputs."""
+    for key in ("input_ids", "attention_mask"):
+        array = feed.get(key)
+        if array is not None and np.ndim(array) == 2:
+            batch, seq = np.shape(array)
+            return int(batch), int(seq)
+    return None
+
+
+def unflatten_tokens(array: np.ndarray, tokens: tuple[int, int]) -> np.ndarray:
+    """Reshapes [B·S, W] token rows to [B, S, W]; any other array is returned as it is."""
+    batch, seq = tokens
+    if array.ndim == 2 and array.shape[0] == batch * seq and batch * seq > 0:
+        return array.reshape(batch, seq, array.shape[1])
+    return array
 
 
 def main_output(outputs: Sequence[ort.NodeArg]) -> str:
