@@ -69,10 +69,10 @@ def measure_int8_costs(
         batch: the deployment batch: activation ranges are taken over this many sequences.
         max_sequences: how many calibration sequences to replay.
     """
-    names = _Capture(spec)
+    names = Int8Capture(spec)
     reader = ActivationReader(model, names.values)
     totals = np.zeros((len(spec.layers), 2, 2))  # layer, block, (Δ energy, residual energy)
-    for feed in _sequences(batches, max_sequences):
+    for feed in take_sequences(batches, max_sequences):
         out = reader.run(feed)
         mask = np.asarray(feed.get("attention_mask", np.ones(_batch_shape(feed))))
         real = mask.reshape(-1) != 0
@@ -107,7 +107,7 @@ def costs_if_int8_pays(
     return measure_int8_costs(model, spec, batches, batch=batch)
 
 
-class _Capture:
+class Int8Capture:
     """The values to read per layer, deduplicated across roles (Q, K and V share an input)."""
 
     def __init__(self, spec: ModelSpec):
@@ -137,7 +137,7 @@ def _logits(a: AttentionSpec) -> ir.Value:
     return value
 
 
-def _sequences(batches: Sequence[Feed], limit: int) -> list[Feed]:
+def take_sequences(batches: Sequence[Feed], limit: int) -> list[Feed]:
     """Cuts the feeds to at most `limit` sequences in all."""
     feeds, left = [], limit
     for feed in batches:
@@ -161,6 +161,14 @@ def _batch_shape(feed: Feed) -> tuple[int, ...]:
 def _attention_error(a: AttentionSpec, x: dict[str, np.ndarray], batch: int,
                      real: np.ndarray) -> np.ndarray:
     """Returns (Σ‖Δ out‖², Σ‖residual‖²) over real tokens with the block quantized alone."""
+    return _energies(attention_delta(a, x, batch), x["attn_res"], real)
+
+
+def attention_delta(a: AttentionSpec, x: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    """Returns the attention output's change [B, S, D] when the block runs in dynamic INT8.
+
+    `x` holds the block's captured tensors by role (`q`, `k`, `v`, `logits`, `ctx`).
+    """
     heads, d = a.heads, a.head_size
     q, k, v = (_project(x[r], lin) for r, lin in (("q", a.q), ("k", a.k), ("v", a.v)))
     qq, kq, vq = (_project(_dq(x[r], batch), lin, quantized=True)
@@ -173,18 +181,26 @@ def _attention_error(a: AttentionSpec, x: dict[str, np.ndarray], batch: int,
     ctx = x["ctx"].astype(np.float32)
     out = ctx @ a.o.w().astype(np.float32)
     out_q = _dq(ctx + ctx_shift, batch) @ _wq(a.o.w())
-    return _energies(out_q - out, x["attn_res"], real)
+    return out_q - out
 
 
 def _ffn_error(f: FfnSpec, x: dict[str, np.ndarray], batch: int,
                real: np.ndarray) -> np.ndarray:
     """Returns (Σ‖Δ out‖², Σ‖residual‖²) over real tokens with the FFN quantized alone."""
+    return _energies(ffn_delta(f, x, batch), x["ffn_res"], real)
+
+
+def ffn_delta(f: FfnSpec, x: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    """Returns the FFN output's change [B, S, D] when the block runs in dynamic INT8.
+
+    `x` holds the block's captured tensors by role (`x1`, the W1 input; `act`).
+    """
     pre = _project(x["x1"], f.w1)
     pre_q = _project(_dq(x["x1"], batch), f.w1, quantized=True)
     act = x["act"].astype(np.float32)
     act_q = act + _activation_change(f.activation, pre, pre_q, act)
     w2 = f.w2.w().astype(np.float32)
-    return _energies(_dq(act_q, batch) @ _wq(f.w2.w()) - act @ w2, x["ffn_res"], real)
+    return _dq(act_q, batch) @ _wq(f.w2.w()) - act @ w2
 
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
