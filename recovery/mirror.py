@@ -7,6 +7,8 @@ Dimensions: B batch, S sequence, D model width, H heads, d head size, F FFN widt
              Where...) ─ Softmax ─ ·v ─ NaN guard ─ [B,S,H·d] ─ Linear(o)
       ffn:   x ─ Linear(w1) ─ gelu | gelu_tanh | relu | silu ─ Linear(w2)
       moe:   recovery.moe (router, hard top-k / tau selection, experts)
+      skim:  recovery.skim (predictor, the graph's keep rule, straight-through; later
+             layers run full length with skimmed keys masked, skimmed rows forwarded)
       Add / Sum / LayerNormalization / Identity between blocks, replayed as is
 
 Every tensor a module reads is a graph initializer looked up by its name in one
@@ -32,9 +34,8 @@ from torch.nn import functional as F
 
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
-from planer.compiler.names import PROVENANCE_PASS, PassName
 from planer.compiler.spec import AttentionSpec, FfnSpec, Linear
-from planer.recovery.structure import MoeBlock, Step, Stream, unsupported_steps
+from planer.recovery.structure import MoeBlock, SkimBlock, Step, Stream, unsupported_steps
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
@@ -48,8 +49,11 @@ class WeightStore(nn.Module):
         self.keys: dict[str, str] = {}  # initializer name -> attribute key
         self.dtypes: dict[str, np.dtype] = {}
 
-    def add(self, value: ir.Value, *, trainable: bool) -> str:
-        """Registers `value` once (shared initializers stay one tensor); returns its name."""
+    def add(self, value: ir.Value, *, trainable: bool, scalar: bool = False) -> str:
+        """Registers `value` once (shared initializers stay one tensor); returns its name.
+
+        A one-element tensor is trained only with `scalar` (most are graph constants).
+        """
         name = str(value.name)
         if name in self.keys:
             return name
@@ -60,7 +64,7 @@ class WeightStore(nn.Module):
         tensor = torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype.kind == "f"
                                            else array.dtype))
         self.dtypes[name] = array.dtype
-        if trainable and array.dtype == np.float32 and array.size > 1:
+        if trainable and array.dtype == np.float32 and (array.size > 1 or scalar):
             self.params[key] = nn.Parameter(tensor)
         else:
             self.register_buffer(key, tensor)
@@ -138,7 +142,9 @@ class AttentionMirror(nn.Module):
                                                 f"{value.name if value else None}, unknown here.")
             self.score_ops.append((op.op_type, operands, op.attributes))
 
-    def forward(self, x: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: Mapping[str, torch.Tensor],
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attends over x [B, S, D]; `key_mask` [B, 1, 1, S] is added to the scores (skim)."""
         store = self.store[0]
         b, s, _ = x.shape
         h, d = self.heads, self.head_size
@@ -150,6 +156,8 @@ class AttentionMirror(nn.Module):
             args = [scores if kind == "scores" else aux[ref] if kind == "aux" else store.get(ref)
                     for kind, ref in operands]
             scores = _SCORE_FNS[op_type](*args)
+        if key_mask is not None:
+            scores = scores + key_mask
         ctx = torch.softmax(scores, dim=-1) @ v
         if self.nan_guard:
             ctx = torch.where(torch.isnan(ctx), torch.zeros_like(ctx), ctx)
@@ -202,6 +210,8 @@ class MirrorOutput:
     end: torch.Tensor
     layers: list[torch.Tensor]
     aux_loss: torch.Tensor | None = None
+    skim_loss: torch.Tensor | None = None  # Transkimmer's, toward the planned keep ratios
+    skim_keep: list[float] = dataclasses.field(default_factory=list)  # soft, per point
 
 
 class Mirror(nn.Module):
@@ -217,10 +227,6 @@ class Mirror(nn.Module):
     def __init__(self, stream: Stream):
         super().__init__()
         bad = unsupported_steps(stream)
-        if any(isinstance(s.block, ir.Node) and s.block.metadata_props.get(PROVENANCE_PASS)
-               == PassName.TOKEN_SKIM for s in stream.steps):
-            raise UnsupportedModelError("recovery does not mirror token skimming yet; recover a "
-                                        "plan without skim_keep.")
         if bad:
             raise UnsupportedModelError("recovery cannot mirror these ops between the layers: "
                                         + ", ".join(bad[:5]) + ".")
@@ -229,6 +235,9 @@ class Mirror(nn.Module):
         self.end = str(stream.end.name)
         self.aux_names = [str(v.name) for v in stream.aux]
         self.layer_names = [str(v.name) for v in stream.layer_outputs or []]
+        self.skim_masks = {str(m.name) for s in stream.steps if isinstance(s.block, SkimBlock)
+                           for m in s.block.masks}
+        self.skim_masks_of: dict[str, list[str]] = {}
         self.frozen_shared: list[str] = []
         trainable = self._trainable(stream)
         self.blocks = nn.ModuleDict()
@@ -253,7 +262,7 @@ class Mirror(nn.Module):
         return names
 
     def _add_step(self, key: str, step: Step, trainable: set[str]) -> None:
-        aux = set(self.aux_names)
+        aux = set(self.aux_names) | self.skim_masks
         if step.kind == "attn":
             assert isinstance(step.block, AttentionSpec)
             self.blocks[key] = AttentionMirror(self.store, step.block, trainable, aux)
@@ -265,6 +274,14 @@ class Mirror(nn.Module):
 
             assert isinstance(step.block, MoeBlock)
             self.blocks[key] = MoeMirror(self.store, step.block, trainable)
+        elif step.kind == "skim":
+            from planer.recovery.skim import SkimMirror
+
+            assert isinstance(step.block, SkimBlock)
+            self.blocks[key] = SkimMirror(self.store, step.block, trainable)
+            self.skim_masks_of[key] = [str(m.name) for m in step.block.masks]
+        elif step.kind == "skim_out":
+            pass  # the skim state forwards the skimmed rows (SkimState.mix)
         else:
             node = step.block
             assert isinstance(node, ir.Node)
@@ -279,9 +296,12 @@ class Mirror(nn.Module):
         """Runs the stream from `entry` [B, S, D]; `mask` [B, S] marks real tokens (MoE)."""
         env: dict[str, torch.Tensor] = {self.entry: entry, **aux}
         extra: list[torch.Tensor] = []
+        skim: Any = None  # recovery.skim.SkimState from the first skim point on
+        shown: dict[str, torch.Tensor] = {}  # layer outputs with skimmed rows forwarded
         for kind, key, inputs, output in self.program:
             if kind == "attn":
-                env[output] = self.blocks[key](env[inputs[0]], aux)
+                env[output] = self.blocks[key](env[inputs[0]], env,
+                                               skim.key_mask() if skim is not None else None)
             elif kind == "ffn":
                 env[output] = self.blocks[key](env[inputs[0]])
             elif kind == "moe":
@@ -290,6 +310,12 @@ class Mirror(nn.Module):
                     extra.append(loss)
             elif kind == "LayerNormalization":
                 env[output] = self.blocks[key](env[inputs[0]])
+            elif kind == "skim":
+                env[output], skim = self.blocks[key](env[inputs[0]], mask, skim)
+                # Its slot-layout masks are replaced by the state's full-length key mask.
+                env.update(dict.fromkeys(self.skim_masks_of[key], torch.zeros(())))
+            elif kind == "skim_out":
+                env[output] = skim.mix(env[inputs[0]])
             elif kind in ("Add", "Sum"):
                 total = self._operand(env, inputs[0])
                 for name in inputs[1:]:
@@ -299,9 +325,13 @@ class Mirror(nn.Module):
                 env[output] = _reshape(env[inputs[0]], self._operand(env, inputs[1]))
             else:  # Identity
                 env[output] = env[inputs[0]]
-        layers = [env[name] for name in self.layer_names]
+            if skim is not None and output in self.layer_names:
+                shown[output] = skim.mix(env[output])
+        layers = [shown.get(name, env[name]) for name in self.layer_names]
         aux_loss = torch.stack(extra).sum() if extra else None
-        return MirrorOutput(env[self.end], layers, aux_loss)
+        if skim is None:
+            return MirrorOutput(env[self.end], layers, aux_loss)
+        return MirrorOutput(env[self.end], layers, aux_loss, skim.loss(), skim.keep_ratios())
 
     def _operand(self, env: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         return env[name] if name in env else self.store.get(name)
@@ -347,6 +377,8 @@ def _initializers(step: Step) -> list[ir.Value]:
     elif isinstance(block, FfnSpec):
         lins = [block.w1, block.w2]
     else:
+        if isinstance(block, SkimBlock):
+            return block.weights
         nodes = block.nodes if isinstance(block, MoeBlock) else [block]
         return [v for n in nodes for v in n.inputs
                 if v is not None and v.const_value is not None
@@ -357,7 +389,7 @@ def _initializers(step: Step) -> list[ir.Value]:
 
 def _step_name(step: Step) -> str:
     block = step.block
-    if isinstance(block, AttentionSpec | FfnSpec | MoeBlock):
+    if isinstance(block, AttentionSpec | FfnSpec | MoeBlock | SkimBlock):
         return block.block
     return str(block.name)
 

@@ -10,7 +10,9 @@ Dimensions: B batch, S sequence, D model width.
 The region between `entry` (the first layer's input; for pre-LN models the value the
 first LayerNorm reads) and `end` (the model's hidden-state output) is described as an
 ordered list of steps: attention and FFN blocks as the finder describes them
-(`compiler.blocks`), MoE blocks as planer's FFN→MoE pass emitted them, and the few
+(`compiler.blocks`), MoE blocks as planer's FFN→MoE pass emitted them, token-skim
+points (`layer2/skim`: predictor, keep rule, gather; kind "skim") and their write-back
+(`skim/write_back`: skimmed rows scattered back; kind "skim_out"), and the few
 residual-stream ops between them. A sub-block a plan dropped is a residual Add of its
 constant bias (`layer3/attn/dropped_bias`), so the steps stay in the graph's own order
 and the layer outputs are found by counting FFN residuals, not by assuming pairs.
@@ -47,6 +49,30 @@ class MoeBlock:
 
 
 @dataclasses.dataclass
+class SkimBlock:
+    """Nodes the token-skim pass emitted for one skim point, or for its write-back.
+
+    Attributes:
+        block: "layer<i>/skim" (a point) or "skim/write_back".
+        x: a point's input [B, S, D]; the write-back's: the last layer's output.
+        out: the gathered rows a point hands the next layer; the full-length output.
+        nodes: the nodes of the region this step replaces.
+        masks: the additive attention masks a point makes for later layers.
+        weights: the predictor's float initializers (a point).
+        constants: every initializer named under the block (keep ratio, slack, always-kept
+            positions), read or not by the region's nodes.
+    """
+
+    block: str
+    x: ir.Value
+    out: ir.Value
+    nodes: list[ir.Node]
+    masks: list[ir.Value] = dataclasses.field(default_factory=list)
+    weights: list[ir.Value] = dataclasses.field(default_factory=list)
+    constants: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class Step:
     """One step of the stream: a block, or a residual-stream op replayed as is.
 
@@ -60,7 +86,7 @@ class Step:
     kind: str
     inputs: list[ir.Value]
     output: ir.Value
-    block: AttentionSpec | FfnSpec | MoeBlock | ir.Node
+    block: AttentionSpec | FfnSpec | MoeBlock | SkimBlock | ir.Node
 
 
 @dataclasses.dataclass
@@ -115,7 +141,8 @@ def read_stream(model: ir.Model) -> Stream:
         )
     steps = _steps(graph, found, region)
     steps.sort(key=lambda s: order[id(s.output.producer())])
-    aux = _aux_values(steps, entry, region)
+    provided = {id(m) for s in steps if isinstance(s.block, SkimBlock) for m in s.block.masks}
+    aux = [v for v in _aux_values(steps, entry, region) if id(v) not in provided]
     norm = _norm_style(steps)
     _name_blocks(steps)
     others = [str(v.name) for v in graph.outputs if v is not end]
@@ -134,6 +161,10 @@ def _steps(graph: ir.Graph, found: list[Block], region: set[int]) -> list[Step]:
         kind = "moe" if isinstance(blk, MoeBlock) else \
             "attn" if isinstance(blk, AttentionSpec) else "ffn"
         steps.append(Step(kind, [blk.x], blk.out, blk))
+    for skim in _skim_blocks(graph, region):
+        inside |= {id(n) for n in skim.nodes}
+        kind = "skim_out" if skim.block == f"{_SKIM_STATE}/write_back" else "skim"
+        steps.append(Step(kind, [skim.x], skim.out, skim))
     for node in graph:
         if id(node) in region and id(node) not in inside:
             steps.append(Step(node.op_type, [v for v in node.inputs if v is not None],
@@ -192,6 +223,75 @@ def _moe_blocks(graph: ir.Graph) -> list[MoeBlock]:
                                         "(no single input and output).")
         result.append(MoeBlock(block, x_node.inputs[0], outs[0], nodes))
     return result
+
+
+_SKIM_STATE = "skim"  # passes.token_skim.STATE_BLOCK: nodes every skim point shares
+
+
+def _skim_blocks(graph: ir.Graph, region: set[int]) -> list[SkimBlock]:
+    """Groups the region's token-skim nodes: one block per skim point, one write-back.
+
+    A point is named by its block (`layer2/skim`); nodes another pass respelled inside it
+    (the ORT-kernels stage's predictor GELU, block `layer2/skim/predictor/gelu/...`)
+    belong to it too. Every other skim node of the region is the write-back's.
+    """
+    skim = [n for n in graph if id(n) in region and _skim_block(n) is not None]
+    if not skim:
+        return []
+    names = {_skim_block(n) for n in skim} - {_SKIM_STATE, None}
+    points = sorted((b for b in names if b is not None), key=lambda b: BlockId.parse(b).layer)
+    result = []
+    for block in points:
+        mine = [n for n in skim if _skim_block(n) == block]
+        by_name = {n.name: n for n in graph if (n.name or "").startswith(f"{block}/")}
+        x_node = by_name.get(f"{block}/shape_BKD")
+        out_node = by_name.get(f"{block}/rows_kept/Gather") or by_name.get(f"{block}/h_kept_BKD")
+        if x_node is None or out_node is None or x_node.inputs[0] is None:
+            raise UnsupportedModelError(f"{block}: the skim point cannot be read back "
+                                        "(no input rows or no gathered rows).")
+        masks = [n.outputs[0] for name, n in by_name.items()
+                 if name == f"{block}/mask_add_B11K"]
+        weights = [v for n in mine for v in n.inputs if v is not None
+                   and "/predictor/" in str(v.name) and _is_float_constant(v)]
+        constants = {name: v for name, v in graph.initializers.items()
+                     if name.startswith(f"{block}/")}
+        result.append(SkimBlock(block, x_node.inputs[0], out_node.outputs[0], mine, masks,
+                                list({id(v): v for v in weights}.values()), constants))
+    rest = [n for n in skim if _skim_block(n) == _SKIM_STATE]
+    result.append(_skim_write_back(graph, rest))
+    return result
+
+
+def _skim_block(node: ir.Node) -> str | None:
+    """Returns the skim block a node belongs to (a point's or `skim`), or None."""
+    block = node.metadata_props.get(PROVENANCE_BLOCK, "")
+    if block == _SKIM_STATE or block.startswith(f"{_SKIM_STATE}/"):
+        return _SKIM_STATE if node.metadata_props.get(PROVENANCE_PASS) \
+            == PassName.TOKEN_SKIM else None
+    parsed = BlockId.try_parse(block)
+    if parsed is not None and parsed.kind == "skim":
+        return str(BlockId(parsed.layer, "skim"))
+    return None
+
+
+def _is_float_constant(value: ir.Value) -> bool:
+    array = const_array(value)
+    return array is not None and array.dtype.kind == "f"
+
+
+def _skim_write_back(graph: ir.Graph, nodes: list[ir.Node]) -> SkimBlock:
+    """Reads the write-back: one output leaves the skim nodes; its input is the last layer's."""
+    order = {id(n): i for i, n in enumerate(graph)}
+    mine = {id(n) for n in nodes}
+    outs = [v for n in nodes for v in n.outputs
+            if v.is_graph_output() or any(id(u) not in mine for u in v.consumers())]
+    reads = [v for n in nodes for v in n.inputs if v is not None and v.producer() is not None
+             and _skim_block(v.producer()) is None]  # type: ignore[arg-type]
+    if len(outs) != 1 or not reads:
+        raise UnsupportedModelError("the token-skim write-back cannot be read back "
+                                    "(no single full-length output).")
+    last = max(reads, key=lambda v: order[id(v.producer())])
+    return SkimBlock(f"{_SKIM_STATE}/write_back", last, outs[0], nodes)
 
 
 # ---------------------------------------------------------------- region
