@@ -33,6 +33,7 @@ from planer.recovery.runtime import (
     canonical_copy,
     compiled_session,
 )
+from planer.recovery.skim import set_estimator
 from planer.recovery.structure import Stream, describe, read_stream
 
 Feed = Mapping[str, np.ndarray]
@@ -54,6 +55,9 @@ class RecoveryConfig:
         layer_weight: weight of the per-layer hidden-state loss (relative MSE).
         output_weight: weight of (1 - cosine) on the mean-pooled final output.
         router_weight: weight of the MoE routers' expert-norm regression.
+        skim_weight: weight of Transkimmer's skim loss (soft keep ratio toward the plan's).
+        skim_estimator: how skim predictors get gradients through the hard keep decision,
+            "straight_through" or "gumbel" (`recovery.skim`).
         grad_clip: gradient-norm clip (0 turns it off).
         layer_weighting: "uniform", or "error": each layer's term weighted by its initial
             held-out error (mean 1).
@@ -75,6 +79,8 @@ class RecoveryConfig:
     layer_weight: float = 1.0
     output_weight: float = 1.0
     router_weight: float = 0.1
+    skim_weight: float = 1.0
+    skim_estimator: str = "straight_through"
     grad_clip: float = 1.0
     layer_weighting: str = "uniform"
     eval_every: int = 25
@@ -248,10 +254,11 @@ class LossTerms:
     layers: float
     output: float
     router: float = 0.0
+    skim: float = 0.0  # weighted skim loss (recovery.skim)
 
     @property
     def distill(self) -> float:
-        return float(self.total.detach()) - self.router
+        return float(self.total.detach()) - self.router - self.skim
 
 
 def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
@@ -277,7 +284,11 @@ def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
     if out.aux_loss is not None:
         total = total + config.router_weight * out.aux_loss
         router = config.router_weight * float(out.aux_loss.detach())
-    return LossTerms(total, float(layer.detach()), float(output.detach()), router)
+    skim = 0.0
+    if out.skim_loss is not None:
+        total = total + config.skim_weight * out.skim_loss
+        skim = config.skim_weight * float(out.skim_loss.detach())
+    return LossTerms(total, float(layer.detach()), float(output.detach()), router, skim)
 
 
 # ---------------------------------------------------------------- the loop
@@ -334,6 +345,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.student, self.teacher, self.config, self.world = student, teacher, config, world
         self.module = module or student.mirror
+        set_estimator(student.mirror, config.skim_estimator)
         self.layer_loss = config.layer_weight > 0 and \
             len(student.mirror.layer_names) == len(teacher.layers) > 0
         self.scales: list[float] | None = None
@@ -378,7 +390,7 @@ class Trainer:
             teacher = TeacherOutput([], teacher.end)
         out = self.module(entry, aux, mask)
         if not self.layer_loss:
-            out = MirrorOutput(out.end, [], out.aux_loss)
+            out = dataclasses.replace(out, layers=[])
         terms = distill_loss(out, teacher, mask, self.config, self.scales,
                              tokens=tokens, sequences=float(batch))
         self.optimizer.zero_grad(set_to_none=True)
