@@ -1,11 +1,21 @@
-"""Benchmarks `--target-latency` on all-MiniLM-L6-v2: targets met, speedups, probe accuracy.
+"""Benchmarks `--target-latency` on all-MiniLM-L6-v2: the latency model, then targets met.
 
-For each fraction of the measured dense latency, planer compiles to that target (its
-own compile-measure-tighten loop); then every compiled model is timed again against
-the dense model in one process, interleaved, to check the target independently, and
-scored with the probe of shared/data/README.md.
+    validate: per (batch, threads) setting, the latency model as a compile builds it
+              (stored block curves re-anchored on whole models timed now) and as it was
+              before (stored curves at their stored milliseconds), scored on random mixed
+              plans (heads, FFN width, INT8 blocks per layer) it was not anchored on:
+              predicted vs measured latency ratio to the original, interleaved
+    targets:  per fraction, planer compiles to that target (its own compile-measure-tighten
+              loop, as `planer compile --target-latency P --calibration sst2/train.tsv`),
+              then each model is re-measured independently (compiler/driver/latency.
+              measure_ratio, 60 interleaved rounds) and scored by benchmarks.quality
+              (STS-B dev Spearman, pooled cosine, neighbours@10 on AG News dev)
 
-    python -m benchmarks.bench_latency [--fractions 0.8 0.6 0.5 0.4] [--out F]
+    python -m benchmarks.bench_latency validate [--settings 1:1 8:2] [--samples 12]
+    python -m benchmarks.bench_latency targets [--fractions 0.5 0.33 0.25] [--batch 8]
+        [--threads 2] [--out F]
+
+Run under `flock /tmp/bench.lock` on a shared machine: other timings would collide.
 """
 
 from __future__ import annotations
@@ -16,68 +26,138 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.bench_prune import feeds
-from benchmarks.probe import DATA, evaluate
-from planer.compiler.driver.latency import compile_to_latency
-from planer.cost_model.timing import (
-    SessionOptions,
-    device_fingerprint,
-    make_session,
-    ratios,
-    time_interleaved,
+from benchmarks.probe import DATA
+from planer.compiler.driver.latency import (
+    block_profile,
+    compile_to_latency,
+    measure_ratio,
+    profile_model,
+    validate_latency_model,
 )
+from planer.compiler.driver.pipeline import read_model
+from planer.compiler.plan import Plan
+from planer.cost_model.latency import fit_latency_model
+from planer.cost_model.timing import SessionOptions, device_fingerprint
 from planer.fixtures.build import minilm_path, minilm_tokenizer_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6, 0.5, 0.4])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--no-probe", action="store_true")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+def validate(settings: list[str], samples: int, seed: int) -> list[dict[str, Any]]:
+    """Scores the anchored and the stored latency model at each `batch:threads` setting."""
+    dense = minilm_path("dynamo")
+    _, spec = read_model(dense)
+    results = []
+    for setting in settings:
+        batch, threads = (int(x) for x in setting.split(":"))
+        anchored, info = profile_model(dense, batch=batch, seq_len=128, threads=threads,
+                                       progress=_say)
+        measured, int8, _ = block_profile(spec, batch=batch, seq_len=128, threads=threads,
+                                            refresh=False, progress=None)
+        stored = fit_latency_model(measured["attn"], measured["ffn"], info["neutral_ms"],
+                                   Plan.neutral(spec), int8=int8)
+        check = validate_latency_model(dense, {"anchored": anchored, "stored": stored},
+                                       info["dense_ms"], batch=batch, seq_len=128,
+                                       threads=threads, samples=samples, seed=seed,
+                                       progress=_say)
+        results.append({"batch": batch, "seq_len": 128, "threads": threads,
+                        "anchors_ms": info["anchors_ms"], "stored_scale": info["stored_scale"],
+                        **check})
+        _print_validation(results[-1])
+    return results
+
+
+def _print_validation(result: dict[str, Any]) -> None:
+    print(f"\nbatch {result['batch']}, 128 tokens, {result['threads']} thread(s); "
+          f"anchors {result['anchors_ms']} ms; stored curves scaled by "
+          f"{result['stored_scale']}")
+    print("| plan (heads/FFN+INT8 per layer) | measured | anchored model | stored model |")
+    print("|---|---:|---:|---:|")
+    for row in result["models"]:
+        print(f"| {row['plan']} | {row['measured_ratio']:.3f} | {row['anchored_ratio']:.3f} "
+              f"| {row['stored_ratio']:.3f} |")
+    mape = result["mape"]
+    print(f"| MAPE | | {mape['anchored']:.1%} | {mape['stored']:.1%} |", flush=True)
+
+
+def targets(fractions: list[float], batch: int, threads: int, repeats: int
+            ) -> list[dict[str, Any]]:
+    """Compiles to each fraction, re-measures it independently and scores its quality."""
+    from benchmarks.quality import evaluate
+
     dense, tokenizer = minilm_path("dynamo"), minilm_tokenizer_dir()
+    _, spec = read_model(dense)
     work = Path(tempfile.mkdtemp(prefix="planer-latency-"))
-    models, rows = {"dense": dense}, {"dense": {}}
-    for fraction in args.fractions:
+    rows = []
+    for fraction in fractions:
         started = time.perf_counter()
         result = compile_to_latency(
             dense, work / f"t{fraction}", target_fraction=fraction,
-            calibration=DATA / "sst2" / "train.tsv", tokenizer=tokenizer, batch=1,
-            seq_len=128, threads=args.threads)
+            calibration=DATA / "sst2" / "train.tsv", tokenizer=tokenizer, batch=batch,
+            seq_len=128, threads=threads, progress=_say)
+        seconds = time.perf_counter() - started
+        ratio, _ = measure_ratio(dense, result.model_path, batch=batch, seq_len=128,
+                                 threads=threads, vocab=spec.vocab_size, repeats=repeats)
         report = result.report
-        name = f"target {fraction:.0%}"
-        models[name] = result.model_path
-        rows[name] = {"fraction": fraction, "target_ms": report["target_ms"],
-                      "planer_measured_ms": report["measured_ms"],
-                      "predicted_ms": report["predicted_ms"], "rounds": len(report["rounds"]),
-                      "flops_ratio": report["flops_ratio"],
-                      "compile_s": round(time.perf_counter() - started, 1),
-                      "pooled_cosine": report["fidelity"]["pooled_cosine"]["mean"],
-                      "plan": [(la["heads"], la["ffn"]) for la in report["plan"]["layers"]]}
-        print(json.dumps({"model": name, **rows[name]}), flush=True)
-    opts = SessionOptions(threads=args.threads)
-    timings = time_interleaved({n: make_session(p, opts) for n, p in models.items()},
-                               feeds(1, 128), warmup=5, repeats=args.repeats)
-    rel = ratios(timings, "dense")
-    for name, path in models.items():
-        row = rows[name]
-        row["median_ms"] = round(timings[name].median_ms, 2)
-        row["latency_ratio"] = round(rel[name], 3)
-        if "fraction" in row:
-            row["ratio_vs_target"] = round(rel[name] / row["fraction"], 3)
-        if not args.no_probe:
-            row.update(evaluate(path, tokenizer))
-        print(json.dumps({"model": name, **row}), flush=True)
-    fingerprint = device_fingerprint(opts)
+        rows.append({"fraction": fraction, "measured_ratio": round(ratio, 4),
+                     "vs_target": round(ratio / fraction, 3),
+                     "planer_ratio": round(report["measured_ms"] / report["baseline_ms"], 4),
+                     "predicted_ratio": round(report["predicted_ms"] / report["baseline_ms"], 4),
+                     "rounds": len(report["rounds"]), "compile_s": round(seconds, 1),
+                     "path": str(result.model_path), "plan": _plan_text(report["plan"])})
+        print(json.dumps(rows[-1]), flush=True)
+    scores = evaluate(dense, [Path(r["path"]) for r in rows], tokenizer)
+    for row, score in zip(rows, scores[1:], strict=True):
+        row.update({k: v for k, v in score.items() if k != "model"})
+    print(f"\nbatch {batch}, 128 tokens, {threads} thread(s); original STS-B dev "
+          f"{scores[0]['stsb_dev']}")
+    print("| target | re-measured | vs target | planer's verdict | predicted | rounds | "
+          "compile s | STS-B dev | pooled cosine | neighbours@10 | plan |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['fraction']:.0%} | {r['measured_ratio']:.3f} | {r['vs_target']:.3f} | "
+              f"{r['planer_ratio']:.3f} | {r['predicted_ratio']:.3f} | {r['rounds']} | "
+              f"{r['compile_s']} | {r['stsb_dev']} | {r['pooled_cosine']} | "
+              f"{r['neighbours_at_10']} | {r['plan']} |", flush=True)
+    return rows
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    return " ".join(f"{la['heads']}/{la['ffn']}" + (f"+{la['int8']['blocks']}"
+                                                    if "int8" in la else "")
+                    for la in plan["layers"])
+
+
+def _say(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    check = sub.add_parser("validate", help="latency model vs measured random mixed plans")
+    check.add_argument("--settings", nargs="+", default=["1:1", "8:2"], metavar="BATCH:THREADS")
+    check.add_argument("--samples", type=int, default=12)
+    check.add_argument("--seed", type=int, default=0)
+    run = sub.add_parser("targets", help="compile to latency targets, re-measure, score")
+    run.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.33, 0.25])
+    run.add_argument("--batch", type=int, default=1)
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--repeats", type=int, default=60)
+    for mode in (check, run):
+        mode.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.mode == "validate":
+        data: Any = validate(args.settings, args.samples, args.seed)
+    else:
+        data = targets(args.fractions, args.batch, args.threads, args.repeats)
     if args.out:
+        fingerprint = device_fingerprint(SessionOptions())
         args.out.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"),
+            "date": time.strftime("%Y-%m-%d"), "mode": args.mode,
             "machine": f"{fingerprint['cpu']}, {fingerprint['logical_cores']} cores, "
-                       f"onnxruntime {fingerprint['onnxruntime']}",
-            "threads": args.threads, "batch": 1, "seq_len": 128, "rows": rows}, indent=2) + "\n")
+                       f"onnxruntime {fingerprint['onnxruntime']}", "results": data},
+            indent=2) + "\n")
     return 0
 
 

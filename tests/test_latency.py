@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from planer.compiler.driver.cli import main
+from planer.compiler.driver.latency import anchor_plans, random_plan
 from planer.compiler.driver.pipeline import read_model
-from planer.compiler.plan import LayerPlan, Plan
+from planer.compiler.errors import BadInputError
+from planer.compiler.plan import LayerPlan, Plan, parse_plan
 from planer.cost_model import profile as profile_mod
-from planer.cost_model.latency import BlockCurve, fit_latency_model, held_out_error
+from planer.cost_model.latency import BlockCurve, anchor, fit_latency_model, held_out_error
 from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, profile_blocks
 from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss
 from planer.fixtures.build import fixture_path
@@ -60,8 +64,6 @@ def test_search_meets_the_predicted_budget_and_prefers_cheap_units() -> None:
                               _linear("ffn", range(8, 129, 8), 0.01, 0.05), 3.0, dense)
     scores = Importance(heads=[[1.0, 2.0, 3.0, 4.0], [9.0, 9.0, 9.0, 9.0]],
                         channels=[[1.0] * 128, [50.0] * 128])
-    import numpy as np
-
     scores = Importance(heads=[np.asarray(h) for h in scores.heads],
                         channels=[np.asarray(c) for c in scores.channels])
     plan = plan_for_latency(spec, scores, model, 2.0)
@@ -157,3 +159,93 @@ def test_search_tightens_without_collapsing_to_the_floor(
     assert result.report["measured_ms"] <= 0.7 * 4.0
     assert len(compiled) >= 2  # the first plan missed by 5% and was tightened
     assert all(plan != floor_plan(spec) for plan in compiled)
+
+
+def _stored_and_true(dense: Plan):
+    """A stored model, and the 'true' machine now: every curve slower by its own factor."""
+    int8 = {"attn_int8_dynamic": _linear("attn_int8_dynamic", range(1, 5), 0.05, 0.05),
+            "ffn_int8_dynamic": _linear("ffn_int8_dynamic", range(8, 129, 8), 0.004, 0.02)}
+    attn, ffn = _linear("attn", range(1, 5), 0.1, 0.1), _linear("ffn", range(8, 129, 8), 0.01, 0.05)
+    stored = fit_latency_model(attn, ffn, 4.0, dense, int8=int8)
+    factors = {"attn": 1.7, "ffn": 1.4, "attn_int8_dynamic": 2.0, "ffn_int8_dynamic": 1.2}
+
+    def slower(points: list[Measurement]) -> list[Measurement]:
+        return [Measurement(m.kind, m.units, m.median_ms * factors[m.kind]) for m in points]
+
+    true = dataclasses.replace(
+        fit_latency_model(slower(attn), slower(ffn), 4.0, dense,
+                          int8={k: slower(v) for k, v in int8.items()}), overhead_ms=0.9)
+    return stored, true
+
+
+def test_anchoring_recovers_todays_speed_from_whole_anchor_plans() -> None:
+    _, spec = read_model(fixture_path("bert", "dynamo"))
+    int8 = {"attn_int8_dynamic": [], "ffn_int8_dynamic": []}
+    plans = anchor_plans(spec, int8)
+    assert sorted(plans) == ["attn", "floor", "int8", "int8_attn", "neutral"]
+    stored, true = _stored_and_true(plans["neutral"])
+    anchored = anchor(stored, true.predict(plans["floor"]),
+                      [(p, true.predict(p)) for name, p in plans.items() if name != "floor"])
+    assert anchored.scales == pytest.approx({"attn": 1.7, "ffn": 1.4, "attn_int8_dynamic": 2.0,
+                                             "ffn_int8_dynamic": 1.2})
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # plans no anchor saw, mixing pruning and INT8 per layer
+        plan = random_plan(spec, rng)
+        assert anchored.predict(plan) == pytest.approx(true.predict(plan))
+        assert stored.predict(plan) != pytest.approx(true.predict(plan))
+
+
+def test_anchoring_keeps_the_stored_model_when_anchors_are_noise() -> None:
+    _, spec = read_model(fixture_path("bert", "dynamo"))
+    stored, _ = _stored_and_true(Plan.neutral(spec))
+    # The neutral plan measured at the floor: no positive block time to scale to.
+    assert anchor(stored, 2.0, [(Plan.neutral(spec), 2.0)]) is stored
+
+
+def test_random_validation_plans_fit_the_model() -> None:
+    _, spec = read_model(fixture_path("bert", "dynamo"))
+    rng = np.random.default_rng(1)
+    plans = [random_plan(spec, rng) for _ in range(20)]
+    assert any(la.int8 is not None for p in plans for la in p.layers)
+    for plan in plans:
+        assert parse_plan(plan.to_dict(), spec) == plan  # a plan compile accepts as written
+
+
+def _fake_latency_compile(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    from planer.compiler.driver import latency as loop
+
+    seen: dict[str, object] = {}
+
+    def fake(model_path, out_dir, **kwargs):
+        seen.update(kwargs)
+        raise BadInputError("stopped by the test.")
+
+    monkeypatch.setattr(loop, "compile_to_latency", fake)
+    return seen
+
+
+def test_target_throughput_is_a_per_batch_latency(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    seen = _fake_latency_compile(monkeypatch)
+    model = str(fixture_path("bert", "dynamo"))
+    code = main(["compile", model, "--target-throughput", "400/s", "--batch", "8",
+                 "-o", str(tmp_path / "out")])
+    assert code == 2 and "stopped by the test" in capsys.readouterr().err
+    assert seen["target_ms"] == pytest.approx(20.0)  # 8 inputs per batch at 400/s
+    assert seen["batch"] == 8 and seen["target_fraction"] is None
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--batch", "4"], "needs --batch 8 or more"),
+    (["--batch", "8", "--target-latency", "50%"], "one of --target-latency or"),
+])
+def test_target_throughput_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str], extra: list[str],
+                                    message: str) -> None:
+    seen = _fake_latency_compile(monkeypatch)
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--target-throughput", "100",
+                 *extra, "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not seen  # refused before any compile

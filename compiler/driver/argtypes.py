@@ -58,6 +58,12 @@ def latency_target(text: str) -> tuple[str, float]:
     return "ms", _finite(value, text, "20ms") * scale
 
 
+def throughput_target(text: str) -> float:
+    """Parses `200/s` or `200` (inputs per second) as 200.0; refuses what is not above 0."""
+    value = text.strip().lower().removesuffix("/s")
+    return _finite(value, text, "200/s")
+
+
 def _finite(number: str, text: str, example: str) -> float:
     try:
         value = float(number)

@@ -27,6 +27,7 @@ from planer.compiler.driver.argtypes import (
     latency_target,
     output_folder,
     positive_int,
+    throughput_target,
 )
 from planer.compiler.driver.defaults import (
     CALIBRATION_NOTE,
@@ -133,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target-latency", type=latency_target, metavar="T",
                           help="meet this median latency on the runtime: 20ms, 0.02s, or "
                                "relative to the measured dense model, 50%% or 0.5x")
+    compile_.add_argument("--target-throughput", type=throughput_target, metavar="N/s",
+                          help="serve N inputs per second at --batch 8 or more: met as a "
+                               "latency target of batch / N per batch")
     compile_.add_argument("--threads", type=positive_int, default=1,
                           help="intra-op threads of the target runtime (default 1)")
     compile_.add_argument("--runtime", choices=("ort-cpu",), default="ort-cpu",
@@ -255,6 +259,8 @@ def run_compile(args: argparse.Namespace) -> int:
         raise BadInputError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: "
                             f"{', '.join(sorted(PASS_GROUPS))}.")
     plan_data = load_plan(args.plan) if args.plan else None
+    if args.target_throughput is not None:
+        args.target_latency = _throughput_as_latency(args)
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is None:
         tokenizer = bundled_tokenizer()
@@ -289,6 +295,20 @@ def run_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _throughput_as_latency(args: argparse.Namespace) -> tuple[str, float]:
+    """Turns --target-throughput N/s into the per-batch latency target batch / N.
+
+    Only from batch 8: at smaller batches a throughput target is a latency target in
+    disguise, and the user should say which latency they mean.
+    """
+    if args.target_latency is not None:
+        raise BadInputError("give one of --target-latency or --target-throughput.")
+    if args.batch < 8:
+        raise BadInputError(f"--target-throughput needs --batch 8 or more (got {args.batch}); "
+                            "at smaller batches give --target-latency.")
+    return "ms", 1000.0 * args.batch / args.target_throughput
+
+
 def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | None,
                      started: float) -> int:
     from planer.compiler.driver.latency import compile_to_latency
@@ -296,7 +316,8 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
     from planer.compiler.errors import TargetUnreachableError
 
     if args.plan is not None or args.target_flops is not None:
-        raise BadInputError("give one of --plan, --target-flops or --target-latency.")
+        raise BadInputError("give one of --plan, --target-flops, --target-latency or "
+                            "--target-throughput.")
     try:
         with Progress(console) as progress:
             progress("compiling to a latency target")
@@ -312,9 +333,18 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
     except TargetUnreachableError as exc:
         if isinstance(exc.result, CompileResult):
             _print_summary(exc.result.report, time.perf_counter() - started, args.output)
+            _print_throughput(args, exc.result.report)
         raise
     _print_summary(result.report, time.perf_counter() - started, args.output)
+    _print_throughput(args, result.report)
     return EXIT_OK
+
+
+def _print_throughput(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if args.target_throughput is not None:
+        out.print(f"throughput {1000.0 * args.batch / report['measured_ms']:.1f}/s at batch "
+                  f"{args.batch} (target {args.target_throughput:g}/s, dense "
+                  f"{1000.0 * args.batch / report['baseline_ms']:.1f}/s)")
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -329,8 +359,8 @@ def run_profile(args: argparse.Namespace) -> int:
                                       progress=progress)
         if args.report:
             info["whole_model"] = validate_latency_model(
-                path, latency, batch=args.batch, seq_len=args.seq_len, threads=args.threads,
-                progress=progress)
+                path, latency, info["dense_ms"], batch=args.batch, seq_len=args.seq_len,
+                threads=args.threads, progress=progress)
     table = Table(title=f"block latencies at batch {args.batch}, seq {args.seq_len}, "
                         f"{args.threads} thread(s) (device {info['device']})")
     for column in ("block", "units", "ms"):
@@ -346,11 +376,11 @@ def run_profile(args: argparse.Namespace) -> int:
               f"FFN {mape['ffn']:.1%}")
     if "whole_model" in info:
         whole = info["whole_model"]
-        out.print(f"held-out MAPE on {len(whole['models'])} whole compiled models: "
-                  f"{whole['mape']:.1%}")
+        out.print(f"held-out MAPE on {len(whole['models'])} whole compiled models (latency "
+                  f"ratios to the original): {whole['mape']['model']:.1%}")
         for row in whole["models"]:
-            out.print(f"  {row['plan']}: predicted {row['predicted_ms']:.2f} ms, measured "
-                      f"{row['measured_ms']:.2f} ms")
+            out.print(f"  {row['plan']}: predicted {row['model_ratio']:.3f}, measured "
+                      f"{row['measured_ratio']:.3f}")
     return EXIT_OK
 
 

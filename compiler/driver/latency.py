@@ -20,7 +20,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,21 @@ from planer.compiler.driver.pipeline import (
 )
 from planer.compiler.driver.planning import activations
 from planer.compiler.errors import BadInputError, TargetUnreachableError
-from planer.compiler.plan import Plan
+from planer.compiler.loading import check_sequence_length, load_model
+from planer.compiler.plan import Int8Plan, LayerPlan, Plan
 from planer.compiler.progress import as_progress
+from planer.compiler.spec import ModelSpec
 from planer.compiler.support import require_supported
-from planer.cost_model.int8_cost import costs_if_int8_pays
+from planer.cost_model.int8_cost import INT8_MODE, costs_if_int8_pays
 from planer.cost_model.kernels import KernelTimings
-from planer.cost_model.latency import LatencyModel, fit_latency_model, held_out_error
-from planer.cost_model.profile import BlockShape, ProfileStore, profile_blocks
-from planer.cost_model.profile_int8 import profile_int8_blocks
+from planer.cost_model.latency import (
+    LatencyModel,
+    anchor,
+    fit_latency_model,
+    held_out_error,
+)
+from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, profile_blocks
+from planer.cost_model.profile_int8 import int8_kind, profile_int8_blocks
 from planer.cost_model.search import Quality, floor_plan, plan_for_latency, predicted_loss
 from planer.cost_model.timing import (
     SessionOptions,
@@ -64,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 CLOSE_ENOUGH = 0.9  # a candidate this close under the target stops the search
+ANCHOR_ROUNDS = 30  # interleaved rounds timing the original and the anchor plans
 
 
 @dataclasses.dataclass
@@ -82,15 +90,65 @@ class Round:
 def profile_model(
     model_path: Path, *, batch: int, seq_len: int, threads: int, refresh: bool = False,
     ort_kernels: str = "auto", progress: Progress | None = None,
+    kernels: KernelTimings | None = None,
 ) -> tuple[LatencyModel, dict[str, Any]]:
     """Profiles the model's block variants and fits its latency model; returns both.
 
-    The model's fixed overhead (embeddings, LayerNorms, everything outside the blocks) is
-    read from the neutral plan compiled as every plan will be, timed beside the original:
-    planer's emission alone already changes it (passes.ort_kernels).
+    Stored block curves give the shapes; the level comes from whole models compiled as
+    every plan will be and timed now, interleaved with the original (latency.anchor):
+    the floor plan (the fixed overhead: embeddings, LayerNorms, everything outside the
+    blocks), the neutral plan, attention only, and both again in INT8 where INT8 was
+    profiled (`anchor_plans`).
     """
     say = progress or (lambda _msg: None)
-    model, spec = read_model(model_path)
+    _, spec = read_model(model_path)
+    measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
+                                            threads=threads, refresh=refresh, progress=progress)
+    plans = anchor_plans(spec, int8)
+    say(f"compiling {len(plans)} anchor plans (floor, neutral, attention only; float, INT8)")
+    with tempfile.TemporaryDirectory(prefix="planer-anchors-") as scratch:
+        paths = {name: compile_plan(model_path, Path(scratch) / name,
+                                    plan_data=plan.to_dict(), batch=batch, seq_len=seq_len,
+                                    threads=threads, ort_kernels=ort_kernels,
+                                    kernels=kernels).model_path
+                 for name, plan in plans.items()}
+        say("timing the dense model and the anchor plans")
+        times = measure_ms({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
+                           threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
+    stored = fit_latency_model(measured["attn"], measured["ffn"], times["neutral"],
+                               plans["neutral"], int8=int8)
+    latency = anchor(stored, times["floor"],
+                     [(plan, times[name]) for name, plan in plans.items() if name != "floor"])
+    info = {"device": store.device, "store": str(store.path), "dense_ms": round(times["dense"], 3),
+            "anchors_ms": {k: round(v, 3) for k, v in times.items()},
+            "neutral_ms": round(times["neutral"], 3),
+            "overhead_ms": round(latency.overhead_ms, 3),
+            "stored_scale": {k: round(v, 4) for k, v in latency.scales.items()},
+            "block_mape": {"attn": round(held_out_error(measured["attn"]), 4),
+                           "ffn": round(held_out_error(measured["ffn"]), 4)},
+            "points": {k: [(m.units, round(m.median_ms, 4)) for m in v]
+                       for k, v in {**measured, **int8}.items()}}
+    return latency, info
+
+
+def anchor_plans(spec: ModelSpec, int8: Mapping[str, Any]) -> dict[str, Plan]:
+    """The whole plans `profile_model` times to anchor the curves (latency.anchor)."""
+    full = Plan.neutral(spec)
+    attn_only = Plan(tuple(dataclasses.replace(la, ffn=0) for la in full.layers))
+    plans = {"floor": floor_plan(spec), "neutral": full, "attn": attn_only}
+    if int8_kind("attn", INT8_MODE) in int8 and int8_kind("ffn", INT8_MODE) in int8:
+        plans["int8"] = Plan(tuple(dataclasses.replace(la, int8=Int8Plan("both", INT8_MODE))
+                                   for la in full.layers))
+        plans["int8_attn"] = Plan(tuple(dataclasses.replace(
+            la, int8=Int8Plan("attn", INT8_MODE)) for la in attn_only.layers))
+    return plans
+
+
+def block_profile(
+    spec: ModelSpec, *, batch: int, seq_len: int, threads: int, refresh: bool,
+    progress: Progress | None,
+) -> tuple[dict[str, list[Measurement]], dict[str, list[Measurement]], ProfileStore]:
+    """Times (or reads from the store) float and INT8 block variants on the model's grid."""
     attn, ffn = spec.layers[0].attention, spec.layers[0].ffn
     if any(la.attention.head_size != attn.head_size or la.attention.heads != attn.heads
            or la.ffn.width != ffn.width for la in spec.layers):
@@ -102,30 +160,13 @@ def profile_model(
     heads = list(range(attn.heads + 1))
     step = max(1, ffn.width // 16)
     channels = sorted({*range(0, ffn.width + 1, step), ffn.width})
-    say("profiling block variants (stored ones are reused)")
+    (progress or (lambda _msg: None))("profiling block variants (stored ones are reused)")
     measured = profile_blocks(shape, heads, channels, store=store, refresh=refresh,
                               progress=progress)
     # INT8 beside float, so the search sees where INT8 pays on this machine.
     int8 = profile_int8_blocks(shape, heads, channels, store=store, refresh=refresh,
                                progress=progress)
-    say("compiling the neutral plan")
-    with tempfile.TemporaryDirectory(prefix="planer-neutral-") as scratch:
-        neutral = compile_plan(model_path, Path(scratch) / "neutral", batch=batch,
-                               seq_len=seq_len, threads=threads, ort_kernels=ort_kernels)
-        say("timing the dense model and the neutral plan")
-        times = measure_ms({"dense": model_path, "neutral": neutral.model_path}, batch=batch,
-                           seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
-    dense_ms = times["dense"]
-    latency = fit_latency_model(measured["attn"], measured["ffn"], times["neutral"],
-                                Plan.neutral(spec), int8=int8)
-    info = {"device": store.device, "store": str(store.path), "dense_ms": round(dense_ms, 3),
-            "neutral_ms": round(times["neutral"], 3),
-            "overhead_ms": round(latency.overhead_ms, 3),
-            "block_mape": {"attn": round(held_out_error(measured["attn"]), 4),
-                           "ffn": round(held_out_error(measured["ffn"]), 4)},
-            "points": {k: [(m.units, round(m.median_ms, 4)) for m in v]
-                       for k, v in {**measured, **int8}.items()}}
-    return latency, info
+    return measured, int8, store
 
 
 def measure_ms(
@@ -178,6 +219,8 @@ def compile_to_latency(
             or (target_fraction is not None and target_fraction > 1):
         raise BadInputError("--target-latency must be a positive time, or a fraction in "
                             "(0, 1] of the dense latency.")
+    # Before profiling or calibrating: a --seq-len past the position table is refused now.
+    check_sequence_length(load_model(model_path), seq_len)
     with emit.claim_output(model_path, out_dir):
         return _compile_to_latency(
             model_path, out_dir, amount=amount, target_ms=target_ms,
@@ -197,15 +240,16 @@ def _compile_to_latency(
     if (recover_seconds or recover_steps) and calibration is None:
         raise BadInputError("--recover distils the original model on calibration text; pass "
                             "--calibration.")
+    kernels = KernelTimings()  # every compile below times each kernel shape once
     latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
-                                     refresh=refresh, ort_kernels=ort_kernels, progress=say)
+                                     refresh=refresh, ort_kernels=ort_kernels, progress=say,
+                                     kernels=kernels)
     if target_ms is None:
         target_ms = amount * profile["dense_ms"]
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
             f"{target_ms:.1f} ms")
     model, spec = read_model(model_path)
     require_supported(spec)
-    kernels = KernelTimings()  # every round's compile times each kernel shape once
     # One fitting for every round: each round compiles another plan of the same model.
     options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
                              seq_len=seq_len)
@@ -344,30 +388,64 @@ def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any]
 
 
 def validate_latency_model(
-    model_path: Path, latency: LatencyModel, *, batch: int, seq_len: int, threads: int,
-    samples: int = 4, seed: int = 0, progress: Progress | None = None,
+    model_path: Path, models: LatencyModel | Mapping[str, LatencyModel], dense_ms: float, *,
+    batch: int, seq_len: int, threads: int, samples: int = 12, seed: int = 0,
+    repeats: int = 40, progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Measures random non-uniform plans the model never saw; returns its whole-model MAPE."""
+    """Scores latency models on random mixed plans none of them was anchored on.
+
+    Each plan draws per layer a head count, an FFN width on the profiled grid and the
+    INT8 blocks (none, attention, FFN or both). The plans are compiled, timed in one
+    interleaved run with the original, and each model's predicted ratio
+    (prediction / `dense_ms`, the dense latency its anchors were timed beside) is scored
+    against the measured median per-round ratio.
+
+    Returns:
+        {"mape": {model name: MAPE}, "models": one row per plan}; a single LatencyModel
+        is named "model".
+    """
     say = progress or (lambda _msg: None)
+    named = {"model": models} if isinstance(models, LatencyModel) else dict(models)
     _, spec = read_model(model_path)
     rng = np.random.default_rng(seed)
-    scratch = Path(tempfile.mkdtemp(prefix="planer-validate-"))
-    try:
-        paths, plans = {}, {}
-        for i in range(samples):
-            layers = [{"heads": int(rng.integers(1, la.attention.heads + 1)),
-                       "ffn": int(rng.integers(1, 17)) * (la.ffn.width // 16)}
-                      for la in spec.layers]
+    plans = {f"m{i}": random_plan(spec, rng) for i in range(samples)}
+    kernels = KernelTimings()
+    with tempfile.TemporaryDirectory(prefix="planer-validate-") as scratch:
+        paths = {}
+        for i, (name, plan) in enumerate(plans.items()):
             say(f"compiling validation model {i + 1}/{samples}")
-            result = compile_plan(model_path, scratch / f"m{i}", plan_data={"layers": layers},
-                                  batch=batch, seq_len=seq_len, threads=threads)
-            paths[f"m{i}"], plans[f"m{i}"] = result.model_path, result.plan
-        say("timing validation models")
-        times = measure_ms(paths, batch=batch, seq_len=seq_len, threads=threads,
-                           vocab=spec.vocab_size)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    rows = [{"plan": [(la.heads, la.ffn) for la in plans[k].layers],
-             "predicted_ms": latency.predict(plans[k]), "measured_ms": times[k]} for k in paths]
-    errors = [abs(latency.predict(plans[k]) - times[k]) / times[k] for k in paths]
-    return {"mape": float(np.mean(errors)), "models": rows}
+            paths[name] = compile_plan(model_path, Path(scratch) / name,
+                                       plan_data=plan.to_dict(), batch=batch, seq_len=seq_len,
+                                       threads=threads, kernels=kernels).model_path
+        say("timing validation models against the original, interleaved")
+        timings = _time_models({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
+                               threads=threads, vocab=spec.vocab_size, repeats=repeats)
+    measured = ratios(timings, "dense")
+    rows = [{"plan": _plan_text(plan), "measured_ratio": round(measured[name], 4),
+             **{f"{m}_ratio": round(model.predict(plan) / dense_ms, 4)
+                for m, model in named.items()}} for name, plan in plans.items()]
+    mape = {m: float(np.mean([abs(model.predict(plan) / dense_ms - measured[name])
+                              / measured[name] for name, plan in plans.items()]))
+            for m, model in named.items()}
+    return {"mape": mape, "models": rows}
+
+
+def random_plan(spec: ModelSpec, rng: np.random.Generator) -> Plan:
+    """Draws per layer heads, an FFN width on the profiled grid and INT8 blocks."""
+    layers = []
+    for la in spec.layers:
+        step = max(1, la.ffn.width // 16)
+        heads = int(rng.integers(0, la.attention.heads + 1))
+        ffn = min(la.ffn.width, step * int(rng.integers(0, 17)))
+        blocks = [b for b, ok in (("attn", heads > 0), ("ffn", ffn > 0),
+                                  ("both", heads > 0 and ffn > 0)) if ok]
+        pick = int(rng.integers(0, len(blocks) + 1))
+        int8 = Int8Plan(blocks[pick - 1], INT8_MODE) if pick else None
+        layers.append(LayerPlan(heads=heads, ffn=ffn, int8=int8))
+    return Plan(tuple(layers))
+
+
+def _plan_text(plan: Plan) -> str:
+    """Writes a plan as `heads/ffn[+int8 blocks]` per layer, e.g. `7/960+both 12/1536`."""
+    return " ".join(f"{la.heads}/{la.ffn}" + (f"+{la.int8.blocks}" if la.int8 else "")
+                    for la in plan.layers)
