@@ -102,10 +102,27 @@ def position_limit(model: ir.Model) -> int | None:
         shape = table.const_value.shape.numpy()  # an initializer's shape is concrete
         if len(shape) != 2 or shape[0] <= 16 or indices.const_value is not None:
             continue
-        if indices.name in inputs and indices.name != "position_ids":
+        source = _index_source(indices)
+        if source is not None and source.name in inputs and source.name != "position_ids":
             continue
         limits.append(int(shape[0]))
     return max(limits) if limits else None
+
+
+# Ops that only re-lay an index tensor out: GPT-2 looks its tokens up through
+# input_ids.view(-1, S), which must still count as indexed by input_ids.
+_INDEX_PLUMBING = {"Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+
+def _index_source(indices: ir.Value) -> ir.Value | None:
+    """Follows layout-only ops back from a Gather's indices to what they are computed from."""
+    value: ir.Value | None = indices
+    for _ in range(8):
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type not in _INDEX_PLUMBING:
+            return value
+        value = producer.inputs[0]
+    return value
 
 
 def check_sequence_length(model: ir.Model, seq_len: int) -> None:

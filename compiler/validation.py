@@ -5,6 +5,14 @@
     ─▶ onnx.checker, full (types and shapes through every node)
     ─▶ ONNX Runtime session creation (operators it implements, IR versions it reads)
 
+One file the checker alone would refuse goes through: below opset 17 ONNX Runtime's
+transformer optimizer writes LayerNormalization into the default domain (ORT runs it
+there at any opset, ONNX defines it from 17). The checker then checks a copy where those
+nodes sit in a private domain, and support.prepare spells them out before anything
+reads the graph:
+
+    LayerNormalization (ai.onnx, opset < 17) ─▶ checker sees planer.legacy:LayerNormalization
+
 The first two are planer's own because the checker reports their symptoms far from the
 cause (a deleted input surfaces as "not topologically sorted", float token ids as an
 unsupported Gather index type). Each failure is one sentence; nothing below prints a
@@ -38,7 +46,11 @@ def check_graph(proto: onnx.ModelProto, path: Path) -> None:
     check_structure(proto.graph, path)
     check_types(proto.graph, path)
     check_inputs(proto.graph, path)
-    check_onnx(path)
+    legacy = legacy_layer_norms(proto)
+    if legacy:
+        check_onnx_proto(with_legacy_domain(proto, legacy), path)
+    else:
+        check_onnx(path)
     check_runtime(path)
 
 
@@ -123,6 +135,47 @@ def check_onnx(path: Path) -> None:
         raise BadInputError(f"{path} is not a valid ONNX model: {_checker_cause(exc)}.") from exc
 
 
+LEGACY_DOMAIN = "planer.legacy"
+"""Where the checker's copy puts default-domain operators older opsets lack."""
+
+
+def legacy_layer_norms(proto: onnx.ModelProto) -> list[int]:
+    """Returns the indices of default-domain LayerNormalization nodes in an opset < 17 graph."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 17:
+        return []
+    return [i for i, node in enumerate(proto.graph.node)
+            if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx")]
+
+
+def with_legacy_domain(proto: onnx.ModelProto, nodes: list[int]) -> onnx.ModelProto:
+    """Returns a copy with `nodes` in :data:`LEGACY_DOMAIN`, for the checker only.
+
+    External weights become typed graph inputs in the copy: the checker reads an
+    in-memory model's external data from no folder at all.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for index in nodes:
+        copy.graph.node[index].domain = LEGACY_DOMAIN
+    copy.opset_import.append(onnx.helper.make_opsetid(LEGACY_DOMAIN, 1))
+    external = [t for t in copy.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(
+            tensor.name, tensor.data_type, list(tensor.dims)))
+        copy.graph.initializer.remove(tensor)
+    return copy
+
+
+def check_onnx_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """Runs the full ONNX checker on an in-memory model read from `path`."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise BadInputError(f"{path} is not a valid ONNX model: {_checker_cause(exc)}.") from exc
+
+
 def check_runtime(path: Path) -> None:
     """Creates an ONNX Runtime session (no graph optimizations) to see it can load the model."""
     options = ort.SessionOptions()
@@ -167,14 +220,33 @@ _CHECKER_PREFIX = re.compile(r"\[(?:Shape|Type)InferenceError\]\s*(?:Inference e
 _NODE = re.compile(r"\(op_type:(\w+), node name: ([^)]*)\):\s*")
 
 
+_NO_OP = re.compile(r"No Op registered for (\w+) with domain_version of (\d+).*?"
+                    r"Name: (.*?) OpType:")
+
+
 def _checker_cause(exc: Exception) -> str:
     text = " ".join(str(exc).split())
+    missing = _NO_OP.search(text)
+    if missing:
+        return _missing_operator(*missing.groups())
     text = _CHECKER_PREFIX.sub("", text)
     match = _NODE.search(text)
     if match:
         rest = _CHECKER_PREFIX.sub("", text[match.end():])
         text = f"{match.group(1)} node {match.group(2)!r}: {rest}"
     return text.rstrip(". ")[:300]
+
+
+def _missing_operator(op_type: str, opset: str, node: str) -> str:
+    """Says that node `node` uses `op_type`, which ONNX's default domain lacks at `opset`."""
+    try:
+        since = onnx.defs.get_schema(op_type).since_version
+    except Exception:  # not an ONNX operator at any opset
+        return (f"node {node!r} ({op_type}) sits in the default ONNX domain, which has no "
+                f"{op_type} operator; a custom operator needs its own domain")
+    return (f"node {node!r} ({op_type}) uses an operator the default ONNX domain defines only "
+            f"from opset {since}, but the model imports opset {opset}; re-export it at opset "
+            f"{since} or later")
 
 
 _UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")

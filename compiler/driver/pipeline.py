@@ -45,7 +45,7 @@ from planer.compiler.driver.stages import (
 )
 from planer.compiler.driver.verify import compare_outputs, fidelity
 from planer.compiler.errors import BadInputError
-from planer.compiler.loading import has_external_data, load_model
+from planer.compiler.loading import check_sequence_length, has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec
 from planer.compiler.support import prepare, require_supported
@@ -183,6 +183,7 @@ def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, sa
         else Plan.neutral(spec)
     # Before any calibration or fitting: what compile cannot rewrite is refused now.
     require_supported(spec, plan)
+    check_sequence_length(model, options.seq_len)
     require_calibration(plan, options.calibration, options.target_flops, options.passes)
     if options.recovers and options.calibration is None:
         raise BadInputError("--recover distils the original model on calibration text; pass "
