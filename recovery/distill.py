@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class RecoveryReport:
     parts: dict[str, Any]
     config: dict[str, Any]
     world_size: int = 1
+    int8_simulated: int = 0  # projection weights trained under simulated dynamic INT8
     written: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +98,7 @@ def recover(
     texts: Sequence[str] | None = None,
     tokenizer: Path | Any | None = None,
     config: RecoveryConfig | None = None,
+    int8_weights: Collection[str] = (),
 ) -> RecoveryReport:
     """Distils the original model into the compiled `model` and writes the weights back in place.
 
@@ -115,6 +117,8 @@ def recover(
             corpus); holdout texts are left out. Needs `tokenizer`.
         tokenizer: a tokenizer folder / tokenizer.json, or a loaded `tokenizers.Tokenizer`.
         config: the recipe (learning rate, schedule, loss weights, batch size...).
+        int8_weights: projection weights the quantize stage will make dynamic INT8; the
+            mirror rounds them as INT8 will while training and measuring fidelity.
 
     Raises:
         BadInputError: no budget, no calibration data, or texts without a tokenizer.
@@ -124,7 +128,7 @@ def recover(
     config = config or RecoveryConfig()
     check_inputs(calib, budget_s, max_steps, texts, tokenizer)
     assert calib is not None
-    trainer = _setup(original_path, model, calib, config, seed)
+    trainer = _setup(original_path, model, calib, config, seed, int8_weights)
     holdout = Holdout.build(trainer.student, trainer.teacher_run, calib.holdout)
     mirror_diff = trainer.student.check(model, holdout.feeds[0])
     if mirror_diff > ATOL:
@@ -150,7 +154,8 @@ def recover(
         mirror_max_abs_diff=mirror_diff, written_max_abs_diff=written_diff,
         trained_tensors=len(written), trained_params=trainer.student.trained_params(),
         layer_loss=trainer.layer_loss, parts=trainer.student.parts(),
-        config=dataclasses.asdict(config), written=written,
+        config=dataclasses.asdict(config), int8_simulated=len(set(int8_weights)),
+        written=written,
     )
 
 
@@ -177,8 +182,8 @@ def check_inputs(calib: CalibrationSet | None, budget_s: float | None, max_steps
 
 
 def _setup(original_path: Path, model: ir.Model, calib: CalibrationSet,
-           config: RecoveryConfig, seed: int) -> Trainer:
-    student = build_student(model, threads=config.threads)
+           config: RecoveryConfig, seed: int, int8_weights: Collection[str]) -> Trainer:
+    student = build_student(model, threads=config.threads, int8_weights=int8_weights)
     teacher = load_teacher(original_path, threads=config.threads)
     return Trainer(student, teacher, config, seed=seed, world=World())
 

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
 from planer.compiler.spec import AttentionSpec, FfnSpec, Linear
+from planer.recovery.fakequant import Simulation, dynamic_int8
 from planer.recovery.structure import MoeBlock, SkimBlock, Step, Stream, unsupported_steps
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -48,6 +49,7 @@ class WeightStore(nn.Module):
         self.params = nn.ParameterDict()
         self.keys: dict[str, str] = {}  # initializer name -> attribute key
         self.dtypes: dict[str, np.dtype] = {}
+        self.int8 = Simulation()  # the projections rounded as dynamic INT8 will round them
 
     def add(self, value: ir.Value, *, trainable: bool, scalar: bool = False) -> str:
         """Registers `value` once (shared initializers stay one tensor); returns its name.
@@ -91,6 +93,8 @@ class LinearRef:
 
     def __call__(self, store: WeightStore, x: torch.Tensor) -> torch.Tensor:
         w = store.get(self.weight)
+        if store.int8.applies(self.weight):  # the whole MatMul weight shares one scale
+            x, w = dynamic_int8(x, w)
         if self.start != 0 or self.stop != w.shape[1]:
             w = w[:, self.start:self.stop]
         y = x @ w

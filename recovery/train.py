@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from planer.compiler.canonicalize import canonicalize
 from planer.compiler.loading import load_model
 from planer.compiler.support import prepare
 from planer.recovery import data
+from planer.recovery.fakequant import Simulation
 from planer.recovery.mirror import Mirror, MirrorOutput, max_abs_diff, param_count, write_back
 from planer.recovery.runtime import (
     Prefix,
@@ -141,7 +142,7 @@ class Student:
         entry, aux, mask = self.inputs(feed)
         training = self.mirror.training
         self.mirror.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.mirror.store.int8.off():  # `model` is the float graph
             got = self.mirror(entry, aux, mask).end.numpy()
         self.mirror.train(training)
         return max_abs_diff(got, expected, mask.numpy() if got.ndim == 3 else None)
@@ -168,12 +169,18 @@ class Student:
         return {**parts, "frozen_in_ort": frozen}
 
 
-def build_student(model: ir.Model, *, threads: int | None = None) -> Student:
-    """Builds the mirror of the compiled `model` (read from a canonical copy)."""
+def build_student(model: ir.Model, *, threads: int | None = None,
+                  int8_weights: Collection[str] = ()) -> Student:
+    """Builds the mirror of the compiled `model` (read from a canonical copy).
+
+    `int8_weights` names the projection weights the quantize stage will make dynamic
+    INT8; the mirror simulates their rounding (recovery.fakequant).
+    """
     threads = threads or torch.get_num_threads()
     canonical = canonical_copy(model)
     stream = read_stream(canonical)
     mirror = Mirror(stream)
+    mirror.store.int8 = Simulation(set(int8_weights))
     return Student(canonical, stream, mirror, Prefix(canonical, stream, threads=threads), threads)
 
 

@@ -29,6 +29,7 @@ from planer.passes.ffn_to_moe import (
     apply_ffn_to_moe,
     choose_lowering,
     config_from_fits,
+    expert_activation,
     kernel_fits,
 )
 from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
@@ -142,6 +143,16 @@ class FfnToMoe(Stage):
     def run(self, c: Compilation) -> bool:
         assert c.calib is not None  # requires() refused otherwise
         o = c.options
+        if o.moe_activation is not None:  # --moe-activation: every MoE layer of the plan
+            c.plan = dataclasses.replace(c.plan, layers=tuple(
+                dataclasses.replace(la, moe=dataclasses.replace(la.moe,
+                                                                activation=o.moe_activation))
+                if la.moe is not None else la for la in c.plan.layers))
+        if any(la.moe.activation == "relu" for la in c.plan.layers if la.moe is not None) \
+                and not o.recovers:
+            # Warned, not refused: the untrained rewrite is worth measuring on its own.
+            logger.warning("ReLU-fied experts run ReLU in place of the FFN's activation without "
+                           "training, which loses quality; add --recover TIME to train them.")
         info = apply_moe(c.model, c.spec, c.plan, c.calib, lowering=o.target_runtime,
                          tokens=o.tokens, threads=o.threads, measure=o.ort_kernels == "auto",
                          kernels=c.kernels)
@@ -219,13 +230,17 @@ class Recover(Stage):
 
     def run(self, c: Compilation) -> bool:
         from planer.recovery.distill import recover
+        from planer.recovery.fakequant import dynamic_int8_weights
 
         o = c.options
         texts = read_texts(o.calibration) if o.calibration is not None \
             and _is_text(o.calibration) else None
+        # The int8 stage comes after this one; the mirror simulates its rounding so the
+        # weights trained here are the ones that quantize well.
         result = recover(c.source, c.model, c.calib, budget_s=o.recover_seconds,
                          max_steps=o.recover_steps, progress=c.progress, texts=texts,
-                         tokenizer=o.tokenizer if texts is not None else None)
+                         tokenizer=o.tokenizer if texts is not None else None,
+                         int8_weights=dynamic_int8_weights(c.spec, c.plan))
         c.report.add("recovery", result.to_dict())
         # Weights only: names, shapes and every node are as before (recover checks it), so
         # the block analysis still holds.
@@ -291,7 +306,8 @@ def apply_moe(model: ir.Model, spec: Any, plan: Any, calib: Any, *, lowering: st
     `tokens` and `threads`; the others, and every layer without `measure`, use gather.
     """
     wanted = {i: la.moe for i, la in enumerate(plan.layers) if la.moe is not None}
-    fitted = fit_layers(model, spec, calib, {i: p.experts for i, p in wanted.items()})
+    fitted = fit_layers(model, spec, calib, {i: p.experts for i, p in wanted.items()},
+                        activations={i: p.activation for i, p in wanted.items() if p.activation})
     config = config_from_fits(fitted, wanted, target=lowering, tokens=tokens)
     info = {f"layer{i}": fitted[i].quality(p).to_dict() for i, p in wanted.items()}
     if lowering == "ort":
@@ -301,11 +317,12 @@ def apply_moe(model: ir.Model, spec: Any, plan: Any, calib: Any, *, lowering: st
             if moe is None:
                 continue
             record = info[f"layer{layer.index}"]
-            if measure and kernel_fits(layer.ffn.activation, moe.top_k):
+            activation = expert_activation(layer.ffn, moe)
+            if measure and kernel_fits(activation, moe.top_k):
                 costs = (kernels or KernelTimings()).moe_lowering(
                                            layer.ffn.w1.in_features, layer.ffn.width,
                                            moe.experts.shape[0], int(moe.top_k or 0),
-                                           layer.ffn.activation, tokens, threads)
+                                           activation, tokens, threads)
                 moe = layers[layer.index] = dataclasses.replace(moe, lowering=costs.lowering)
                 record["lowering_us"] = {k: v for k, v in costs.to_dict().items()
                                          if k != "lowering"}
