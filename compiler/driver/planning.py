@@ -11,6 +11,8 @@ by every compile that shares the Fitting, such as the latency search's rounds.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
@@ -23,10 +25,18 @@ from planer.compiler.driver.prune import (
     plan_for_flops,
 )
 from planer.compiler.errors import BadInputError
-from planer.compiler.plan import Plan
+from planer.compiler.plan import MoePlan, Plan
 from planer.compiler.spec import ModelSpec
+from planer.cost_model.quality import (
+    KINDS,
+    MeasuredQuality,
+    Probe,
+    fit_weights,
+    measure_layers,
+    probe_feeds,
+)
 from planer.passes.moe_fit import choose_moe_plans, fit_layers
-from planer.passes.prune_fit import capture_layers
+from planer.passes.prune_fit import capture_layers, importance
 from planer.passes.skim_fit import skim_keep_for_flops
 
 if TYPE_CHECKING:
@@ -117,3 +127,88 @@ def _plan_for_moe(model: ir.Model, spec: ModelSpec, calib: CalibrationSet, targe
                                  seq_len=seq_len)
     return Plan(tuple(dataclasses.replace(la, moe=chosen.get(i))
                       for i, la in enumerate(Plan.neutral(spec).layers)))
+
+
+# ---------------------------------------------------------------- the search's quality model
+
+
+MOE_SEARCH = (MoePlan(8, top_k=2), MoePlan(8, top_k=4))  # MoE variants the search weighs
+SKIM_KEEPS = (0.75, 0.5)  # keep ratios the search weighs at each skim point
+PROBE_SEQUENCES = 8
+
+
+@dataclasses.dataclass
+class QualityFit:
+    """The search's measured quality model and the probe that measured it.
+
+    `measure_plan` compiles a plan (sharing the compile's fitting) and returns its model.
+    """
+
+    quality: MeasuredQuality
+    probe: Probe
+    measure_plan: Callable[[Plan], Path]
+    corrections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def measured_loss(self, plan: Plan) -> float:
+        """Compiles `plan` and measures its loss on the probe sequences."""
+        return self.probe.model_loss(self.measure_plan(plan))
+
+    def correct(self, plans: list[Plan], spec: ModelSpec) -> MeasuredQuality:
+        """Fits the per-kind interaction weights on whole plans compiled and measured."""
+        rows = []
+        for plan in plans:
+            parts = plan_parts(self.quality, spec, plan)
+            measured = self.measured_loss(plan)
+            rows.append((parts, measured))
+            self.corrections.append({"plan": plan.to_dict()["layers"], "parts": parts,
+                                     "measured_loss": round(measured, 6)})
+        self.quality = dataclasses.replace(self.quality, weights=fit_weights(rows))
+        return self.quality
+
+
+def plan_parts(quality: MeasuredQuality, spec: ModelSpec, plan: Plan) -> dict[str, float]:
+    """Sums a plan's unweighted predicted losses by kind over its layers."""
+    total = dict.fromkeys(KINDS, 0.0)
+    for i in range(len(spec.layers)):
+        for kind, value in quality.parts(i, plan.layers[i]).items():
+            total[kind] += value
+    return total
+
+
+def skim_points(spec: ModelSpec) -> list[tuple[int, float]]:
+    """The (layer, keep ratio) skim placements the search weighs: a third and two thirds in."""
+    n = len(spec.layers)
+    layers = sorted({max(1, n // 3), max(1, 2 * n // 3)} - {n})
+    return [(i, r) for i in layers for r in SKIM_KEEPS]
+
+
+def measure_quality(
+    model: ir.Model, spec: ModelSpec, fitting: Fitting, *, batch: int, passes: frozenset[str],
+    int8: bool, measure_plan: Callable[[Plan], Path], progress: Any,
+    sequences: int = PROBE_SEQUENCES, threads: int = 1,
+) -> QualityFit:
+    """Measures the single-change losses of every variant `passes` allows (cost_model.quality).
+
+    Heads and widths always; INT8 when `int8`; MoE (8 experts, top-2 and top-4) with
+    "moe" in `passes` for layers whose width 8 divides; skim placements (skim_points),
+    each compiled alone, with "skim".
+    """
+    acts = activations(fitting, model, spec, progress)
+    scores = importance(spec, acts)
+    fits = None
+    if "moe" in passes:
+        progress("fitting experts and routers for the MoE variants")
+        fits = fit_layers(model, spec, fitting.calib,
+                          {la.index: 8 for la in spec.layers if la.ffn.width % 8 == 0})
+    probe = Probe(model, spec, probe_feeds(fitting.calib.batches, sequences), threads=threads)
+    layers = measure_layers(probe, spec, scores, acts, batch=batch, int8=int8, moe=fits,
+                            moe_plans=MOE_SEARCH if fits else (), progress=progress)
+    skim = {}
+    if "skim" in passes:
+        for i, keep in skim_points(spec):
+            progress(f"measuring skim {keep} before layer {i}")
+            plan = Plan(tuple(dataclasses.replace(la, skim_keep=keep if j == i else None)
+                              for j, la in enumerate(Plan.neutral(spec).layers)))
+            skim[(i, keep)] = probe.model_loss(measure_plan(plan))
+    quality = MeasuredQuality(scores, tuple(layers), skim)
+    return QualityFit(quality, probe, measure_plan)
