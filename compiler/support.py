@@ -37,6 +37,7 @@ from planer.compiler.contrib import expand_contrib_ops
 from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
+from planer.compiler.kv_cache import check_kv_cache
 from planer.compiler.plan import Plan
 from planer.compiler.quantized import check_quantized, dequantize_weights
 from planer.compiler.spec import AttentionSpec, LayerSpec, ModelSpec
@@ -103,9 +104,10 @@ def prepare(model: ir.Model) -> dict[str, int]:
     Returns counts: weights dequantized, fused operators expanded.
 
     Raises:
-        UnsupportedModelError: quantized activations, or a fused operator planer cannot
-            spell out (the sentence names it).
+        UnsupportedModelError: quantized activations, a past key/value cache input, or a
+            fused operator planer cannot spell out (the sentence names it).
     """
+    check_kv_cache(model)
     check_quantized(model)
     dequantized = dequantize_weights(model)
     return {"dequantized_weights": dequantized, "expanded_ops": expand_contrib_ops(model)}
