@@ -16,19 +16,20 @@ is what `planer profile --report` prints for block configurations.
 
 Stored curves are reused across compiles, but a shared machine's speed moves by tens
 of percent between minutes, so their absolute milliseconds are stale by the time a
-compile reads them (two 33% targets met at 0.27 of the original, over-pruned). `anchor`
-keeps only their shapes and re-anchors them on whole models timed at compile start,
-interleaved with the original:
+compile reads them (two 33% targets met at 0.27 of the original, over-pruned), and a
+block alone runs at another speed than inside the compiled graph (fusions, the GELU the
+ORT-kernels stage emits, cache traffic between blocks). `anchor` keeps only the curves'
+shapes and re-anchors them on whole plans compiled as every plan will be and timed at
+compile start, interleaved with the original:
 
-    floor plan (every block removed)            ─▶ overhead_ms = floor_ms
-    neutral, attention only (FFN width 0),      ─▶ one scale per curve kind (attn, ffn,
-    and both again with INT8 blocks                attn_int8_dynamic, ffn_int8_dynamic):
-                                                   Σ_kinds scale_k · curves_k(plan)
-                                                   = ms(plan) − floor_ms
+    anchors (every layer alike)            fit by least squares
+    12/1536, 3/1536, 12/384 float     ─▶   ms(plan) = overhead
+    the same three with INT8 blocks              + Σ_kinds scale_k · curves_k(plan)
 
-so these plans are predicted exactly at today's speed and in the compiled graph's
-context (fusions, the GELU the ORT-kernels stage emits, cache traffic between blocks),
-and every other plan from the stored curves' shapes.
+The anchors change one block kind's units at a time, so the scales separate attention
+from FFN and float from INT8, and the overhead is what stays when blocks shrink (a block
+that is present costs more than its isolated curve's share; the floor plan with every
+block removed runs faster than this overhead, so it is not an anchor).
 """
 
 from __future__ import annotations
@@ -146,36 +147,33 @@ def fit_latency_model(
     return dataclasses.replace(model, overhead_ms=max(overhead, 0.0))
 
 
-def anchor(model: LatencyModel, floor_ms: float,
-           anchors: Sequence[tuple[Plan, float]]) -> LatencyModel:
+def anchor(model: LatencyModel, anchors: Sequence[tuple[Plan, float]]) -> LatencyModel:
     """Re-anchors the stored curves on whole models timed now (see the module docstring).
 
-    The overhead becomes `floor_ms` (the floor plan, every block removed); each curve kind
-    the anchor plans use gets the scale that fits their measured block time
-    (ms − floor) by least squares (exact with one plan per kind). Curves no anchor uses
-    take the median scale. Returns `model` unchanged when the anchors leave no positive
-    scale (a tiny model lost in timing noise).
+    Fits, by least squares over the anchor plans, the overhead and one scale per curve
+    kind they use: ms(plan) = overhead + Σ_kinds scale_k · curves_k(plan). Curves no
+    anchor uses take the median scale. Returns `model` unchanged when the fit is not
+    physical (a scale or the overhead below 0: a tiny model lost in timing noise).
 
     Args:
         model: the stored curves (fit_latency_model).
-        floor_ms: the floor plan's latency, timed beside the anchors.
-        anchors: (plan, measured ms) pairs, e.g. the neutral plan, attention only, and
-            both again in INT8.
+        anchors: (plan, measured ms) pairs, each kind at two unit counts at least
+            (`compiler.driver.latency.anchor_plans`).
     """
     parts = [model.breakdown(plan) for plan, _ in anchors]
     kinds = sorted({k for part in parts for k, ms in part.items() if ms > 0})
     if not kinds:
         return model
-    matrix = np.array([[part.get(k, 0.0) for k in kinds] for part in parts])
-    target = np.array([ms - floor_ms for _, ms in anchors])
-    solved = np.linalg.lstsq(matrix, target, rcond=None)[0]
-    if not np.all(np.isfinite(solved)) or np.any(solved <= 0):
+    matrix = np.array([[1.0, *(part.get(k, 0.0) for k in kinds)] for part in parts])
+    solved = np.linalg.lstsq(matrix, np.array([ms for _, ms in anchors]), rcond=None)[0]
+    overhead, factors = float(solved[0]), solved[1:]
+    if not np.all(np.isfinite(solved)) or np.any(factors <= 0) or overhead < 0:
         return model
-    scales = dict(zip(kinds, (float(x) for x in solved), strict=True))
-    rest = float(np.median(solved))
+    scales = dict(zip(kinds, (float(x) for x in factors), strict=True))
+    rest = float(np.median(factors))
     int8 = {k: curve.scaled(scales.get(k, rest)) for k, curve in model.int8.items()}
     return LatencyModel(model.attn.scaled(scales.get("attn", rest)),
-                        model.ffn.scaled(scales.get("ffn", rest)), floor_ms, int8,
+                        model.ffn.scaled(scales.get("ffn", rest)), overhead, int8,
                         scales=scales)
 
 

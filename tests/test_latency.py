@@ -182,12 +182,14 @@ def test_anchoring_recovers_todays_speed_from_whole_anchor_plans() -> None:
     _, spec = read_model(fixture_path("bert", "dynamo"))
     int8 = {"attn_int8_dynamic": [], "ffn_int8_dynamic": []}
     plans = anchor_plans(spec, int8)
-    assert sorted(plans) == ["attn", "floor", "int8", "int8_attn", "neutral"]
+    assert sorted(plans) == ["fewer_heads", "int8_fewer_heads", "int8_narrower", "int8_neutral",
+                             "narrower", "neutral"]
+    assert plans["neutral"] == Plan.neutral(spec)
     stored, true = _stored_and_true(plans["neutral"])
-    anchored = anchor(stored, true.predict(plans["floor"]),
-                      [(p, true.predict(p)) for name, p in plans.items() if name != "floor"])
+    anchored = anchor(stored, [(p, true.predict(p)) for p in plans.values()])
     assert anchored.scales == pytest.approx({"attn": 1.7, "ffn": 1.4, "attn_int8_dynamic": 2.0,
                                              "ffn_int8_dynamic": 1.2})
+    assert anchored.overhead_ms == pytest.approx(0.9)
     rng = np.random.default_rng(0)
     for _ in range(5):  # plans no anchor saw, mixing pruning and INT8 per layer
         plan = random_plan(spec, rng)
@@ -198,8 +200,11 @@ def test_anchoring_recovers_todays_speed_from_whole_anchor_plans() -> None:
 def test_anchoring_keeps_the_stored_model_when_anchors_are_noise() -> None:
     _, spec = read_model(fixture_path("bert", "dynamo"))
     stored, _ = _stored_and_true(Plan.neutral(spec))
-    # The neutral plan measured at the floor: no positive block time to scale to.
-    assert anchor(stored, 2.0, [(Plan.neutral(spec), 2.0)]) is stored
+    plans = anchor_plans(spec, {})
+    assert sorted(plans) == ["fewer_heads", "narrower", "neutral"]
+    # Smaller plans measured slower than the full one: no physical fit.
+    noise = [(plans["neutral"], 2.0), (plans["fewer_heads"], 3.0), (plans["narrower"], 3.0)]
+    assert anchor(stored, noise) is stored
 
 
 def test_random_validation_plans_fit_the_model() -> None:

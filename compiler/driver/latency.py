@@ -1,15 +1,14 @@
 """Compiles a model to a latency target: profile, predict, search, compile, measure, tighten.
 
-    profile blocks (cached) ─▶ latency model ─┐
-    calibration ─▶ importance (quality) ──────┴▶ plan for budget ─▶ compile ─▶ measure
-                  ▲                                                             │
-                  └──── budget × target / measured (tighten or relax) ◀─────────┘
+    block curves (stored) + anchor plans (timed now) ─▶ latency model ─┐
+    calibration ─▶ measured quality model (planning.latency_quality) ──┴▶ plan for budget
+        ─▶ compile ─▶ measure ─▶ budget × target / measured (tighten or relax) ─▶ again
 
 Each round's compiled model is timed against the original in interleaved rounds in one
 process; its latency is that ratio times the dense latency measured when profiling, so a
 busy machine, which slows both models alike, does not move the verdict. The loop keeps
 the slowest candidate that meets the target (the least pruned, so the best quality) and
-stops when one lands within 10% under the target or after `max_rounds`. When none meets
+stops when one lands within 5% under the target or after `max_rounds`. When none meets
 it, the fastest model found is written under a name that says so and the CLI exits 3.
 """
 
@@ -40,14 +39,16 @@ from planer.compiler.driver.pipeline import (
     read_model,
     report_pages,
 )
-from planer.compiler.driver.planning import activations
+from planer.compiler.driver.planning import latency_quality
+from planer.compiler.driver.report import search_section
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.loading import check_sequence_length, load_model
 from planer.compiler.plan import Int8Plan, LayerPlan, Plan
 from planer.compiler.progress import as_progress
 from planer.compiler.spec import ModelSpec
 from planer.compiler.support import require_supported
-from planer.cost_model.int8_cost import INT8_MODE, costs_if_int8_pays
+from planer.cost_model import variants
+from planer.cost_model.int8_cost import INT8_MODE
 from planer.cost_model.kernels import KernelTimings
 from planer.cost_model.latency import (
     LatencyModel,
@@ -57,7 +58,7 @@ from planer.cost_model.latency import (
 )
 from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, profile_blocks
 from planer.cost_model.profile_int8 import int8_kind, profile_int8_blocks
-from planer.cost_model.search import Quality, floor_plan, plan_for_latency, predicted_loss
+from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss, search
 from planer.cost_model.timing import (
     SessionOptions,
     Timing,
@@ -65,13 +66,12 @@ from planer.cost_model.timing import (
     ratios,
     time_interleaved,
 )
-from planer.passes.prune_fit import importance
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-CLOSE_ENOUGH = 0.9  # a candidate this close under the target stops the search
-ANCHOR_ROUNDS = 30  # interleaved rounds timing the original and the anchor plans
+CLOSE_ENOUGH = 0.95  # a candidate this close under the target stops the search
+ANCHOR_ROUNDS = 40  # interleaved rounds timing the original and the anchor plans
 
 
 @dataclasses.dataclass
@@ -96,16 +96,16 @@ def profile_model(
 
     Stored block curves give the shapes; the level comes from whole models compiled as
     every plan will be and timed now, interleaved with the original (latency.anchor):
-    the floor plan (the fixed overhead: embeddings, LayerNorms, everything outside the
-    blocks), the neutral plan, attention only, and both again in INT8 where INT8 was
-    profiled (`anchor_plans`).
+    every layer at all its units, at a quarter of its heads, at a quarter of its FFN
+    width, and the same in INT8 where INT8 was profiled (`anchor_plans`); the fit's
+    overhead is embeddings, LayerNorms and everything else outside the blocks.
     """
     say = progress or (lambda _msg: None)
     _, spec = read_model(model_path)
     measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
                                             threads=threads, refresh=refresh, progress=progress)
     plans = anchor_plans(spec, int8)
-    say(f"compiling {len(plans)} anchor plans (floor, neutral, attention only; float, INT8)")
+    say(f"compiling {len(plans)} anchor plans (float and INT8; all, fewer heads, narrower)")
     with tempfile.TemporaryDirectory(prefix="planer-anchors-") as scratch:
         paths = {name: compile_plan(model_path, Path(scratch) / name,
                                     plan_data=plan.to_dict(), batch=batch, seq_len=seq_len,
@@ -117,8 +117,7 @@ def profile_model(
                            threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
     stored = fit_latency_model(measured["attn"], measured["ffn"], times["neutral"],
                                plans["neutral"], int8=int8)
-    latency = anchor(stored, times["floor"],
-                     [(plan, times[name]) for name, plan in plans.items() if name != "floor"])
+    latency = anchor(stored, [(plan, times[name]) for name, plan in plans.items()])
     info = {"device": store.device, "store": str(store.path), "dense_ms": round(times["dense"], 3),
             "anchors_ms": {k: round(v, 3) for k, v in times.items()},
             "neutral_ms": round(times["neutral"], 3),
@@ -132,15 +131,28 @@ def profile_model(
 
 
 def anchor_plans(spec: ModelSpec, int8: Mapping[str, Any]) -> dict[str, Plan]:
-    """The whole plans `profile_model` times to anchor the curves (latency.anchor)."""
-    full = Plan.neutral(spec)
-    attn_only = Plan(tuple(dataclasses.replace(la, ffn=0) for la in full.layers))
-    plans = {"floor": floor_plan(spec), "neutral": full, "attn": attn_only}
+    """The whole plans `profile_model` times to anchor the curves (latency.anchor).
+
+    Every layer alike: all units, a quarter of the heads, a quarter of the FFN width
+    (on the profiled grid); the same three again with both blocks in INT8 where INT8
+    was profiled.
+    """
+    def every_layer(heads_share: float, ffn_share: float, blocks: str | None) -> Plan:
+        layers = []
+        for la in spec.layers:
+            step = max(1, la.ffn.width // 16)
+            layers.append(LayerPlan(
+                heads=max(1, round(la.attention.heads * heads_share)),
+                ffn=max(step, step * round(la.ffn.width * ffn_share / step)),
+                int8=Int8Plan(blocks, INT8_MODE) if blocks else None))
+        return Plan(tuple(layers))
+
+    shapes = {"neutral": (1.0, 1.0), "fewer_heads": (0.25, 1.0), "narrower": (1.0, 0.25)}
+    plans = {name: every_layer(h, f, None) for name, (h, f) in shapes.items()}
+    plans["neutral"] = Plan.neutral(spec)  # exactly, whatever the grid
     if int8_kind("attn", INT8_MODE) in int8 and int8_kind("ffn", INT8_MODE) in int8:
-        plans["int8"] = Plan(tuple(dataclasses.replace(la, int8=Int8Plan("both", INT8_MODE))
-                                   for la in full.layers))
-        plans["int8_attn"] = Plan(tuple(dataclasses.replace(
-            la, int8=Int8Plan("attn", INT8_MODE)) for la in attn_only.layers))
+        plans.update({f"int8_{name}": every_layer(h, f, "both")
+                      for name, (h, f) in shapes.items()})
     return plans
 
 
@@ -204,11 +216,13 @@ def compile_to_latency(
     tokenizer: Path | None, batch: int, seq_len: int, threads: int, refresh: bool = False,
     max_rounds: int = 4, ort_kernels: str = "auto", progress: Progress | None = None,
     recover_seconds: float | None = None, recover_steps: int | None = None,
+    passes: frozenset[str] = frozenset({"prune"}),
 ) -> CompileResult:
     """Compiles the model so its measured median latency meets the target.
 
     The target is `target_ms`, or `target_fraction` of the dense model's latency as
-    measured here at the start.
+    measured here at the start. `passes` are the variant kinds the search may use
+    (prune, moe, skim; INT8 wherever it pays here).
 
     Raises:
         TargetUnreachableError: no candidate met the target; the fastest one was written.
@@ -227,7 +241,7 @@ def compile_to_latency(
             target_fraction=target_fraction, calibration=calibration, tokenizer=tokenizer,
             batch=batch, seq_len=seq_len, threads=threads, refresh=refresh,
             max_rounds=max_rounds, ort_kernels=ort_kernels, say=say,
-            recover_seconds=recover_seconds, recover_steps=recover_steps)
+            recover_seconds=recover_seconds, recover_steps=recover_steps, passes=passes)
 
 
 def _compile_to_latency(
@@ -235,6 +249,7 @@ def _compile_to_latency(
     target_fraction: float | None, calibration: Path | None, tokenizer: Path | None,
     batch: int, seq_len: int, threads: int, refresh: bool, max_rounds: int, ort_kernels: str,
     say: Progress, recover_seconds: float | None, recover_steps: int | None,
+    passes: frozenset[str],
 ) -> CompileResult:
     progress = say
     if (recover_seconds or recover_steps) and calibration is None:
@@ -255,30 +270,41 @@ def _compile_to_latency(
                              seq_len=seq_len)
     fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0), say)
     assert fitting is not None
-    scores = Quality(importance(spec, activations(fitting, model, spec, say)),
-                     costs_if_int8_pays(latency, model, spec, fitting.calib.batches,
-                                        batch=batch, progress=say))
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside OUT and named after this process, so a killed search is cleaned up by the
     # next planer that opens OUT.
     scratch = outdir.staging_folder(out_dir, kind="search")
     rounds: list[Round] = []
     dense_ms = profile["dense_ms"]
+
+    def measure_plan(plan: Plan) -> Path:  # the quality model's whole-plan measurements
+        folder = scratch / f"quality{len(list(scratch.glob('quality*')))}"
+        return compile_plan(model_path, folder, plan_data=plan.to_dict(),
+                            calibration=calibration, tokenizer=tokenizer, batch=batch,
+                            seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                            fitting=fitting, kernels=kernels).model_path
+
+    def predict(plan: Plan) -> float:  # MoE layers and skim points included
+        return variants.predict(latency, spec, plan)
+
     try:
+        fit = latency_quality(model, spec, fitting, latency, target_ms=target_ms, batch=batch,
+                              passes=passes, measure_plan=measure_plan, progress=say)
+        scores = fit.quality
         budget = target_ms
-        if latency.predict(floor_plan(spec)) > target_ms:
+        if predict(floor_plan(spec)) > target_ms:
             say("the target is below the predicted floor; measuring the fastest plan")
             budget = 0.0
         rounds_bar = as_progress(progress).bar("latency rounds", max_rounds)
         for k in range(max_rounds):
-            plan = plan_for_latency(spec, scores, latency, budget)
+            plan = plan_for_latency(spec, scores, latency, budget, kinds=passes)
             seen = [r.plan for r in rounds]
             while plan in seen and budget > 0:
                 budget *= 0.95  # the last budget changed nothing: step a little further
-                plan = plan_for_latency(spec, scores, latency, budget)
+                plan = plan_for_latency(spec, scores, latency, budget, kinds=passes)
             if plan in seen:
                 break
-            say(f"round {k + 1}: compiling a plan predicted at {latency.predict(plan):.1f} ms")
+            say(f"round {k + 1}: compiling a plan predicted at {predict(plan):.1f} ms")
             folder = scratch / f"round{k}"
             result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
                                   calibration=calibration, tokenizer=tokenizer, batch=batch,
@@ -290,11 +316,11 @@ def _compile_to_latency(
                                        seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
             # Interleaved ratio x the dense reference: a busy machine slows both alike.
             measured = ratio * dense_ms
-            rounds.append(Round(budget, latency.predict(plan), measured, plan, folder, result,
+            rounds.append(Round(budget, predict(plan), measured, plan, folder, result,
                                 raw))
             rounds_bar.advance(measured_ms=round(measured, 2), target_ms=round(target_ms, 2))
             logger.info("round %d: budget %.2f predicted %.2f measured %.2f (ratio %.3f)", k,
-                        budget, latency.predict(plan), measured, ratio)
+                        budget, predict(plan), measured, ratio)
             if measured <= target_ms and measured >= CLOSE_ENOUGH * target_ms:
                 break
             if measured > target_ms and plan == floor_plan(spec):
@@ -303,7 +329,7 @@ def _compile_to_latency(
             # floor predicted above the target) a floor measured far under the target means
             # the latency model runs slow here (stored block timings from a quieter or busier
             # machine than now), and the search must come back up rather than stop there.
-            budget = max(budget, latency.predict(plan)) * target_ms / measured
+            budget = max(budget, predict(plan)) * target_ms / measured
         rounds_bar.close()
         if recover_seconds or recover_steps:
             # Once, on the plan the rounds settled on: training changes weights only, so
@@ -317,7 +343,12 @@ def _compile_to_latency(
                                   progress=say, kernels=kernels)
             rounds[rounds.index(best)] = dataclasses.replace(
                 best, folder=scratch / "recovered", result=result)
-        return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path)
+        settled = _chosen(rounds, target_ms)
+        section = search_section(
+            spec, scores, latency, search(spec, scores, latency, settled.budget_ms, kinds=passes),
+            kinds=passes, corrections=fit.corrections)
+        return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path,
+                       extra={"search": section})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -342,7 +373,8 @@ def _chosen(rounds: list[Round], target_ms: float) -> Round:
 
 
 def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[str, Any],
-            spec: Any, scores: Any, model_path: Path) -> CompileResult:
+            spec: Any, scores: Any, model_path: Path,
+            extra: dict[str, Any] | None = None) -> CompileResult:
     meeting = [r for r in rounds if r.measured_ms <= target_ms]
     chosen = _chosen(rounds, target_ms)
     dense_ms = profile["dense_ms"]
@@ -359,6 +391,7 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
                     "predicted_loss": round(predicted_loss(spec, scores, r.plan), 5),
                     "pooled_cosine": r.result.report.get("fidelity", {}).get(
                         "pooled_cosine", {}).get("mean")} for r in rounds],
+        **(extra or {}),
     }
     report = {**chosen.result.report, **summary}
     name = emit.MODEL_NAME if meeting else emit.UNREACHABLE_NAME
@@ -390,7 +423,7 @@ def _move_outputs(folder: Path, out_dir: Path, name: str, report: dict[str, Any]
 def validate_latency_model(
     model_path: Path, models: LatencyModel | Mapping[str, LatencyModel], dense_ms: float, *,
     batch: int, seq_len: int, threads: int, samples: int = 12, seed: int = 0,
-    repeats: int = 40, progress: Progress | None = None,
+    repeats: int = 60, progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Scores latency models on random mixed plans none of them was anchored on.
 
