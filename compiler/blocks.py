@@ -25,7 +25,16 @@ from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array, other_input, scalar
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
-from planer.compiler.spec import AttentionSpec, FfnSpec, LayerSpec, Linear, ModelSpec, ScoreOp
+from planer.compiler.rotary import match_rotary
+from planer.compiler.spec import (
+    AttentionSpec,
+    FfnSpec,
+    LayerSpec,
+    Linear,
+    ModelSpec,
+    Rotary,
+    ScoreOp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +136,9 @@ def _rotary_hint(node: ir.Node) -> str:
         current = stack.pop(0)
         seen += 1
         if current.op_type in ("Neg", "Sin", "Cos"):
-            return (" (rotary position embeddings rotate Q/K pairs there, which planer does "
-                    "not rewrite yet)")
+            return (" (rotary position embeddings rotate Q/K pairs there in a form planer "
+                    "does not read: it reads x·cos + rotate(x)·sin on (batch, heads, seq, "
+                    "head size), rotate being rotate-half or interleaved pairs)")
         stack.extend(p for i in current.inputs if i is not None
                      and (p := i.producer()) is not None and p.op_type != "MatMul")
     return ""
@@ -179,15 +189,16 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
             ))
         nodes.append(producer)
         value = producer.inputs[idx]
-    q, q_scale, q_shapes = _trace_projection(qk.inputs[0], nodes)
-    k, k_scale, k_shapes = _trace_projection(qk.inputs[1], nodes)
+    rotary: dict[str, Rotary] = {}
+    q, q_scale, q_shapes = _trace_projection(qk.inputs[0], nodes, rotary, "q")
+    k, k_scale, k_shapes = _trace_projection(qk.inputs[1], nodes, rotary, "k")
     scale *= q_scale * k_scale
     probs, nan_guard = _skip_softmax_epilogue(softmax.outputs[0], nodes)
     ctx_mm = next((u for u in probs.consumers() if u.op_type == "MatMul" and u.inputs[0] is probs),
                   None)
     if ctx_mm is None:
         raise _NoMatch("softmax output does not multiply V")
-    v, v_scale, v_shapes = _trace_projection(ctx_mm.inputs[1], nodes)
+    v, v_scale, v_shapes = _trace_projection(ctx_mm.inputs[1], nodes, rotary, "v")
     if v_scale != 1.0:
         raise _NoMatch("V is scaled")
     o, guarded_ctx = _trace_output_projection(ctx_mm, nodes)
@@ -199,6 +210,7 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
     if k.out_features != inner or v.out_features != inner or o.in_features != inner:
         raise _NoMatch("Q/K/V/O widths disagree (grouped-query attention is not supported)")
     head_size = _head_size(q_shapes + k_shapes + v_shapes, inner)
+    _check_rotary(rotary, x, head_size, inner // head_size)
     out = _linear_output(o)
     after = [c for c in out.consumers() if c.op_type != "Shape"]
     if len(after) == 1 and after[0].op_type == "Reshape":
@@ -209,7 +221,7 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
     return AttentionSpec(
         block="", x=x, out=out, q=q, k=k, v=v, o=o,
         heads=inner // head_size, head_size=head_size, scale=scale,
-        score_ops=score_ops, nan_guard=nan_guard, nodes=nodes,
+        score_ops=score_ops, nan_guard=nan_guard, nodes=nodes, rotary=rotary,
     )
 
 
@@ -287,12 +299,16 @@ def _scale_of(node: ir.Node, data_index: int) -> float | None:
 
 
 def _trace_projection(
-    value: ir.Value | None, nodes: list[ir.Node]
+    value: ir.Value | None, nodes: list[ir.Node], rotary: dict[str, Rotary], role: str
 ) -> tuple[Linear, float, list[np.ndarray | None]]:
-    """Walks back from a Q/K/V operand to its projection; returns it with any scale met."""
+    """Walks back from a Q/K/V operand to its projection; returns it with any scale met.
+
+    A rotary embedding met on the way is recorded in `rotary[role]`.
+    """
     scale = 1.0
     shapes: list[np.ndarray | None] = []
     columns: slice | None = None
+    relaid = False  # a Reshape or head Transpose lies between here and the operand
     while True:
         producer = value.producer() if value is not None else None
         if producer is None:
@@ -301,9 +317,22 @@ def _trace_projection(
         if op in PLUMBING:
             if op == "Reshape":
                 shapes.append(_partial_shape(producer.inputs[1]))
+            relaid = relaid or op == "Reshape" or (op == "Transpose" and _perm(producer)
+                                                   != [0, 1, 3, 2])
             nodes.append(producer)
             value = producer.inputs[0]
             continue
+        if op == "Add" and role not in rotary and (found := match_rotary(producer)):
+            if relaid:
+                raise _NoMatch(f"{_describe(producer)} applies rotary position embeddings "
+                               "outside the (batch, heads, seq, head size) layout")
+            value, rotary[role] = found
+            nodes.extend(rotary[role].nodes)
+            continue
+        if op == "Concat" and _rotary_hint(producer):
+            raise _NoMatch(f"{_describe(producer)} joins a rotated part of each head to an "
+                           "unrotated part (partial rotary), which head pruning does not "
+                           "rewrite yet")
         if op in ("Mul", "Div"):
             s = _scale_of(producer, 0)
             if s is None:
@@ -369,7 +398,7 @@ def _split_columns(split: ir.Node, value: ir.Value) -> slice:
     index = list(split.outputs).index(value)
     axis = split.attributes.get("axis")
     if axis is not None and axis.value not in (-1, 2):
-        raise _NoMatch("fused projection split on an unexpected axis")
+        raise _NoMatch(f"{_describe(split)} splits a fused projection on an unexpected axis")
     sizes = const_array(split.inputs[1]) if len(split.inputs) > 1 else None
     if sizes is None:
         attr = split.attributes.get("split")
@@ -390,7 +419,7 @@ def _slice_columns(node: ir.Node) -> slice:
     starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
     axes = const_array(node.inputs[3]) if len(node.inputs) > 3 else None
     if starts is None or ends is None or (axes is not None and axes.reshape(-1)[0] not in (-1, 2)):
-        raise _NoMatch("slice of a projection on an unexpected axis")
+        raise _NoMatch(f"{_describe(node)} slices a projection on an unexpected axis")
     return slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]))
 
 
@@ -419,6 +448,27 @@ def _head_size(shapes: Iterable[np.ndarray | None], inner: int) -> int:
         if heads > 0 and inner % heads == 0:
             return inner // heads
     raise _NoMatch("the head count cannot be read from the reshape shapes")
+
+
+def _perm(node: ir.Node) -> list[int] | None:
+    attr = node.attributes.get("perm")
+    return None if attr is None else list(attr.value)
+
+
+def _check_rotary(rotary: dict[str, Rotary], x: ir.Value, head_size: int, heads: int) -> None:
+    """Refuses a rotary embedding head pruning could not replay on the kept heads."""
+    for role, found in rotary.items():
+        mul = found.nodes[1]
+        if found.width is not None and found.width != head_size:
+            raise _NoMatch(f"{_describe(mul)} rotates {found.width} of the {head_size} dims "
+                           f"of each {role.upper()} head (partial rotary), which head pruning "
+                           "does not rewrite yet")
+        for term in (found.cos, found.sin):
+            if _depends_on(term, x, 80):
+                raise _NoMatch(f"{_describe(mul)} rotates {role.upper()} by angles computed "
+                               "from the hidden states")
+        if found.style == "half" and head_size % 2:
+            raise _NoMatch(f"{_describe(mul)} rotates halves of an odd head size")
 
 
 def _skip_softmax_epilogue(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, bool]:

@@ -87,6 +87,23 @@ class ScoreOp:
 
 
 @dataclasses.dataclass
+class Rotary:
+    """Rotary position embedding on Q, K or V, [B, H, S, d]: y = x·cos + rotate(x)·sin.
+
+    `style` "half" rotates (x[:d/2], x[d/2:]) into (-x[d/2:], x[:d/2]) (Llama, GPT-NeoX,
+    ModernBERT); "interleaved" turns each pair (x₂ᵢ, x₂ᵢ₊₁) into (-x₂ᵢ₊₁, x₂ᵢ) (RoFormer,
+    GPT-J). `cos` and `sin` broadcast over the heads or hold one row per head on axis -3.
+    `width` is how many dims of each head the rotation covers as read (None: all).
+    """
+
+    style: str
+    cos: ir.Value
+    sin: ir.Value
+    width: int | None
+    nodes: list[ir.Node]
+
+
+@dataclasses.dataclass
 class AttentionSpec:
     """Self-attention from its input x_BSD to the output projection's result out_BSD."""
 
@@ -103,6 +120,7 @@ class AttentionSpec:
     score_ops: list[ScoreOp]
     nan_guard: bool
     nodes: list[ir.Node]
+    rotary: dict[str, Rotary] = dataclasses.field(default_factory=dict)  # "q"/"k"/"v" rotated
 
     @property
     def inner(self) -> int:
@@ -197,6 +215,8 @@ class ModelSpec:
 def layer_record(layer: LayerSpec, *, batch: int, seq_len: int) -> dict[str, Any]:
     """Summarises one layer for reports."""
     a, f = layer.attention, layer.ffn
+    styles = sorted({r.style for r in a.rotary.values()})
+    rotary = {"rotary": "+".join(styles)} if styles else {}  # absent: no rotary, as before
     return {
         "index": layer.index,
         "heads": a.heads,
@@ -210,6 +230,7 @@ def layer_record(layer: LayerSpec, *, batch: int, seq_len: int) -> dict[str, Any
             hidden=a.q.in_features, heads=a.heads, head_size=a.head_size, ffn=f.width,
             batch=batch, seq_len=seq_len,
         ),
+        **rotary,
     }
 
 

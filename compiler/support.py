@@ -19,6 +19,8 @@ What a layer needs beyond what the finder already checks:
   graph's shapes state (an MPNet or T5 relative-position bias, ALiBi slopes): head
   pruning replays these terms on fewer heads and slices such a term to the kept ones.
   A term that varies per head along an axis planer cannot place is refused.
+* Rotary cos/sin must broadcast over the heads or hold one row per head on axis -3, as
+  their shapes state (compiler.rotary); head pruning gathers the kept heads' rows.
 * Projection weights must be float32: the refit solves in float64 and writes float32.
 
 An unplaceable per-head term stops head pruning only: channel pruning still rewrites
@@ -40,6 +42,7 @@ from planer.compiler.irutil import const_array
 from planer.compiler.kv_cache import check_kv_cache
 from planer.compiler.plan import Plan
 from planer.compiler.quantized import check_quantized, dequantize_weights
+from planer.compiler.rotary import head_rows
 from planer.compiler.spec import AttentionSpec, LayerSpec, ModelSpec
 
 # Inputs that carry only shapes, indices or axes, never per-element values.
@@ -148,7 +151,18 @@ def require_supported(spec: ModelSpec, plan: Plan | None = None) -> None:
 
 def head_pruning_problem(layer: LayerSpec) -> str | None:
     """Returns why head pruning cannot rewrite `layer`, or None when it can."""
-    return _per_head_term(layer.attention)
+    return _per_head_term(layer.attention) or _rotary_rows(layer.attention)
+
+
+def _rotary_rows(attn: AttentionSpec) -> str | None:
+    """Names a rotary cos/sin whose head axis the graph's shapes do not tell."""
+    for role, rotary in sorted(attn.rotary.items()):
+        for term, mul in ((rotary.cos, rotary.nodes[1]), (rotary.sin, rotary.nodes[2])):
+            if attn.heads > 1 and head_rows(term, attn.heads, attn.x) is None:
+                return (f"its rotary embedding multiplies {role.upper()} by {term.name!r} "
+                        f"at {node_label(mul)}, whose shape does not tell whether "
+                        "it holds one row per head, so head pruning cannot slice it")
+    return None
 
 
 def _fatal_problem(layer: LayerSpec) -> str | None:

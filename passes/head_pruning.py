@@ -12,7 +12,9 @@ After:   x_BSD ─ MatMul(wq_DI) ─ Add ─ Reshape[0,0,H,d] ─ Transpose ─�
 Keeping head h keeps Q/K/V columns and O rows h·d..(h+1)·d; the per-head attention is
 independent, so with all heads kept the rewrite reproduces the original block. A score
 term with its own value per head ([.., H, S, S] on axis -3: MPNet's relative-position
-bias, compiler.support.per_head_operands) is gathered to the kept heads before its step. Reshape
+bias, compiler.support.per_head_operands) is gathered to the kept heads before its step.
+Rotary position embeddings on Q/K/V are replayed on the kept heads [B, H, S, d] before the
+scores (compiler.rotary: each head rotates its own pairs, so whole heads keep them). Reshape
 shapes are constants with the layer's own head count (never -1): ORT's transformer
 optimizer reads the head count from them, and a -1 makes it fall back to one global
 count, silently wrong for pruned layers. A layer kept at 0 heads contributes only the
@@ -38,6 +40,7 @@ from planer.compiler.irutil import (
     replace_uses,
 )
 from planer.compiler.names import PassName
+from planer.compiler.rotary import emit_rotary
 from planer.compiler.spec import AttentionSpec, ModelSpec
 from planer.compiler.support import per_head_operands
 
@@ -109,7 +112,17 @@ def _emit_attention(
         if bias is not None:
             y = b.op("Add", [y, b.const(f"{name}/bias", bias)], f"{name}/Add")
         y = b.op("Reshape", [y, split_shape], f"{name}/Reshape")
-        return b.op("Transpose", [y], f"{name}/Transpose", {"perm": perm})
+        rotary = attn.rotary.get(name)
+        if rotary is None:
+            return b.op("Transpose", [y], f"{name}/Transpose", {"perm": perm})
+        # Rotary embeddings act on [B, H, S, d] inside each head: rotate there, then lay
+        # K out as Kᵀ.
+        y = b.op("Transpose", [y], f"{name}/Transpose", {"perm": [0, 2, 1, 3]})
+        y = emit_rotary(b, y, rotary, name, heads=heads, all_heads=attn.heads, head_size=d,
+                        source=attn.x)
+        if perm == [0, 2, 1, 3]:
+            return y
+        return b.op("Transpose", [y], f"{name}/rotary/Transpose", {"perm": [0, 1, 3, 2]})
 
     def sliced(lin_b: np.ndarray | None) -> np.ndarray | None:
         return None if lin_b is None else lin_b[cols]

@@ -227,6 +227,12 @@ def _check(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig, points: li
             )
         if layer.attention.q.w().dtype != _F32:
             raise PreconditionError("token skimming supports float32 models only.")
+        if layer.attention.rotary:
+            raise PreconditionError(
+                f"{layer.attention.block} applies rotary position embeddings, whose angles "
+                "follow token positions; token skimming does not yet gather them with the "
+                "kept tokens, so it cannot skim before or through this layer."
+            )
     if default_opset(model) < 13:
         raise PreconditionError("token skimming needs opset 13 or later.")
 

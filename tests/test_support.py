@@ -76,13 +76,6 @@ def bias_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def roformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RoFormer: rotary position embeddings on Q and K."""
-    return export_tiny("roformer", tmp_path_factory.mktemp("roformer") / "model.onnx",
-                       embedding_size=64)[1]
-
-
 def test_unplaceable_per_head_term_stops_head_pruning_only(
         bias_input: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, spec = read_model(bias_input)
@@ -117,12 +110,8 @@ def test_allocation_keeps_unsliceable_heads_and_prunes_channels(bias_input: Path
     assert sum(f for _, f in counts) < 256
 
 
-def test_rotary_refusal_names_the_node(roformer: Path) -> None:
-    with pytest.raises(UnsupportedModelError) as info:
-        read_model(roformer)
-    message = str(info.value)
-    assert "Softmax node '" in message and "Add node '" in message
-    assert "rotary position embeddings" in message
+# Rotary attention (RoFormer) is read and pruned now; the rotary forms still refused
+# (partial rotary) are tested in tests/test_rotary.py.
 
 
 def test_float16_weights_are_refused_by_node(tmp_path: Path) -> None:
