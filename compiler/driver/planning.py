@@ -27,6 +27,8 @@ from planer.compiler.driver.prune import (
 from planer.compiler.errors import BadInputError
 from planer.compiler.plan import MoePlan, Plan
 from planer.compiler.spec import ModelSpec
+from planer.cost_model.int8_cost import int8_pays
+from planer.cost_model.latency import LatencyModel
 from planer.cost_model.quality import (
     KINDS,
     MeasuredQuality,
@@ -35,6 +37,7 @@ from planer.cost_model.quality import (
     measure_layers,
     probe_feeds,
 )
+from planer.cost_model.search import search
 from planer.passes.moe_fit import choose_moe_plans, fit_layers
 from planer.passes.prune_fit import capture_layers, importance
 from planer.passes.skim_fit import skim_keep_for_flops
@@ -212,3 +215,29 @@ def measure_quality(
             skim[(i, keep)] = probe.model_loss(measure_plan(plan))
     quality = MeasuredQuality(scores, tuple(layers), skim)
     return QualityFit(quality, probe, measure_plan)
+
+
+CORRECTION_BUDGETS = (1.0, 0.85)  # shares of the target whose plans fit the weights
+
+
+def latency_quality(
+    model: ir.Model, spec: ModelSpec, fitting: Fitting, latency: LatencyModel, *,
+    target_ms: float, batch: int, passes: frozenset[str],
+    measure_plan: Callable[[Plan], Path], progress: Any,
+) -> QualityFit:
+    """Builds the latency search's quality model: measured, then corrected on whole plans.
+
+    The correction plans are the uncorrected search's own answers at the target and a
+    little under it, so the weights are fitted where the search will choose.
+    """
+    fit = measure_quality(model, spec, fitting, batch=batch, passes=passes,
+                          int8=int8_pays(latency, spec), measure_plan=measure_plan,
+                          progress=progress)
+    plans: list[Plan] = []
+    for share in CORRECTION_BUDGETS:
+        plan = search(spec, fit.quality, latency, share * target_ms, kinds=passes).plan
+        if plan not in plans and plan != Plan.neutral(spec):
+            plans.append(plan)
+    progress(f"fitting the quality model's interaction weights on {len(plans)} plans")
+    fit.correct(plans, spec)
+    return fit

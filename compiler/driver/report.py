@@ -1,4 +1,8 @@
-"""Builds report.json's static part: the plan as applied, parameters and FLOPs.
+"""Builds report.json's static part and the latency search's `search` section.
+
+The static part is the plan as applied, parameters and FLOPs; `search` says per layer
+the variant chosen, the alternatives beside it with their predicted latency and loss,
+and the losses measured for the layer.
 
 The FLOPs after the rewrite are counted from the plan and the spec, the same way
 `inspect` and the search count them (compiler.spec); tests check them against MatMul
@@ -13,6 +17,10 @@ import planer
 from planer.compiler.driver.prune import Selection
 from planer.compiler.plan import Plan
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
+from planer.cost_model import variants
+from planer.cost_model.latency import LatencyModel
+from planer.cost_model.quality import MeasuredQuality
+from planer.cost_model.search import Search, Variant
 
 
 def build_report(
@@ -60,3 +68,49 @@ def build_report(
         "flops_after": flops_after,
         "flops_ratio": round(flops_after / flops_before, 4),
     }
+
+
+RECOVERY_NOTE = ("the search ranks plans by their loss before recovery: measuring each "
+                 "variant after a short recovery would cost a training run per variant, and "
+                 "--recover runs once, on the plan the latency rounds settle on "
+                 "(cost_model.quality)")
+
+
+def search_section(
+    spec: ModelSpec, quality: MeasuredQuality, latency: LatencyModel, found: Search, *,
+    kinds: frozenset[str], corrections: list[dict[str, Any]], nearby: int = 3,
+) -> dict[str, Any]:
+    """Describes the search per layer: chosen variant, alternatives, measured losses.
+
+    The alternatives are the chosen variant's neighbours on the layer's Pareto front
+    (predicted ms and loss): `nearby` on each side, faster and slower.
+    """
+    layers = []
+    for i, (front, choice) in enumerate(zip(found.fronts, found.plan.layers, strict=True)):
+        at = next((j for j, v in enumerate(front) if v.choice == choice), 0)
+        measured = quality.layers[i].to_dict()
+        skim = {str(r): round(v, 6) for (layer, r), v in quality.skim.items() if layer == i}
+        if skim:
+            measured["skim"] = skim
+        layers.append({
+            "index": i, "chosen": _variant(front[at]),
+            "parts": {k: round(v, 6) for k, v in quality.parts(i, choice).items() if v},
+            "alternatives": [_variant(v) for v in front[max(0, at - nearby): at + nearby + 1]
+                             if v.choice != choice],
+            "front_size": len(front), "measured": measured})
+    return {
+        "kinds": sorted(kinds), "skim_placement": list(found.placement or []) or None,
+        "skim_considered": [{"layer": i, "keep": r, "measured_loss": round(v, 6)}
+                            for (i, r), v in sorted(quality.skim.items())],
+        "weights": {k: round(v, 4) for k, v in quality.weights.items()},
+        "predicted_loss": round(found.loss, 6),
+        "predicted_ms": round(variants.predict(latency, spec, found.plan), 3),
+        "corrections": [{**c, "predicted_loss": round(sum(
+            quality.weights.get(k, 1.0) * v for k, v in c["parts"].items()), 6),
+            "parts": {k: round(v, 6) for k, v in c["parts"].items()}} for c in corrections],
+        "layers": layers, "recovery": RECOVERY_NOTE}
+
+
+def _variant(v: Variant) -> dict[str, Any]:
+    return {"variant": v.choice.to_dict(), "predicted_ms": round(v.ms, 4),
+            "predicted_loss": round(v.loss, 6)}

@@ -7,6 +7,9 @@ page opens offline and can be attached to a ticket:
     latency: target / measured / predicted / dense, and (latency targets) a plot of every
              round, measured ms against held-out pooled cosine, target as a dashed line
     plan per layer: heads and FFN before → after, refit errors, skim and MoE entries
+    search (latency targets): per layer the variant chosen and its neighbours on the
+             layer's front (predicted ms, predicted loss), the losses measured for it,
+             the interaction weights and the whole plans they were fitted on
     fidelity: held-out cosines (mean, 5th percentile), outputs on random inputs
     blocks: the `planer diff --html` block view of original against compiled
     report.json itself, folded
@@ -48,7 +51,7 @@ def render_report_html(report: dict[str, Any], original: Path, compiled: Path) -
         f"<style>{diff_html.STYLE}{_CSS}</style></head>",
         "<body data-js-errors='0' data-ready='0'>",
         _header(report, original, compiled), _latency(report), _plan(report),
-        _fidelity(report), "<h2 id='blocks'>Blocks: original → compiled</h2>",
+        _search(report), _fidelity(report), "<h2 id='blocks'>Blocks: original → compiled</h2>",
     ]
     if diff is not None:
         parts += [diff_html.embed(diff),
@@ -230,6 +233,55 @@ def _plan(report: dict[str, Any]) -> str:
         rows.append(f"<tr class='{'changed' if changed else 'same'}'>"
                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return head + "".join(rows) + "</table>"
+
+
+def _search(report: dict[str, Any]) -> str:
+    search = report.get("search")
+    if not search:
+        return ""
+    weights = ", ".join(f"{k} {v:.3g}" for k, v in search.get("weights", {}).items())
+    rows = []
+    for la in search["layers"]:
+        options = [(la["chosen"], True)] + [(v, False) for v in la["alternatives"]]
+        options.sort(key=lambda item: item[0]["predicted_ms"])
+        for k, (v, chosen) in enumerate(options):
+            first = k == 0
+            cells = [str(la["index"]) if first else "", _variant_text(v["variant"]),
+                     f"{v['predicted_ms']:.3f}", f"{v['predicted_loss']:.5f}",
+                     _e(_measured_text(la["measured"])) if first else ""]
+            rows.append(f"<tr class='{'changed' if chosen else 'same'}'>"
+                        + "".join(f"<td class='l'>{c}</td>" for c in cells) + "</tr>")
+    fits = "".join(f"<li>measured {c['measured_loss']:.5f}, predicted "
+                   f"{c['predicted_loss']:.5f}</li>" for c in search.get("corrections", []))
+    return ("<h2>Search</h2><div id='search'><p>Kinds: "
+            f"{_e(', '.join(search.get('kinds', [])))}; skim point "
+            f"{_e(search.get('skim_placement') or 'none')}; interaction weights {_e(weights)}. "
+            f"Recovery: {_e(search.get('recovery'))}.</p>"
+            "<table id='search-layers'><tr><th class='l'>layer</th><th class='l'>variant "
+            "(chosen highlighted)</th><th class='l'>predicted ms</th><th class='l'>predicted "
+            "loss</th><th class='l'>measured single-change loss</th></tr>"
+            f"{''.join(rows)}</table><p>Whole plans the weights were fitted on:</p>"
+            f"<ul id='search-corrections'>{fits}</ul></div>")
+
+
+def _variant_text(variant: dict[str, Any]) -> str:
+    text = f"{variant['heads']} heads, FFN {variant['ffn']}"
+    if variant.get("moe"):
+        moe = variant["moe"]
+        text += f", MoE {moe['experts']} experts top-{moe.get('top_k', moe.get('tau'))}"
+    if variant.get("int8"):
+        text += f", INT8 {variant['int8']['blocks']}"
+    if variant.get("skim_keep") is not None:
+        text += f", skim keep {variant['skim_keep']}"
+    return _e(text)
+
+
+def _measured_text(measured: dict[str, Any]) -> str:
+    parts = [f"heads {measured['heads']}", f"FFN {measured['ffn']}"]
+    parts += [f"{k} {measured[k]}" for k in ("int8_attn", "int8_ffn", "skim") if k in measured]
+    if measured.get("moe"):
+        parts.append(f"MoE {measured['moe']}")
+    return "; ".join(parts)
 
 
 def _arrow(pair: dict[str, Any]) -> str:
