@@ -13,7 +13,9 @@
 
     python -m benchmarks.bench_latency validate [--settings 1:1 8:2] [--samples 12]
     python -m benchmarks.bench_latency targets [--fractions 0.5 0.33 0.25] [--batch 8]
-        [--threads 2] [--out F]
+        [--threads 2] [--no-quality] [--out F]
+    python -m benchmarks.bench_latency remeasure OUT... [--batch 8] [--threads 2]
+        (OUT folders of `planer compile --target-latency`: the same re-measure and scores)
 
 Run under `flock /tmp/bench.lock` on a shared machine: other timings would collide.
 """
@@ -80,46 +82,73 @@ def _print_validation(result: dict[str, Any]) -> None:
     print(f"| MAPE | | {mape['anchored']:.1%} | {mape['stored']:.1%} |", flush=True)
 
 
-def targets(fractions: list[float], batch: int, threads: int, repeats: int
-            ) -> list[dict[str, Any]]:
+def targets(fractions: list[float], batch: int, threads: int, repeats: int, *,
+            quality: bool = True) -> list[dict[str, Any]]:
     """Compiles to each fraction, re-measures it independently and scores its quality."""
-    from benchmarks.quality import evaluate
-
     dense, tokenizer = minilm_path("dynamo"), minilm_tokenizer_dir()
-    _, spec = read_model(dense)
     work = Path(tempfile.mkdtemp(prefix="planer-latency-"))
-    rows = []
+    seconds = {}
     for fraction in fractions:
         started = time.perf_counter()
-        result = compile_to_latency(
+        compile_to_latency(
             dense, work / f"t{fraction}", target_fraction=fraction,
             calibration=DATA / "sst2" / "train.tsv", tokenizer=tokenizer, batch=batch,
             seq_len=128, threads=threads, progress=_say)
-        seconds = time.perf_counter() - started
-        ratio, _ = measure_ratio(dense, result.model_path, batch=batch, seq_len=128,
-                                 threads=threads, vocab=spec.vocab_size, repeats=repeats)
-        report = result.report
-        rows.append({"fraction": fraction, "measured_ratio": round(ratio, 4),
-                     "vs_target": round(ratio / fraction, 3),
+        seconds[work / f"t{fraction}"] = round(time.perf_counter() - started, 1)
+    return remeasure(list(seconds), batch, threads, repeats, quality=quality,
+                     compile_s=seconds)
+
+
+def remeasure(outs: list[Path], batch: int, threads: int, repeats: int, *,
+              quality: bool = True, compile_s: dict[Path, float] | None = None
+              ) -> list[dict[str, Any]]:
+    """Re-measures compiled OUT folders against the original (interleaved) and scores them.
+
+    The target is read from each report.json (`target_ms` over `baseline_ms`).
+    """
+    dense = minilm_path("dynamo")
+    _, spec = read_model(dense)
+    rows = []
+    for out in outs:
+        report = json.loads((out / "report.json").read_text())
+        model = next(out / name for name in ("model.onnx", "fastest-missed-target.onnx")
+                     if (out / name).exists())
+        ratio, _ = measure_ratio(dense, model, batch=batch, seq_len=128, threads=threads,
+                                 vocab=spec.vocab_size, repeats=repeats)
+        fraction = report["target_ms"] / report["baseline_ms"]
+        rows.append({"out": str(out), "fraction": round(fraction, 3),
+                     "measured_ratio": round(ratio, 4), "vs_target": round(ratio / fraction, 3),
                      "planer_ratio": round(report["measured_ms"] / report["baseline_ms"], 4),
                      "predicted_ratio": round(report["predicted_ms"] / report["baseline_ms"], 4),
-                     "rounds": len(report["rounds"]), "compile_s": round(seconds, 1),
-                     "path": str(result.model_path), "plan": _plan_text(report["plan"])})
+                     "rounds": len(report["rounds"]),
+                     "compile_s": (compile_s or {}).get(out), "path": str(model),
+                     "plan": _plan_text(report["plan"])})
         print(json.dumps(rows[-1]), flush=True)
-    scores = evaluate(dense, [Path(r["path"]) for r in rows], tokenizer)
+    if quality:
+        _score(rows, dense)
+    _print_targets(rows, batch, threads)
+    return rows
+
+
+def _score(rows: list[dict[str, Any]], dense: Path) -> None:
+    from benchmarks.quality import evaluate
+
+    scores = evaluate(dense, [Path(r["path"]) for r in rows], minilm_tokenizer_dir())
+    print(f"original STS-B dev {scores[0]['stsb_dev']}")
     for row, score in zip(rows, scores[1:], strict=True):
         row.update({k: v for k, v in score.items() if k != "model"})
-    print(f"\nbatch {batch}, 128 tokens, {threads} thread(s); original STS-B dev "
-          f"{scores[0]['stsb_dev']}")
+
+
+def _print_targets(rows: list[dict[str, Any]], batch: int, threads: int) -> None:
+    print(f"\nbatch {batch}, 128 tokens, {threads} thread(s)")
     print("| target | re-measured | vs target | planer's verdict | predicted | rounds | "
           "compile s | STS-B dev | pooled cosine | neighbours@10 | plan |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['fraction']:.0%} | {r['measured_ratio']:.3f} | {r['vs_target']:.3f} | "
               f"{r['planer_ratio']:.3f} | {r['predicted_ratio']:.3f} | {r['rounds']} | "
-              f"{r['compile_s']} | {r['stsb_dev']} | {r['pooled_cosine']} | "
-              f"{r['neighbours_at_10']} | {r['plan']} |", flush=True)
-    return rows
+              f"{r['compile_s']} | {r.get('stsb_dev', '')} | {r.get('pooled_cosine', '')} | "
+              f"{r.get('neighbours_at_10', '')} | {r['plan']} |", flush=True)
 
 
 def _plan_text(plan: dict[str, Any]) -> str:
@@ -144,13 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch", type=int, default=1)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--repeats", type=int, default=60)
-    for mode in (check, run):
+    run.add_argument("--no-quality", action="store_true",
+                     help="skip benchmarks.quality (score the printed paths later)")
+    again = sub.add_parser("remeasure", help="re-measure and score compiled OUT folders")
+    again.add_argument("outs", nargs="+", type=Path)
+    again.add_argument("--batch", type=int, default=1)
+    again.add_argument("--threads", type=int, default=1)
+    again.add_argument("--repeats", type=int, default=60)
+    again.add_argument("--no-quality", action="store_true")
+    for mode in (check, run, again):
         mode.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.mode == "validate":
         data: Any = validate(args.settings, args.samples, args.seed)
+    elif args.mode == "targets":
+        data = targets(args.fractions, args.batch, args.threads, args.repeats,
+                       quality=not args.no_quality)
     else:
-        data = targets(args.fractions, args.batch, args.threads, args.repeats)
+        data = remeasure(args.outs, args.batch, args.threads, args.repeats,
+                         quality=not args.no_quality)
     if args.out:
         fingerprint = device_fingerprint(SessionOptions())
         args.out.write_text(json.dumps({
