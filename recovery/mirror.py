@@ -123,6 +123,12 @@ class AttentionMirror(nn.Module):
     def __init__(self, store: WeightStore, spec: AttentionSpec, trainable: set[str],
                  aux: set[str]):
         super().__init__()
+        if spec.rotary:
+            # Training a mirror without the rotation would fit another function than the
+            # graph computes.
+            raise UnsupportedModelError(f"{spec.block}: rotary position embeddings are not "
+                                        "mirrored yet, so recovery cannot train this layer; "
+                                        "compile without --recover.")
         self.store = [store]  # a list, so the shared store is not registered per block
         self.q, self.k, self.v, self.o = (_linear(store, lin, trainable)
                                           for lin in (spec.q, spec.k, spec.v, spec.o))

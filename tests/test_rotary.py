@@ -255,3 +255,11 @@ def test_partial_rotary_refusal_names_the_node(tmp_path: Path) -> None:
     message = str(info.value)
     assert "Softmax node '" in message and "Concat node '" in message
     assert "partial rotary" in message
+
+
+def test_recovery_mirror_refuses_rotary_attention() -> None:
+    from planer.recovery.mirror import AttentionMirror, WeightStore
+
+    _, spec = read_model(fixture_path("roformer", "dynamo"))
+    with pytest.raises(UnsupportedModelError, match="rotary position embeddings are not mirrored"):
+        AttentionMirror(WeightStore(), spec.layers[0].attention, set(), set())
