@@ -122,3 +122,20 @@ def test_unreadable_compiled_model_leaves_a_note(tmp_path: Path) -> None:
     html = render_report_html(result.report, model, broken)
     assert "id='diff-unavailable'" in html and "broken.onnx" in html
     assert "document.body.dataset.ready='1'" in html
+
+
+def test_latency_report_shows_the_search(
+        latency_compile: tuple[Path, planer.CompileResult]) -> None:
+    model, result = latency_compile
+    report = result.report
+    search = report["search"]
+    assert [la["index"] for la in search["layers"]] == [0, 1]
+    for layer, applied in zip(search["layers"], report["plan"]["layers"], strict=True):
+        assert layer["chosen"]["variant"] == applied  # the variant chosen is the one applied
+        assert layer["measured"]["heads"] and layer["measured"]["ffn"]
+        assert layer["alternatives"]  # what the search weighed against it
+        assert all(a["variant"] != applied for a in layer["alternatives"])
+    assert search["recovery"] and set(search["weights"]) == {"prune", "int8", "moe", "skim"}
+    page = render_report_html(report, model, result.model_path)
+    assert "id='search-layers'" in page
+    assert page.count("<tr class='changed'><td class='l'>") == 2  # one chosen row per layer
