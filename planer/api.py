@@ -232,7 +232,8 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
                 from planer.compiler.driver.latency import compile_to_latency
 
                 result = compile_to_latency(path, Path(out), target_ms=latency[0],
-                                            target_fraction=latency[1], refresh=refresh, **run)
+                                            target_fraction=latency[1], refresh=refresh,
+                                            passes=chosen_passes, **run)
             else:
                 from planer.compiler.driver.pipeline import compile_plan
 

@@ -144,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--refresh", action="store_true",
                           help="re-measure block latencies instead of reusing stored ones")
     compile_.add_argument("--passes", default="prune",
-                          help="comma-separated passes --target-flops may use: prune, skim, "
-                               "or moe on its own (default: prune)")
+                          help="comma-separated passes --target-flops or --target-latency may use: "
+                               "prune, skim, moe (default: prune)")
     compile_.add_argument("--target-runtime", choices=("ort", "tensorrt"), default="ort",
                           help="lowering of dynamic sparsity (skim): ort (NonZero/ScatterND) "
                                "or tensorrt (shape-computable only)")
@@ -329,7 +329,8 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
                 tokenizer=tokenizer, batch=args.batch, seq_len=args.seq_len,
                 threads=args.threads, refresh=args.refresh, ort_kernels=args.ort_kernels,
                 progress=progress, recover_seconds=args.recover_seconds,
-                recover_steps=args.recover_steps)
+                recover_steps=args.recover_steps,
+                passes=frozenset(p.strip() for p in args.passes.split(",") if p.strip()))
     except TargetUnreachableError as exc:
         if isinstance(exc.result, CompileResult):
             _print_summary(exc.result.report, time.perf_counter() - started, args.output)
