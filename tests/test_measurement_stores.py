@@ -87,3 +87,25 @@ def test_a_store_written_without_emission_versions_is_not_trusted(tmp_path: Path
     assert store.load("attn", SHAPE) == []
     store.save(SHAPE, [Measurement("attn", 2, 1.5)])
     assert store.load("attn", SHAPE) == [Measurement("attn", 2, 1.5)]
+
+
+def test_a_new_emission_version_measures_int8_variants_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.cost_model import profile_int8
+
+    measured: list[tuple[str, tuple[int, ...]]] = []
+
+    def fake(kind: str, mode: str, shape: BlockShape, units: Sequence[int],
+             **_: object) -> list[Measurement]:
+        measured.append((kind, tuple(units)))
+        return [m for u in units for m in (Measurement(kind, u, 2.0 * u),
+                                           Measurement(profile_int8.int8_kind(kind, mode), u, u))]
+
+    monkeypatch.setattr(profile_int8, "measure_pairs", fake)
+    path = tmp_path / "latency.sqlite"
+    profile_int8.profile_int8_blocks(SHAPE, [1, 2], [32], store=ProfileStore(1, path))
+    profile_int8.profile_int8_blocks(SHAPE, [1, 2], [32], store=ProfileStore(1, path))
+    assert measured == [("attn", (1, 2)), ("ffn", (32,))]  # same emission: reused
+    monkeypatch.setattr(emit, "EMISSION_VERSION", emit.EMISSION_VERSION + 1)
+    profile_int8.profile_int8_blocks(SHAPE, [1, 2], [32], store=ProfileStore(1, path))
+    assert measured[2:] == [("attn", (1, 2)), ("ffn", (32,))]
