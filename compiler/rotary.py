@@ -44,26 +44,57 @@ def match_rotary(add: ir.Node) -> tuple[ir.Value, Rotary] | None:
     """Reads `add` as x·cos + rotate(x)·sin; returns x and the rotary, else None."""
     if add.op_type != "Add" or len(add.inputs) != 2:
         return None
-    muls = [v.producer() if v is not None else None for v in add.inputs]
-    if any(m is None or m.op_type != "Mul" or len(m.inputs) != 2 for m in muls):
-        return None
-    for plain, turned in (muls, muls[::-1]):
-        assert plain is not None and turned is not None
-        for x, cos in _operand_pairs(plain):
+    for plain_side, turned_side in (add.inputs, add.inputs[::-1]):
+        turned = turned_side.producer() if turned_side is not None else None
+        if turned is None or turned.op_type != "Mul" or plain_side is None:
+            continue
+        for x, cos, plain in _plain_terms(plain_side):
             for rotated, sin in _operand_pairs(turned):
                 found = _rotation(rotated, x)
                 if found is not None:
                     style, width, nodes = found
                     return x, Rotary(style=style, cos=cos, sin=sin, width=width,
-                                     nodes=[add, plain, turned, *nodes])
+                                     nodes=[add, plain[0], turned, *plain[1:], *nodes])
     return None
 
 
 def _operand_pairs(mul: ir.Node) -> list[tuple[ir.Value, ir.Value]]:
-    a, b = mul.inputs
+    a, b = (mul.inputs[0], mul.inputs[1]) if len(mul.inputs) == 2 else (None, None)
     if a is None or b is None:
         return []
     return [(a, b), (b, a)]
+
+
+def _plain_terms(value: ir.Value) -> list[tuple[ir.Value, ir.Value, list[ir.Node]]]:
+    """Reads the x·cos operand as (x, cos, [its Mul, other nodes]), every way it can be.
+
+    Besides Mul(x, cos), ORT's transformer optimizer writes Transpose(Mul(x_pre, cos_t), P)
+    with x = Transpose(x_pre, P) and cos_t = Transpose(cos, Q), Q undoing P: it moved the
+    head Transpose past the Mul.
+    """
+    node = value.producer()
+    if node is not None and node.op_type == "Mul":
+        return [(x, cos, [node]) for x, cos in _operand_pairs(node)]
+    perm = _perm(node) if node is not None and node.op_type == "Transpose" else None
+    inner = node.inputs[0].producer() if node is not None and node.inputs[0] else None
+    if node is None or perm is None or inner is None or inner.op_type != "Mul":
+        return []
+    found = []
+    for pre, moved in _operand_pairs(inner):
+        back = moved.producer()
+        undo = _perm(back) if back is not None and back.op_type == "Transpose" else None
+        cos = back.inputs[0] if back is not None else None
+        if back is None or cos is None or undo is None or len(undo) != len(perm) \
+                or any(undo[perm[i]] != i for i in range(len(perm))):
+            continue
+        found += [(use.outputs[0], cos, [inner, node, back]) for use in pre.consumers()
+                  if use.op_type == "Transpose" and _perm(use) == perm]
+    return found
+
+
+def _perm(node: ir.Node | None) -> list[int] | None:
+    attr = node.attributes.get("perm") if node is not None else None
+    return None if attr is None else [int(i) for i in attr.value]
 
 
 def _rotation(rotated: ir.Value, x: ir.Value) -> tuple[str, int | None, list[ir.Node]] | None:

@@ -210,6 +210,28 @@ def test_pruned_heads_match_a_sliced_torch_model(exporter: str, roformer_torch: 
     np.testing.assert_allclose(run_ort(again.model_path, feeds)[0], want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_ort_optimized_form_is_read_and_pruned(exporter: str, roformer_torch: Any,
+                                               tmp_path: Path) -> None:
+    # ORT's optimizer fuses the norms and, on the dynamo export, moves K's head Transpose
+    # past its Mul by cos (compiler.rotary._plain_terms reads that form).
+    from planer.fixtures.fused import optimized_path
+
+    path = optimized_path("roformer", exporter)
+    _, spec = read_model(path)
+    assert [(la.attention.heads, sorted(la.attention.rotary)) for la in spec.layers] == \
+        [(HEADS, ["k", "q"])] * 2
+    feeds = _feeds()
+    neutral = compile_plan(path, tmp_path / "neutral", ort_kernels="on")
+    np.testing.assert_allclose(run_ort(neutral.model_path, feeds)[0], run_ort(path, feeds)[0],
+                               rtol=0, atol=1e-4)
+    pruned = compile_plan(path, tmp_path / "pruned",
+                          plan_data={"layers": [{"heads": 3}, {"heads": 2}]})
+    kept = [la["heads"]["kept"] for la in pruned.report["layers"]]
+    want = _torch_run(_sliced_torch(roformer_torch, kept), feeds)
+    np.testing.assert_allclose(run_ort(pruned.model_path, feeds)[0], want, rtol=0, atol=1e-4)
+
+
 def test_half_flops_prunes_heads_and_verifies(tmp_path: Path) -> None:
     result = compile_plan(fixture_path("roformer", "dynamo"), tmp_path / "out", target_flops=0.5)
     report = result.report
