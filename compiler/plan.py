@@ -18,7 +18,8 @@ from planer.compiler.errors import BadInputError
 from planer.compiler.spec import ModelSpec
 
 KNOWN_FIELDS = {"heads", "ffn", "moe", "skim_keep", "int8"}
-MOE_FIELDS = {"experts", "top_k", "tau"}
+MOE_FIELDS = {"experts", "top_k", "tau", "activation"}
+MOE_ACTIVATIONS = ("relu",)  # DSTI's ReLU-fication: experts run ReLU in place of the FFN's
 MAX_PLAN_BYTES = 16 * files.MIB  # a plan names a few numbers per layer
 INT8_BLOCKS = ("attn", "ffn", "both")
 INT8_MODES = ("dynamic", "static")
@@ -31,6 +32,7 @@ class MoePlan:
     experts: int
     top_k: int | None = None
     tau: float | None = None
+    activation: str | None = None  # "relu" (ReLU-fied experts), or None: the FFN's own
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"experts": self.experts}
@@ -38,6 +40,8 @@ class MoePlan:
             data["top_k"] = self.top_k
         if self.tau is not None:
             data["tau"] = self.tau
+        if self.activation is not None:
+            data["activation"] = self.activation
         return data
 
 
@@ -173,7 +177,8 @@ def _moe(value: Any, ffn: int, index: int) -> MoePlan | None:
         return None
     if not isinstance(value, dict) or set(value) - MOE_FIELDS:
         raise BadInputError(
-            f'plan layer {index} moe must be an object with "experts" and "top_k" or "tau".'
+            f'plan layer {index} moe must be an object with "experts" and "top_k" or "tau" '
+            '(and optionally "activation").'
         )
     experts = _count(value, "experts", ffn, index) if "experts" in value else 0
     if experts < 1 or ffn % experts:
@@ -191,7 +196,12 @@ def _moe(value: Any, ffn: int, index: int) -> MoePlan | None:
     if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int | float)
                             or not 0.0 <= tau <= 1.0):
         raise BadInputError(f"plan layer {index} moe tau must be a number in [0, 1].")
-    return MoePlan(experts=experts, top_k=top_k, tau=None if tau is None else float(tau))
+    activation = value.get("activation")
+    if activation is not None and activation not in MOE_ACTIVATIONS:
+        raise BadInputError(f"plan layer {index} moe activation must be "
+                            f"{' or '.join(repr(a) for a in MOE_ACTIVATIONS)}, not {activation!r}.")
+    return MoePlan(experts=experts, top_k=top_k, tau=None if tau is None else float(tau),
+                   activation=activation)
 
 
 def _skim(value: Any, index: int) -> float | None:

@@ -30,7 +30,12 @@ After, target "tensorrt" (shape-computable, fixed expert capacity C):
 
 Splitting F into E groups only regroups the sum in the second MatMul, so with every
 expert chosen the rewrite reproduces the dense block on real tokens (tests pin this
-down). Padding tokens choose no expert, so their FFN output is b2 alone: attention
+down). DSTI's ReLU-fication (`MoeLayer.activation == "relu"`) is the one rewrite that
+changes the function on purpose: each expert runs `Relu(x·w1 + b1)` in place of the
+FFN's GELU, which makes expert outputs sparse and com.microsoft.MoE applicable, and
+loses quality until recovery trains the experts (`--recover`).
+
+Padding tokens choose no expert, so their FFN output is b2 alone: attention
 masks them out as keys and nothing reads their rows downstream, so real tokens are
 unaffected; only the padding rows of the last hidden state differ from the dense model.
 Every ScatterND writes unique indices and has no reduction: ORT's reduction="add" with
@@ -61,6 +66,7 @@ PASS_NAME = PassName.FFN_TO_MOE
 TARGETS = ("ort", "tensorrt")
 LOWERINGS = ("auto", "gather", "scatter", "kernel")
 KERNEL_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu"}
+RELUFIED = "planer.relufied"  # metadata on the nodes that run ReLU-fied experts (recovery reads it)
 _PAD_SCORE = -1.0  # below every router score (Abs output >= 0)
 _MASKED_LOGIT = -1e4  # exp(-1e4) == 0 in float32: unchosen experts get zero weight
 
@@ -77,6 +83,8 @@ class MoeLayer:
         capacity: tokens per expert in the tensorrt lowering (C); required there.
         lowering: this layer's "ort" lowering when chosen per layer (by measurement,
             cost_model.kernels.moe_lowering_costs); None follows the config's.
+        activation: "relu" to run the experts with ReLU (ReLU-fication), or None for
+            the FFN's own activation.
     """
 
     experts: np.ndarray
@@ -85,6 +93,7 @@ class MoeLayer:
     tau: float | None = None
     capacity: int | None = None
     lowering: str | None = None
+    activation: str | None = None
 
     def __post_init__(self) -> None:
         if (self.top_k is None) == (self.tau is None):
@@ -96,6 +105,9 @@ class MoeLayer:
             raise PreconditionError(f"tau {self.tau} is not in [0, 1].")
         if self.lowering not in (None, *LOWERINGS):
             raise PreconditionError(f"unknown MoE lowering {self.lowering!r}.")
+        if self.activation not in (None, "relu"):
+            raise PreconditionError(f"unknown expert activation {self.activation!r} "
+                                    "(only \"relu\" replaces the FFN's).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +167,7 @@ def _rewrite(model: ir.Model, ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfi
     lowering = choose_lowering(ffn, moe, config)
     b = NodeBuilder(model.graph, ffn.out_node, pass_name=PASS_NAME, block=ffn.block)
     fused = config.fuse_activation and lowering in ("gather", "scatter")
-    if lowering == "kernel" or (fused and ffn.activation == "gelu"):
+    if lowering == "kernel" or (fused and expert_activation(ffn, moe) == "gelu"):
         model.opset_imports.setdefault("com.microsoft", 1)
     out = _LOWERINGS[lowering](b, ffn, moe, tokens, fused)
     replace_uses(ffn.out, out)
@@ -169,10 +181,10 @@ def choose_lowering(ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig) -> str:
         _capacity(ffn, moe)
         return "tensorrt"
     requested = moe.lowering or config.lowering
-    if requested == "kernel" and not kernel_fits(ffn.activation, moe.top_k):
+    if requested == "kernel" and not kernel_fits(expert_activation(ffn, moe), moe.top_k):
         raise PreconditionError(
             f"{ffn.block}: com.microsoft.MoE needs static top-k and a relu or tanh-GELU "
-            f"FFN; this one is {ffn.activation} with "
+            f"FFN; this one is {expert_activation(ffn, moe)} with "
             f"{'top_k' if moe.top_k is not None else 'tau'}.")
     if requested == "auto":
         # Without a per-layer measurement (the pipeline times gather against the kernel
@@ -181,6 +193,11 @@ def choose_lowering(ffn: FfnSpec, moe: MoeLayer, config: FfnToMoeConfig) -> str:
         # (timed with tanh-GELU) 0.92-0.97x and 2.0-2.2x.
         return "gather"
     return requested
+
+
+def expert_activation(ffn: FfnSpec, moe: MoeLayer) -> str:
+    """Returns the activation the experts run: the FFN's, or "relu" when ReLU-fied."""
+    return moe.activation or ffn.activation
 
 
 def kernel_fits(activation: str, top_k: int | None) -> bool:
@@ -219,7 +236,7 @@ def config_from_fits(
             capacity = min(tokens, int(np.ceil(capacity_factor * tokens * per_token
                                                / plan.experts)))
         layers[index] = MoeLayer(fit.experts, fit.router, top_k=plan.top_k, tau=plan.tau,
-                                 capacity=capacity)
+                                 capacity=capacity, activation=plan.activation)
     return FfnToMoeConfig(layers, target=target, lowering=lowering)
 
 
@@ -323,16 +340,24 @@ def _selection(b: NodeBuilder, r_TE: ir.Value, moe: MoeLayer,
 
 
 def _expert_mlp(b: NodeBuilder, ffn: FfnSpec, group: np.ndarray, x_nD: ir.Value,
-                name: str, fused: bool = False) -> ir.Value:
+                name: str, fused: bool = False, relu: bool = False) -> ir.Value:
     """Runs expert `group` on gathered rows: the FFN's own activation spelling replayed.
 
     With `fused` (ort lowerings, erf-GELU FFNs) the activation is ORT's contrib
     BiasGelu/Gelu instead: the same erf formula in one kernel. ORT's own Gelu fusion
     misses the dynamo exporter's spelling, and five elementwise nodes per expert cost
-    more than the expert's MatMuls at a few tokens.
+    more than the expert's MatMuls at a few tokens. With `relu` (ReLU-fication) it is
+    one Relu, whatever the FFN's activation was.
     """
     w1, b1 = ffn.w1.w()[:, group], ffn.w1.b()
     h = b.op("MatMul", [x_nD, b.const(f"{name}/w1", w1)], f"{name}/fc1/MatMul")
+    if relu and ffn.activation != "relu":
+        if b1 is not None:
+            h = b.op("Add", [h, b.const(f"{name}/b1", b1[group])], f"{name}/fc1/Add")
+        a = b.op("Relu", [h], f"{name}/Relu")
+        b.nodes[-1].metadata_props[RELUFIED] = "true"
+        return b.op("MatMul", [a, b.const(f"{name}/w2", ffn.w2.w()[group])],
+                    f"{name}/fc2/MatMul")
     if fused and ffn.activation == "gelu":
         if b1 is not None:
             a = b.op("BiasGelu", [h, b.const(f"{name}/b1", b1[group])], f"{name}/BiasGelu",
@@ -405,8 +430,8 @@ def _emit_scatter(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMas
         nz = b.op("NonZero", [pick], f"{name}/NonZero")
         idx = b.op("Transpose", [nz], f"{name}/Transpose", {"perm": [1, 0]})
         x_nD = b.op("GatherND", [x_TD, idx], f"{name}/GatherND")
-        acc = _accumulate(b, acc, zeros, idx, _expert_mlp(b, ffn, group, x_nD, name, fused),
-                          name)
+        y_nD = _expert_mlp(b, ffn, group, x_nD, name, fused, relu=moe.activation == "relu")
+        acc = _accumulate(b, acc, zeros, idx, y_nD, name)
     if acc is None:
         raise PreconditionError(f"{ffn.block}: an MoE layer needs at least one expert.")
     return _finish(b, ffn, acc, shape)
@@ -448,8 +473,8 @@ def _emit_sorted(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask
                  "sort/Div")
     x_nD = b.op("Gather", [x_TD, token], "sort/rows/Gather", {"axis": 0})
     parts = _multi(b, "Split", [x_nD, counts_E], "sort/Split", {"axis": 0}, e_count)
-    ys = [_expert_mlp(b, ffn, group, parts[e], f"expert{e}", fused)
-          for e, group in enumerate(moe.experts)]
+    ys = [_expert_mlp(b, ffn, group, parts[e], f"expert{e}", fused,
+                      relu=moe.activation == "relu") for e, group in enumerate(moe.experts)]
     zero_row = b.const("unsort/zero_row_1D", np.zeros((1, ffn.w1.in_features), np.float32))
     y_nD = b.op("Concat", [*ys, zero_row], "unsort/Concat", {"axis": 0})
     # rank[pair] = its row in y_nD when chosen, else `total`, the zero row.
@@ -506,8 +531,10 @@ def _emit_kernel(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMask
               if b1 is not None else None,
               b.const("kernel/fc2", np.ascontiguousarray(fc2))]
     y = b.op("MoE", inputs, "kernel/MoE",
-             {"k": k, "activation_type": KERNEL_ACTIVATIONS[ffn.activation]},
+             {"k": k, "activation_type": KERNEL_ACTIVATIONS[expert_activation(ffn, moe)]},
              domain="com.microsoft")
+    if moe.activation == "relu" and ffn.activation != "relu":
+        b.nodes[-1].metadata_props[RELUFIED] = "true"
     if idx is not None:
         y = b.op("ScatterND", [_zeros(b, x_TD, "tokens/zeros"), idx, y], "tokens/ScatterND")
     return _finish(b, ffn, y, shape)
@@ -551,7 +578,8 @@ def _emit_tensorrt(b: NodeBuilder, ffn: FfnSpec, moe: MoeLayer, tokens: _TokenMa
         axis1 = b.const(f"{name}/axis1", np.array([1]))
         valid = b.op("Unsqueeze", [valid, axis1], f"{name}/valid/Unsqueeze")
         x_CD = b.op("Gather", [x_PD, idx_C], f"{name}/rows/Gather", {"axis": 0})
-        y_CD = b.op("Mul", [_expert_mlp(b, ffn, group, x_CD, name), valid], f"{name}/Mul")
+        y_CD = b.op("Mul", [_expert_mlp(b, ffn, group, x_CD, name,
+                                        relu=moe.activation == "relu"), valid], f"{name}/Mul")
         idx_C1 = b.op("Unsqueeze", [idx_C, axis1], f"{name}/Unsqueeze")
         acc = _accumulate(b, acc, zeros, idx_C1, y_CD, name)
     t = b.op("Gather", [b.op("Shape", [x_TD], "tokens/Shape"),

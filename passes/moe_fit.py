@@ -9,7 +9,11 @@ per expert, h router width.
 
 The router follows DSTI: it regresses each expert's output norm, so any selection rule
 (static top-k, or dynamic-k `r_e >= (1 - tau) * max r`) can be applied afterwards and a
-single fit yields a whole cost/quality curve. Quality is measured on held-out tokens the
+single fit yields a whole cost/quality curve. With DSTI's ReLU-fication (a plan's
+`"activation": "relu"`) the experts run ReLU on the captured pre-activations instead of
+the FFN's own activation: the router regresses the ReLU experts' norms, and the error
+numbers compare against the original (GELU) FFN, so they include what the swap costs
+before any training. Quality is measured on held-out tokens the
 fit never saw: router recall (share of the total expert-output norm the chosen experts
 carry), experts per token, and the FFN output's relative reconstruction error.
 
@@ -191,6 +195,9 @@ class FittedLayer:
     holdout_norms: np.ndarray  # true expert norms on held-out tokens [M, E]
     holdout_expert_out: np.ndarray  # [E, M, D] float32, each expert's contribution
     holdout_dense: np.ndarray  # [M, D] dense FFN output incl. b2
+    # [M, D] dense output minus (experts' sum + b2): what a changed expert activation
+    # (ReLU-fication) loses with every expert chosen; None when the experts are exact.
+    activation_error: np.ndarray | None = None
 
     def quality(self, plan: MoePlan) -> LayerQuality:
         """Scores a selection rule on the held-out tokens."""
@@ -201,6 +208,8 @@ class FittedLayer:
         recall = float((self.holdout_norms * chosen).sum() / total)
         best = float((self.holdout_norms * oracle).sum() / total)
         dropped = np.einsum("ne,end->nd", (~chosen).astype(np.float32), self.holdout_expert_out)
+        if self.activation_error is not None:
+            dropped = dropped + self.activation_error
         dense_norm = max(float(np.linalg.norm(self.holdout_dense)), 1e-12)
         error = float(np.linalg.norm(dropped)) / dense_norm
         experts_norm = max(float(np.linalg.norm(self.holdout_expert_out.sum(0))), 1e-12)
@@ -220,6 +229,7 @@ def fit_layers(
     experts: Mapping[int, int],
     *,
     method: str = "weights",
+    activations: Mapping[int, str] | None = None,
     router_hidden: int = ROUTER_HIDDEN,
     steps: int = 800,
     max_tokens: int = 8192,
@@ -234,6 +244,8 @@ def fit_layers(
         calibration: fitting batches and a disjoint holdout for the quality numbers.
         experts: layer index -> number of experts E (must divide the FFN width).
         method: "weights" (balanced k-means on W1 columns, DSTI) or "contiguous".
+        activations: layer index -> the experts' activation where it differs from the
+            FFN's ("relu": DSTI's ReLU-fication); other layers keep the FFN's own.
         router_hidden: the router's hidden width h.
         steps: Adam steps of router training.
         max_tokens: fitting tokens kept (seeded subsample).
@@ -251,7 +263,8 @@ def fit_layers(
                               max_tokens=holdout_tokens, seed=seed + 1)
         fitted[layer.index] = _fit_layer(layer.index, ffn, experts[layer.index], fit, held,
                                          method=method, hidden=router_hidden, steps=steps,
-                                         seed=seed)
+                                         seed=seed,
+                                         activation=(activations or {}).get(layer.index))
         logger.info("fitted router for %s", ffn.block)
     return fitted
 
@@ -277,8 +290,11 @@ def activation_root(ffn: FfnSpec) -> ir.Value | None:
 
 def _fit_layer(index: int, ffn: FfnSpec, count: int, fit: Sequence[np.ndarray],
                held: Sequence[np.ndarray], *, method: str, hidden: int, steps: int,
-               seed: int) -> FittedLayer:
+               seed: int, activation: str | None = None) -> FittedLayer:
     w1, w2 = ffn.w1.w(), ffn.w2.w().astype(np.float64)
+    relufied = activation == "relu" and ffn.activation != "relu"
+    if relufied and len(fit) < 3:
+        raise ValueError(f"{ffn.block}: its pre-activation cannot be found to ReLU-fy it")
     b2 = ffn.w2.b()
     if method == "weights":
         groups = cluster_experts(w1, count, seed=seed)
@@ -286,19 +302,22 @@ def _fit_layer(index: int, ffn: FfnSpec, count: int, fit: Sequence[np.ndarray],
         groups = contiguous_experts(w1.shape[1], count)
     else:
         raise ValueError(f"unknown expert split method {method!r}")
-    x_fit, a_fit = fit[0], fit[1]
+    # The experts' activations: the captured ones, or ReLU of the pre-activations.
+    x_fit, a_fit = fit[0], np.maximum(fit[2], 0.0) if relufied else fit[1]
     router = fit_router(x_fit, expert_norms(a_fit, w2, groups), hidden=hidden, steps=steps,
                         seed=seed)
     pre = fit[2] if len(fit) > 2 else a_fit
-    x_h, a_h = held[0], held[1]
+    x_h, a_h = held[0], np.maximum(held[2], 0.0) if relufied else held[1]
     parts = np.stack([(a_h[:, g] @ w2[g]).astype(np.float32) for g in groups])
-    dense = parts.sum(0) + (0 if b2 is None else b2)
+    bias = 0 if b2 is None else b2
+    dense = (held[1] @ w2 if relufied else parts.sum(0)) + bias
     return FittedLayer(
-        layer=index, activation=ffn.activation, experts=groups, router=router,
-        sparsity=float((pre <= 0).mean()),
+        layer=index, activation="relu" if relufied else ffn.activation, experts=groups,
+        router=router, sparsity=float((pre <= 0).mean()),
         holdout_scores=router(x_h.astype(np.float32)),
         holdout_norms=np.linalg.norm(parts, axis=2).T.astype(np.float64),
         holdout_expert_out=parts, holdout_dense=dense.astype(np.float32),
+        activation_error=(dense - parts.sum(0) - bias).astype(np.float32) if relufied else None,
     )
 
 

@@ -17,6 +17,12 @@ gathers and the same gradients (an unchosen expert gets none from that token).
 The selection is not differentiable, so the routers train on their own objective, the
 one they were fitted with: regress each expert's output norm on the current experts
 (`aux_loss`, weighted by `RecoveryConfig.router_weight`).
+
+ReLU-fied experts (DSTI, `--moe-activation relu`: the pass marks their nodes `RELUFIED`)
+also record Σ over real tokens of mean |h| while training (`l1_sum`), which `activation_l1`
+turns into DSTI's L1 activation penalty (weighted by `RecoveryConfig.activation_l1`):
+sparser activations concentrate each token's output in fewer experts, which is what
+top-k routing keeps.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
+from planer.passes.ffn_to_moe import RELUFIED
 from planer.recovery.mirror import WeightStore, activation_fn
 from planer.recovery.structure import MoeBlock
 
@@ -72,6 +79,8 @@ class MoeMirror(nn.Module):
             self.experts = _experts(inits, prefix, add)
             self.activation = _activation(block, self.experts)
         self.act = activation_fn(self.activation)
+        self.relufied = any(n.metadata_props.get(RELUFIED) for n in block.nodes)
+        self.l1_sum: torch.Tensor | None = None  # the last training forward's, ReLU-fied only
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,6 +100,8 @@ class MoeMirror(nn.Module):
         if self.b2 is not None:
             y = y + store.get(self.b2)
         loss = _router_loss(scores, h.detach(), w2s, group, real) if self.training else None
+        self.l1_sum = h[real.reshape(-1)].abs().mean(dim=1).sum() \
+            if self.training and self.relufied else None
         return y.reshape(shape), loss
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
@@ -121,6 +132,18 @@ class MoeMirror(nn.Module):
         if self.capacity is not None:
             sel = sel & _within_capacity(torch.where(sel, scores, -1.0), self.capacity)
         return sel
+
+
+def activation_l1(mirror: nn.Module, tokens: float) -> torch.Tensor | None:
+    """Returns mean |h| per real token over the ReLU-fied MoE blocks of the last training forward.
+
+    `tokens` is the global batch's real-token count, so the shards' terms add up to the
+    whole batch's under DDP. None when no block has ReLU-fied experts.
+    """
+    sums = [m.l1_sum for m in mirror.modules() if isinstance(m, MoeMirror) and m.l1_sum is not None]
+    if not sums:
+        return None
+    return torch.stack(sums).sum() / (max(tokens, 1.0) * len(sums))
 
 
 def _within_capacity(score: torch.Tensor, capacity: int) -> torch.Tensor:

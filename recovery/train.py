@@ -26,7 +26,9 @@ from planer.compiler.loading import load_model
 from planer.compiler.support import prepare
 from planer.recovery import data
 from planer.recovery.fakequant import Simulation
+from planer.recovery.head import HeadMirror, cut_head
 from planer.recovery.mirror import Mirror, MirrorOutput, max_abs_diff, param_count, write_back
+from planer.recovery.moe import activation_l1
 from planer.recovery.runtime import (
     Prefix,
     Teacher,
@@ -56,6 +58,11 @@ class RecoveryConfig:
         layer_weight: weight of the per-layer hidden-state loss (relative MSE).
         output_weight: weight of (1 - cosine) on the mean-pooled final output.
         router_weight: weight of the MoE routers' expert-norm regression.
+        activation_l1: weight of DSTI's L1 penalty on ReLU-fied experts' activations
+            (mean |h| per real token; `recovery.moe.activation_l1`).
+        kl_weight: weight of KL(teacher ‖ student) on the softened logits when the model
+            ends in a classification head (`recovery.head`).
+        temperature: the softmax temperature of that KL (scaled back by its square).
         skim_weight: weight of Transkimmer's skim loss (soft keep ratio toward the plan's).
         skim_estimator: how skim predictors get gradients through the hard keep decision,
             "straight_through" or "gumbel" (`recovery.skim`).
@@ -80,6 +87,11 @@ class RecoveryConfig:
     layer_weight: float = 1.0
     output_weight: float = 1.0
     router_weight: float = 0.1
+    # Not tuned: small next to the distillation terms (mean |h| of MiniLM's ReLU experts
+    # is about 0.1), enough to pull activations toward zero where the teacher allows.
+    activation_l1: float = 0.01
+    kl_weight: float = 1.0
+    temperature: float = 2.0
     skim_weight: float = 1.0
     skim_estimator: str = "straight_through"
     grad_clip: float = 1.0
@@ -126,6 +138,13 @@ class Student:
     mirror: Mirror
     prefix: Prefix
     threads: int
+    head: HeadMirror | None = None  # a classification head, replayed frozen on the end
+
+    def run(self, entry: torch.Tensor, aux: Mapping[str, torch.Tensor], mask: torch.Tensor,
+            module: nn.Module | None = None) -> MirrorOutput:
+        """Runs the mirror (or its DDP wrapper `module`), then the head if there is one."""
+        out = (module or self.mirror)(entry, aux, mask)
+        return out if self.head is None else dataclasses.replace(out, end=self.head(out.end))
 
     def inputs(self, feed: Feed) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Returns (entry, aux, real-token mask) tensors for one batch."""
@@ -143,7 +162,7 @@ class Student:
         training = self.mirror.training
         self.mirror.eval()
         with torch.no_grad(), self.mirror.store.int8.off():  # `model` is the float graph
-            got = self.mirror(entry, aux, mask).end.numpy()
+            got = self.run(entry, aux, mask).end.numpy()
         self.mirror.train(training)
         return max_abs_diff(got, expected, mask.numpy() if got.ndim == 3 else None)
 
@@ -166,6 +185,8 @@ class Student:
         parts = describe(self.stream)
         frozen = dict(parts["frozen_in_ort"])  # type: ignore[call-overload]
         frozen["shared_with_frozen_part"] = self.mirror.frozen_shared
+        if self.head is not None:
+            parts["head"] = {"mirrored_frozen": self.head.described, "loss": "KL on logits"}
         return {**parts, "frozen_in_ort": frozen}
 
 
@@ -178,10 +199,12 @@ def build_student(model: ir.Model, *, threads: int | None = None,
     """
     threads = threads or torch.get_num_threads()
     canonical = canonical_copy(model)
+    head = cut_head(canonical)  # the stream then ends at the head's hidden state
     stream = read_stream(canonical)
     mirror = Mirror(stream)
     mirror.store.int8 = Simulation(set(int8_weights))
-    return Student(canonical, stream, mirror, Prefix(canonical, stream, threads=threads), threads)
+    return Student(canonical, stream, mirror, Prefix(canonical, stream, threads=threads), threads,
+                   HeadMirror(head) if head is not None else None)
 
 
 def load_teacher(original_path: Path, *, threads: int | None = None) -> Teacher:
@@ -262,10 +285,12 @@ class LossTerms:
     output: float
     router: float = 0.0
     skim: float = 0.0  # weighted skim loss (recovery.skim)
+    logits: float = 0.0  # weighted KL on logits (part of the distillation)
+    activation: float = 0.0  # weighted L1 on ReLU experts' activations (recovery.moe)
 
     @property
     def distill(self) -> float:
-        return float(self.total.detach()) - self.router - self.skim
+        return float(self.total.detach()) - self.router - self.skim - self.activation
 
 
 def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
@@ -287,6 +312,10 @@ def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
                               dim=-1)
     output = (1.0 - cos).sum() / sequences
     total = config.layer_weight * layer + config.output_weight * output
+    kl = logits_kl(out.end, teacher.end, config.temperature, sequences) \
+        if config.kl_weight > 0 else None
+    if kl is not None:
+        total = total + config.kl_weight * kl
     router = 0.0
     if out.aux_loss is not None:
         total = total + config.router_weight * out.aux_loss
@@ -295,7 +324,24 @@ def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
     if out.skim_loss is not None:
         total = total + config.skim_weight * out.skim_loss
         skim = config.skim_weight * float(out.skim_loss.detach())
-    return LossTerms(total, float(layer.detach()), float(output.detach()), router, skim)
+    return LossTerms(total, float(layer.detach()), float(output.detach()), router, skim,
+                     config.kl_weight * float(kl.detach()) if kl is not None else 0.0)
+
+
+def logits_kl(student: torch.Tensor, teacher: np.ndarray, temperature: float,
+              sequences: float) -> torch.Tensor | None:
+    """Returns T² · Σ KL(softmax(t/T) ‖ softmax(s/T)) / sequences for logits [B, C].
+
+    None unless the outputs are logits of a classification head (rank 2, C > 1). The T²
+    keeps the gradient's scale as T changes (Hinton et al.); dividing by the global
+    sequence count makes the shards' terms add up under DDP.
+    """
+    if student.ndim != 2 or teacher.ndim != 2 or student.shape[-1] < 2:
+        return None
+    target = F.log_softmax(torch.from_numpy(teacher).to(student.dtype) / temperature, dim=-1)
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), target, log_target=True,
+                  reduction="sum")
+    return kl * temperature ** 2 / sequences
 
 
 # ---------------------------------------------------------------- the loop
@@ -395,11 +441,15 @@ class Trainer:
         teacher = self.teacher.run(shard)
         if not self.layer_loss:
             teacher = TeacherOutput([], teacher.end)
-        out = self.module(entry, aux, mask)
+        out = self.student.run(entry, aux, mask, self.module)
         if not self.layer_loss:
             out = dataclasses.replace(out, layers=[])
         terms = distill_loss(out, teacher, mask, self.config, self.scales,
                              tokens=tokens, sequences=float(batch))
+        l1 = activation_l1(self.student.mirror, tokens) if self.config.activation_l1 else None
+        if l1 is not None:  # DSTI: sparser ReLU experts (recovery.moe)
+            terms.total = terms.total + self.config.activation_l1 * l1
+            terms.activation = self.config.activation_l1 * float(l1.detach())
         self.optimizer.zero_grad(set_to_none=True)
         (terms.total * self.world.size).backward()  # DDP averages gradients over ranks
         if self.config.grad_clip > 0:
@@ -414,7 +464,7 @@ class Trainer:
         self.student.mirror.eval()  # no router regression while measuring
         with torch.no_grad():
             for (entry, aux, mask), end in zip(holdout.inputs, holdout.teacher_end, strict=True):
-                got = self.student.mirror(entry, aux, mask).end
+                got = self.student.run(entry, aux, mask).end
                 pooled_cos.append(F.cosine_similarity(pooled(got, mask), pooled(end, mask), -1))
                 if got.ndim == 3:
                     real = mask.bool()

@@ -163,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
                                "on the calibration text for this wall-clock budget (5m, 90s)")
     compile_.add_argument("--recover-steps", type=positive_int, metavar="N",
                           help="recovery budget as optimizer steps (with or without --recover)")
+    compile_.add_argument("--moe-activation", choices=("relu",),
+                          help="run MoE experts with ReLU in place of the FFN's activation "
+                               "(DSTI's ReLU-fication; loses quality unless --recover trains "
+                               "them)")
     compile_.add_argument("--no-refit", dest="reconstruct", action="store_false",
                           help="skip the least-squares refit of output projections")
     compile_.add_argument("--selection", choices=("calibrated", "magnitude"),
@@ -290,6 +294,7 @@ def run_compile(args: argparse.Namespace) -> int:
                 passes=frozenset(passes), target_runtime=args.target_runtime,
                 threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
                 recover_seconds=args.recover_seconds, recover_steps=args.recover_steps,
+                moe_activation=args.moe_activation,
             )
     _print_summary(result.report, time.perf_counter() - started, args.output)
     return EXIT_OK
@@ -318,6 +323,9 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
     if args.plan is not None or args.target_flops is not None:
         raise BadInputError("give one of --plan, --target-flops, --target-latency or "
                             "--target-throughput.")
+    if args.moe_activation is not None:
+        raise BadInputError("--moe-activation is not searched with a latency target yet; use "
+                            "--plan or --passes moe --target-flops.")
     try:
         with Progress(console) as progress:
             progress("compiling to a latency target")

@@ -53,6 +53,7 @@ class CompileOptions:
     ort_kernels: str = "auto"
     recover_seconds: float | None = None
     recover_steps: int | None = None
+    moe_activation: str | None = None  # "relu": ReLU-fied experts in every MoE layer
 
     def check(self) -> None:
         """Refuses contradictory or out-of-range options in one sentence.
@@ -70,6 +71,11 @@ class CompileOptions:
         if self.target_runtime not in RUNTIMES:
             raise BadInputError(f"--target-runtime must be one of {', '.join(RUNTIMES)}, "
                                 f"not {self.target_runtime!r}.")
+        if self.moe_activation not in (None, "relu"):
+            raise BadInputError(f"--moe-activation must be relu, not {self.moe_activation!r}.")
+        if self.moe_activation and self.plan_data is None and "moe" not in self.passes:
+            raise BadInputError("--moe-activation changes MoE experts; give a plan with moe "
+                                "layers or --passes moe.")
 
     @property
     def tokens(self) -> int:

@@ -145,6 +145,7 @@ def compile_plan(
     recover_seconds: float | None = None,
     recover_steps: int | None = None,
     kernels: KernelTimings | None = None,
+    moe_activation: str | None = None,
 ) -> CompileResult:
     """Compiles `model_path` to a plan (given, FLOPs-targeted, or neutral) and writes `out_dir`.
 
@@ -156,7 +157,8 @@ def compile_plan(
         plan_data=plan_data, target_flops=target_flops, calibration=calibration,
         tokenizer=tokenizer, batch=batch, seq_len=seq_len, reconstruct=reconstruct,
         method=method, passes=passes, target_runtime=target_runtime, threads=threads,
-        ort_kernels=ort_kernels, recover_seconds=recover_seconds, recover_steps=recover_steps)
+        ort_kernels=ort_kernels, recover_seconds=recover_seconds, recover_steps=recover_steps,
+        moe_activation=moe_activation)
     return compile_with(model_path, out_dir, options, progress=progress, fitting=fitting,
                         kernels=kernels)
 
