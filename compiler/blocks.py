@@ -25,7 +25,7 @@ from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array, other_input, scalar
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
-from planer.compiler.rotary import match_rotary
+from planer.compiler.rotary import match_rotary, perm_of, rotary_problem
 from planer.compiler.spec import (
     AttentionSpec,
     FfnSpec,
@@ -210,7 +210,10 @@ def _find_attention(softmax: ir.Node) -> AttentionSpec:
     if k.out_features != inner or v.out_features != inner or o.in_features != inner:
         raise _NoMatch("Q/K/V/O widths disagree (grouped-query attention is not supported)")
     head_size = _head_size(q_shapes + k_shapes + v_shapes, inner)
-    _check_rotary(rotary, x, head_size, inner // head_size)
+    for role, found in rotary.items():
+        problem = rotary_problem(found, role, x, head_size)
+        if problem is not None:
+            raise _NoMatch(problem)
     out = _linear_output(o)
     after = [c for c in out.consumers() if c.op_type != "Shape"]
     if len(after) == 1 and after[0].op_type == "Reshape":
@@ -317,7 +320,7 @@ def _trace_projection(
         if op in PLUMBING:
             if op == "Reshape":
                 shapes.append(_partial_shape(producer.inputs[1]))
-            relaid = relaid or op == "Reshape" or (op == "Transpose" and _perm(producer)
+            relaid = relaid or op == "Reshape" or (op == "Transpose" and perm_of(producer)
                                                    != [0, 1, 3, 2])
             nodes.append(producer)
             value = producer.inputs[0]
@@ -448,27 +451,6 @@ def _head_size(shapes: Iterable[np.ndarray | None], inner: int) -> int:
         if heads > 0 and inner % heads == 0:
             return inner // heads
     raise _NoMatch("the head count cannot be read from the reshape shapes")
-
-
-def _perm(node: ir.Node) -> list[int] | None:
-    attr = node.attributes.get("perm")
-    return None if attr is None else list(attr.value)
-
-
-def _check_rotary(rotary: dict[str, Rotary], x: ir.Value, head_size: int, heads: int) -> None:
-    """Refuses a rotary embedding head pruning could not replay on the kept heads."""
-    for role, found in rotary.items():
-        mul = found.nodes[1]
-        if found.width is not None and found.width != head_size:
-            raise _NoMatch(f"{_describe(mul)} rotates {found.width} of the {head_size} dims "
-                           f"of each {role.upper()} head (partial rotary), which head pruning "
-                           "does not rewrite yet")
-        for term in (found.cos, found.sin):
-            if _depends_on(term, x, 80):
-                raise _NoMatch(f"{_describe(mul)} rotates {role.upper()} by angles computed "
-                               "from the hidden states")
-        if found.style == "half" and head_size % 2:
-            raise _NoMatch(f"{_describe(mul)} rotates halves of an odd head size")
 
 
 def _skip_softmax_epilogue(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, bool]:

@@ -75,24 +75,25 @@ def _plain_terms(value: ir.Value) -> list[tuple[ir.Value, ir.Value, list[ir.Node
     node = value.producer()
     if node is not None and node.op_type == "Mul":
         return [(x, cos, [node]) for x, cos in _operand_pairs(node)]
-    perm = _perm(node) if node is not None and node.op_type == "Transpose" else None
+    perm = perm_of(node) if node is not None and node.op_type == "Transpose" else None
     inner = node.inputs[0].producer() if node is not None and node.inputs[0] else None
     if node is None or perm is None or inner is None or inner.op_type != "Mul":
         return []
     found = []
     for pre, moved in _operand_pairs(inner):
         back = moved.producer()
-        undo = _perm(back) if back is not None and back.op_type == "Transpose" else None
+        undo = perm_of(back) if back is not None and back.op_type == "Transpose" else None
         cos = back.inputs[0] if back is not None else None
         if back is None or cos is None or undo is None or len(undo) != len(perm) \
                 or any(undo[perm[i]] != i for i in range(len(perm))):
             continue
         found += [(use.outputs[0], cos, [inner, node, back]) for use in pre.consumers()
-                  if use.op_type == "Transpose" and _perm(use) == perm]
+                  if use.op_type == "Transpose" and perm_of(use) == perm]
     return found
 
 
-def _perm(node: ir.Node | None) -> list[int] | None:
+def perm_of(node: ir.Node | None) -> list[int] | None:
+    """Returns a Transpose's perm attribute as ints (None when it has none)."""
     attr = node.attributes.get("perm") if node is not None else None
     return None if attr is None else [int(i) for i in attr.value]
 
@@ -255,6 +256,23 @@ def _static_shape(value: ir.Value | None) -> list[int | None] | None:
 def _axis(node: ir.Node) -> int | None:
     attr = node.attributes.get("axis")
     return None if attr is None else int(attr.value)
+
+
+def rotary_problem(rotary: Rotary, role: str, x: ir.Value, head_size: int) -> str | None:
+    """Says why head pruning could not replay `rotary` on `role` (q/k/v), or None.
+
+    `x` is the attention input: angles computed from its values are not positions.
+    """
+    cos_mul = rotary.nodes[1]
+    where = f"{cos_mul.op_type} node {cos_mul.name!r}"
+    if rotary.width is not None and rotary.width != head_size:
+        return (f"{where} rotates {rotary.width} of the {head_size} dims of each "
+                f"{role.upper()} head (partial rotary), which head pruning does not rewrite yet")
+    if rotary.style == "half" and head_size % 2:
+        return f"{where} rotates halves of an odd head size"
+    if any(_computed_from(term, x) for term in (rotary.cos, rotary.sin)):
+        return f"{where} rotates {role.upper()} by angles computed from the hidden states"
+    return None
 
 
 def head_rows(value: ir.Value, heads: int, x: ir.Value) -> bool | None:
