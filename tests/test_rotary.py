@@ -285,3 +285,13 @@ def test_recovery_mirror_refuses_rotary_attention() -> None:
     _, spec = read_model(fixture_path("roformer", "dynamo"))
     with pytest.raises(UnsupportedModelError, match="rotary position embeddings are not mirrored"):
         AttentionMirror(WeightStore(), spec.layers[0].attention, set(), set())
+
+
+def test_pruned_rotary_attention_golden(golden: Callable[[str, str], None]) -> None:
+    # What head pruning emits around the rotation (interleaved pairs, kept heads 0 and 2).
+    from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
+    from tests.goldens import structure
+
+    model, spec = read_model(fixture_path("roformer", "dynamo"))
+    assert apply_head_pruning(model, spec, HeadPruningConfig(keep={0: (0, 2)})) == 1
+    golden("head_pruning_roformer.txt", structure(model))
