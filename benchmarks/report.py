@@ -61,6 +61,25 @@ def setting_table(doc: dict[str, Any], section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def quality_table(doc: dict[str, Any]) -> list[str]:
+    """The markdown lines of the quality table: every built model once, per source."""
+    lines = [
+        "| source | model | built for | STS-B dev | pooled cosine | neighbours@10 | SST-2 % "
+        "| AG News % | fidelity |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for build in doc["builds"]:
+        if build.get("path") is None:
+            continue
+        built_for = build["setting"] or (f"s{build['seq']}" if build["seq"] else "any")
+        cells = [_cell(build["source"]), _cell(build["label"]), built_for,
+                 _cell(build.get("stsb")), _cell(build.get("pooled_cosine"), 4),
+                 _cell(build.get("neighbours"), 4), _cell(build["sst2"]),
+                 _cell(build["agnews"]), _cell(build["fidelity"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _se(n: int, p: float = 0.8) -> float:
     """Standard error (points) of an accuracy `p` measured on `n` texts."""
     return 100 * (p * (1 - p) / n) ** 0.5
@@ -121,6 +140,16 @@ def render_markdown(doc: dict[str, Any]) -> str:
                       "accuracy, bars ±1 standard error; one marker per model; the dashed "
                       "line and gray rings mark the Pareto front (no other model is both "
                       "faster and more accurate).*"]
+    lines += ["", "## Quality", "",
+              f"Produced by {cmd}. STS-B dev: Spearman x100 of the cosine of mean-pooled "
+              "embeddings against the gold scores (`../shared/data/stsb/dev.tsv`, 1,500 "
+              "pairs); pooled cosine and neighbours@10: on the last 2,000 `agnews/dev.tsv` "
+              "texts, the mean cosine to the original's embedding and the share of each "
+              "text's 10 nearest neighbours the original also returns "
+              "(`benchmarks/quality.py`); SST-2, AG News and fidelity as above. "
+              "`+ recover TIME` rows are the latency target above them distilled from the "
+              "original (`planer compile --recover TIME`).", "",
+              *quality_table(doc)]
     lines += ["", "## Builds", "", f"Produced by {cmd}. `$WORK` is the run's work folder "
               f"(`{doc['work']}`).", "",
               "| source | model | built for | command | status |", "|---|---|---|---|---|"]

@@ -8,7 +8,8 @@ third-party ONNX export) and setting (batch, tokens, ORT CPU intra-op threads):
     original ─┬─ ORT transformer optimizer (optimize_model, model_type "bert")   peers
               ├─ ORT dynamic INT8 quantization (quantize_dynamic)              ┘
               ├─ planer compile --target-latency T%  (compiled for the setting)
-              │    └─ the 50% one again through quantize_dynamic (do the two stack?)
+              │    ├─ the 50% one again through quantize_dynamic (do the two stack?)
+              │    └─ again with --recover TIME (label-free distillation, recovery/)
               └─ planer compile --target-flops R --passes prune | skim | moe
 
     build   each model is built in a child process; its wall time and peak RSS (the
@@ -17,13 +18,17 @@ third-party ONNX export) and setting (batch, tokens, ORT CPU intra-op threads):
             (cost_model.timing); the figure is the median per-round ratio to the original
     probe   benchmarks/probe.py's recipe (SST-2, AG News accuracy); fidelity is the mean
             cosine between the model's and the original's pooled probe-test embeddings
+    quality benchmarks/quality.py: STS-B dev Spearman, and on the last 2,000 AG News dev
+            texts the pooled cosine to the original and neighbours@10 agreement
     memory  peak RSS of a child that loads the model and runs it at the setting's shape
 
 Writes benchmarks/results/<date>-<machine>[-quick][-custom].{md,json} and one
 latency-vs-quality PNG per setting (-custom: flags narrowed the run), drawn by
 benchmarks/report.py. `--quick` covers the headline in about 5 minutes on 2 cores: MiniLM,
 batch 1, 128 tokens, 1 thread; original vs the two peers vs planer at half the dense
-latency (and it with INT8 on top).
+latency (and it with INT8 on top). `--recover 5m` adds each latency target distilled
+for that long (the full run: 10m); `--recover-steps N` budgets it in optimizer steps
+instead (a few steps: the fast mode that exercises the path).
 A full run (both sources, six settings, four targets, three passes) takes about 1.5 h there.
 """
 
@@ -149,9 +154,13 @@ class Build:
     compile_s: float | None = None
     compile_peak_mb: float | None = None
     flops_ratio: float | None = None
+    recover: str | None = None  # the recovery budget ("10m", "20 steps"), None: none
     sst2: float | None = None
     agnews: float | None = None
     fidelity: float | None = None
+    stsb: float | None = None  # STS-B dev Spearman x100 (benchmarks.quality)
+    pooled_cosine: float | None = None  # to the original, AG News agreement texts
+    neighbours: float | None = None  # neighbours@10 agreement with the original
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def belongs(self, setting: Setting) -> bool:
@@ -185,13 +194,16 @@ class Mode:
     pass_flops: float = 0.5  # FLOPs budget of each pass alone
     target_seqs: tuple[int, ...] = (128,)  # latency targets compile for these token counts
     int8_on: tuple[float, ...] = (0.5,)  # latency targets also timed with ORT INT8 on top
+    recover: tuple[str, ...] = ()  # latency targets also compiled with --recover TIME
+    recover_steps: int | None = None  # ... or with --recover-steps N instead
 
 
 QUICK = Mode(("minilm-l6",), ((1, 128, 1),), (0.5,), (), 20.0)
 FULL = Mode(("minilm-l6", "paraphrase-l3"),
             ((1, 128, 1), (1, 128, 2), (8, 128, 1), (8, 128, 2), (1, 384, 1), (1, 384, 2)),
             (0.8, 0.6, 0.5, 0.4),
-            (("prune", 128), ("skim", 128), ("moe", 128), ("skim", 384)), 30.0)
+            (("prune", 128), ("skim", 128), ("moe", 128), ("skim", 384)), 30.0,
+            recover=("10m",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +338,7 @@ def _fusion_status(output: str) -> str:
 
 def compile_planer(source: Source, folder: Path, label: str, kind: str, flags: list[str],
                    *, seq: int, setting: Setting | None = None, target: float | None = None,
-                   say: Progress) -> Build:
+                   recover: str | None = None, say: Progress) -> Build:
     """Runs `planer compile` in a child process and records what it wrote."""
     say(f"{source.key}: compiling {label}" + (f" for {setting.tag}" if setting else ""))
     args = ["compile", str(source.path), "--tokenizer", str(source.tokenizer),
@@ -335,7 +347,8 @@ def compile_planer(source: Source, folder: Path, label: str, kind: str, flags: l
     shown = short(shlex.join(["planer", *args]).replace(str(folder), "$WORK/" + folder.name))
     build = Build(f"{source.key}/{folder.name}", source.key, label, kind, command=shown,
                   seq=seq, setting=setting.tag if setting else None, target=target,
-                  compile_s=round(child.seconds, 1), compile_peak_mb=_mb(child.peak_mb))
+                  recover=recover, compile_s=round(child.seconds, 1),
+                  compile_peak_mb=_mb(child.peak_mb))
     written = {0: emit.MODEL_NAME, 3: emit.UNREACHABLE_NAME}.get(child.returncode)
     if written is None or not (folder / written).exists():
         build.status = f"error (exit {child.returncode}): {error_line(child.output)}"
@@ -372,11 +385,24 @@ def planer_builds(source: Source, settings: Sequence[Setting], mode: Mode, work:
         for target in mode.targets:
             flags = ["--target-latency", f"{target:.0%}", "--batch", str(setting.batch),
                      "--seq-len", str(setting.seq), "--threads", str(setting.threads)]
-            builds.append(compile_planer(
-                source, folder / f"latency-{target:.0%}-{setting.tag}".replace("%", "pct"),
-                f"planer {target:.0%} latency", "planer", flags, seq=setting.seq,
-                setting=setting, target=target, say=say))
+            name = f"latency-{target:.0%}-{setting.tag}".replace("%", "pct")
+            for budget, extra in [(None, []), *recover_flags(mode)]:
+                builds.append(compile_planer(
+                    source, folder / (name + (f"-recover-{budget}".replace(" ", "")
+                                              if budget else "")),
+                    f"planer {target:.0%} latency" + (f" + recover {budget}" if budget else ""),
+                    "planer", flags + extra, seq=setting.seq, setting=setting, target=target,
+                    recover=budget, say=say))
     return builds
+
+
+def recover_flags(mode: Mode) -> list[tuple[str, list[str]]]:
+    """The recovery budgets the mode asks for, each with its `planer compile` flags."""
+    budgets = [(t, ["--recover", t]) for t in mode.recover]
+    if mode.recover_steps:
+        budgets.append((f"{mode.recover_steps} steps",
+                        ["--recover-steps", str(mode.recover_steps)]))
+    return budgets
 
 
 # ---------------------------------------------------------------- measurements
@@ -431,6 +457,32 @@ def quality(path: str, tokenizer: Path, splits: dict[str, Split], reference: np.
     return scores, test
 
 
+def agreement_all(srcs: Sequence[Source], builds: Sequence[Build], say: Progress) -> None:
+    """Fills in STS-B dev, pooled cosine and neighbours@10 (benchmarks.quality) per model."""
+    from benchmarks.quality import agreement, agreement_texts, stsb_spearman
+
+    texts = agreement_texts()
+    for src in srcs:
+        original = Embedder(src.path, src.tokenizer, threads=2)
+        base = original(texts)
+        for build in [b for b in builds if b.source == src.key and b.path]:
+            say(f"{src.key}: STS-B and agreement of {build.label}" +
+                (f" ({build.setting})" if build.setting else ""))
+            try:
+                build.stsb = round(stsb_spearman(Path(build.path), src.tokenizer,  # type: ignore[arg-type]
+                                                 embed=original if build.kind == "original"
+                                                 else None), 2)
+                if build.kind == "original":
+                    build.pooled_cosine, build.neighbours = 1.0, 1.0
+                    continue
+                scores = agreement(base, Path(build.path), src.tokenizer, texts=texts)  # type: ignore[arg-type]
+            except Exception as exc:  # a model that cannot run is a result, not a crash
+                build.status += f"; quality failed: {type(exc).__name__}: {exc}"[:300]
+                continue
+            build.pooled_cosine = scores["pooled_cosine"]
+            build.neighbours = scores["neighbours_at_10"]
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity."""
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -479,6 +531,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Mode]:
     parser.add_argument("--pass-flops", type=float, metavar="R",
                         help="FLOPs budget for each pass alone (default 0.5)")
     parser.add_argument("--seconds", type=float, help="minimum timing seconds per setting")
+    parser.add_argument("--recover", nargs="+", metavar="TIME",
+                        help="also compile each latency target with --recover TIME "
+                             "(full: 10m)")
+    parser.add_argument("--recover-steps", type=int, metavar="N",
+                        help="also compile each latency target with --recover-steps N")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--work", type=Path, help="folder for built models (default: temp)")
     args = parser.parse_args(argv)
@@ -487,7 +544,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Mode]:
         base, sources=tuple(args.sources or base.sources),
         shapes=tuple(args.shapes or base.shapes), targets=tuple(args.targets or base.targets),
         passes=tuple(args.passes or base.passes), pass_flops=args.pass_flops or base.pass_flops,
-        seconds=args.seconds if args.seconds is not None else base.seconds)
+        seconds=args.seconds if args.seconds is not None else base.seconds,
+        recover=tuple(args.recover or base.recover),
+        recover_steps=args.recover_steps or base.recover_steps)
     # Results files are named by date and machine; a narrowed run must not overwrite them.
     args.suffix = ("-quick" if args.quick else "") + ("" if mode == base else "-custom")
     return args, mode
@@ -522,7 +581,8 @@ def build_all(mode: Mode, work: Path, say: Progress
         compiled = planer_builds(src, [s for s in settings if s.source == src.key], mode,
                                  work, say)
         builds += compiled
-        builds += [quantized(b, say) for b in compiled if b.target in mode.int8_on and b.path]
+        builds += [quantized(b, say) for b in compiled
+                   if b.target in mode.int8_on and b.path and b.recover is None]
     return srcs, settings, builds
 
 
@@ -579,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline_mb = runtime_peak_mb("-", settings[0])
     splits = probe_splits()
     probe_all(srcs, builds, splits, say)
+    agreement_all(srcs, builds, say)
     titles = {s.key: s.title for s in srcs}
     doc = {"command": shlex.join(["python", "benchmarks/run.py", *argv]), "date": date,
            "machine": machine, "fingerprint": fingerprint, "planer": planer.__version__,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmarks.run as run
 from benchmarks.report import pareto_front, plot_setting, render_markdown
 from benchmarks.run import Build, Setting, _fusion_status, error_line, machine_slug
 
@@ -42,10 +43,14 @@ def _doc(tmp_path: Path) -> dict:
               status="error: cannot fuse | at all"),
         Build("m/t50", "m", "planer 50% latency", "planer", status="missed (exit 3)",
               setting="b1s128t1", sst2=78.0, agnews=None, flops_ratio=0.52),
+        Build("m/t50r", "m", "planer 50% latency + recover 5m", "planer", path="r.onnx",
+              setting="b1s128t1", recover="5m", stsb=86.1, pooled_cosine=0.9712,
+              neighbours=0.8, sst2=78.5),
     ]
     rows = {"m/original": {"median_ms": 20.0, "ratio": 1.0, "runtime_peak_mb": 300},
             "m/ort-int8": {"median_ms": 10.0, "ratio": 0.5, "runtime_peak_mb": 250},
-            "m/ort-opt": {}, "m/t50": {"error": "RuntimeException: bad graph"}}
+            "m/ort-opt": {}, "m/t50": {"error": "RuntimeException: bad graph"},
+            "m/t50r": {"median_ms": 10.5, "ratio": 0.525}}
     return {"command": "python benchmarks/run.py --quick", "date": "2026-01-02",
             "machine": "intel-xeon-2c", "planer": "0.1.0", "commit": "commit abc",
             "work": str(tmp_path), "sources": {"m": "Model M"}, "wall_s": 90.0,
@@ -69,7 +74,7 @@ def test_markdown_names_the_command_and_records_failures(tmp_path):
     assert "| ORT transformer optimizer | error: cannot fuse \\| at all | — |" in text
     assert "| planer 50% latency | timing failed: RuntimeException: bad graph | — |" in text
     # Intro, the setting's table, its figure and the builds table each name the command.
-    assert text.count("Produced by `python benchmarks/run.py --quick`") == 4
+    assert text.count("Produced by `python benchmarks/run.py --quick`") == 5
     assert "![latency vs quality, Model M · batch 1](x.png)" in text
 
 
@@ -102,3 +107,34 @@ def test_fusion_status_says_when_attention_was_not_fused():
     assert _fusion_status(fused) == ("ok; fused BiasGelu 6, SkipLayerNormalization 12; "
                                      "attention not fused")
     assert _fusion_status('FUSED {"Attention": 3}') == "ok; fused Attention 3"
+
+
+def test_quality_table_lists_each_model_once_with_sts_b_and_agreement(tmp_path):
+    text = render_markdown(_doc(tmp_path))
+    quality = text.split("## Quality")[1].split("## Builds")[0]
+    rows = [ln for ln in quality.splitlines() if ln.startswith("| m |")]
+    # Models without a file (failed builds) have no quality to show.
+    assert [r.split(" | ")[1] for r in rows] == ["original", "planer 50% latency + recover 5m"]
+    assert rows[1] == ("| m | planer 50% latency + recover 5m | b1s128t1 | 86.10 | 0.9712 "
+                       "| 0.8000 | 78.50 | — | — |")
+
+
+def test_recovery_builds_compile_each_latency_target_again_with_its_budget(monkeypatch,
+                                                                            tmp_path):
+    calls = []
+
+    def fake_compile(source, folder, label, kind, flags, **kwargs):
+        calls.append((label, flags, kwargs.get("recover")))
+        return Build(folder.name, "m", label, kind, recover=kwargs.get("recover"))
+
+    monkeypatch.setattr(run, "compile_planer", fake_compile)
+    args, mode = run.parse_args(["--quick", "--recover", "5m", "--recover-steps", "3"])
+    assert args.suffix == "-quick-custom"  # a narrowed run never overwrites the quick one
+    source = run.Source("m", "M", Path("m.onnx"), Path("tok"))
+    run.planer_builds(source, [Setting("m", 1, 128, 1)], mode, tmp_path, run.Progress())
+    assert [(label, budget) for label, _, budget in calls] == [
+        ("planer 50% latency", None), ("planer 50% latency + recover 5m", "5m"),
+        ("planer 50% latency + recover 3 steps", "3 steps")]
+    assert calls[1][1][-2:] == ["--recover", "5m"]
+    assert calls[2][1][-2:] == ["--recover-steps", "3"]
+    assert "--recover" not in calls[0][1]
