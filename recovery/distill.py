@@ -31,6 +31,7 @@ import onnx_ir as ir
 from planer.compiler.calibration import CalibrationSet, load_tokenizer, model_input_infos
 from planer.compiler.errors import BadInputError, PlanerError
 from planer.recovery import data
+from planer.recovery.skim import keep_summary
 from planer.recovery.train import (
     Evaluation,
     Holdout,
@@ -74,6 +75,8 @@ class RecoveryReport:
     config: dict[str, Any]
     world_size: int = 1
     int8_simulated: int = 0  # projection weights trained under simulated dynamic INT8
+    # Per skim point: planned keep ratio and held-out soft keep ratio σ(s), before/after.
+    skim: dict[str, Any] = dataclasses.field(default_factory=dict)
     written: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,12 +138,15 @@ def recover(
         raise RecoveryError(
             f"the torch mirror differs from the compiled model by {mirror_diff:.2e} "
             f"(more than {ATOL:g}), so recovery would train a different model; not trained.")
+    skim_before = keep_summary(trainer.student.mirror, holdout.inputs)
     batches = training_batches(model, calib, config, seed, texts, tokenizer)
     trainer.set_scales(holdout)
     result = trainer.fit(batches, holdout, deadline=started + budget_s if budget_s else None,
                          max_steps=max_steps, progress=_ProgressAdapter.wrap(progress, budget_s,
                                                                             max_steps))
     trainer.student.restore(result.best_state)
+    skim = {"before": skim_before,
+            "after": keep_summary(trainer.student.mirror, holdout.inputs)} if skim_before else {}
     written = trainer.student.write_back(model)
     written_diff = trainer.student.check(model, holdout.feeds[0])
     if written_diff > ATOL:
@@ -155,7 +161,7 @@ def recover(
         trained_tensors=len(written), trained_params=trainer.student.trained_params(),
         layer_loss=trainer.layer_loss, parts=trainer.student.parts(),
         config=dataclasses.asdict(config), int8_simulated=len(set(int8_weights)),
-        written=written,
+        written=written, skim=skim,
     )
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,3 +203,24 @@ def set_estimator(mirror: Mirror, estimator: str) -> None:
     for module in mirror.modules():
         if isinstance(module, SkimMirror):
             module.estimator = estimator
+
+
+def keep_summary(mirror: Mirror, batches: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                         torch.Tensor]]) -> dict[str, Any]:
+    """Returns per skim point its planned keep ratio and the mean soft one σ(s) on `batches`.
+
+    The hard ratio is the plan's by construction (ceil(r·n) per sequence); the soft one
+    says how well the predictor's probabilities match it (what the skim loss trains).
+    """
+    points = [m for m in mirror.modules() if isinstance(m, SkimMirror)]
+    if not points:
+        return {}
+    sums = np.zeros(len(points))
+    training = mirror.training
+    mirror.eval()
+    with torch.no_grad():
+        for entry, aux, mask in batches:
+            sums += np.asarray(mirror(entry, aux, mask).skim_keep)
+    mirror.train(training)
+    return {p.block: {"plan": round(p.ratio, 4), "soft_keep": round(float(s) / len(batches), 4)}
+            for p, s in zip(points, sums, strict=True)}

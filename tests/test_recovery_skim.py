@@ -185,6 +185,10 @@ def test_recovery_with_skim_lowers_the_loss_and_pulls_the_keep_ratio_to_plan(
     start, end = _soft_keep(recovered.before, recovered.calib), \
         _soft_keep(recovered.after, recovered.calib)
     assert start > 0.7 and abs(end - 0.5) < 0.1  # Transkimmer's skim loss at work
+    # report.json says the same, on the holdout the mirror measured.
+    assert report.skim["before"][POINT]["plan"] == 0.5
+    assert report.skim["before"][POINT]["soft_keep"] > 0.7
+    assert abs(report.skim["after"][POINT]["soft_keep"] - 0.5) < 0.1
     # The predictor was trained end to end, not only its bias.
     for name in (f"{POINT}/predictor/w1", f"{POINT}/predictor/w2", B2):
         assert name in report.written
