@@ -18,6 +18,7 @@ None, and the stream ends where `structure.read_stream` ends it).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -138,8 +139,10 @@ def _run(op: str, args: list[torch.Tensor | None], attrs: dict[str, object]) -> 
     if op in ("MatMul", "Add", "Sub", "Mul", "Div"):
         other = args[1]
         assert other is not None
-        return {"MatMul": torch.matmul, "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
-                "Div": torch.div}[op](x, other.to(x.dtype))
+        binary: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+            "MatMul": torch.matmul, "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
+            "Div": torch.div}
+        return binary[op](x, other.to(x.dtype))
     if op == "Reshape":
         shape = args[1]
         assert shape is not None
@@ -148,7 +151,9 @@ def _run(op: str, args: list[torch.Tensor | None], attrs: dict[str, object]) -> 
     if op == "Flatten":
         axis = int(attrs.get("axis", 1))  # type: ignore[call-overload]
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
-    return {"Tanh": torch.tanh, "Relu": torch.relu, "Identity": lambda t: t}[op](x)
+    unary: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "Tanh": torch.tanh, "Relu": torch.relu, "Identity": lambda t: t}
+    return unary[op](x)
 
 
 def _slice(x: torch.Tensor, args: list[torch.Tensor | None]) -> torch.Tensor:
