@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from planer.compiler.blocks import find_blocks
 from planer.compiler.calibration import build_calibration, model_input_infos
@@ -16,11 +18,12 @@ from planer.compiler.loading import load_model
 from planer.compiler.plan import MoePlan, parse_plan
 from planer.fixtures.build import example_inputs, fixture_path
 from planer.passes.ffn_to_moe import apply_ffn_to_moe, config_from_fits
-from planer.passes.moe_fit import fit_layers
+from planer.passes.moe_fit import activation_root, fit_layers
 from planer.recovery import data
 from planer.recovery.distill import recover
 from planer.recovery.moe import MoeMirror, activation_l1
 from planer.recovery.train import RecoveryConfig, Trainer, World, build_student, load_teacher
+from tests.conftest import run_ort
 
 ATOL = 1e-4
 
@@ -223,3 +226,30 @@ def test_moe_activation_needs_moe_layers_and_a_known_name(tmp_path: Path) -> Non
     with pytest.raises(BadInputError, match="activation must be 'relu'"):
         parse_plan({"layers": [{"moe": {"experts": 4, "top_k": 2, "activation": "gelu"}}, {}]},
                    find_blocks(load_model(src)))
+
+
+@pytest.mark.parametrize("lowering", ["gather", "scatter", "kernel"])
+def test_relufied_moe_with_every_expert_equals_the_ffn_with_relu(
+        lowering: str, tmp_path: Path, word_calibration: tuple[Path, Path]) -> None:
+    """The reduced rewrite against an independently built model: GELU swapped for Relu."""
+    text, vocab = word_calibration
+    model, spec = read_canonical(fixture_path("bert", "dynamo"))
+    expected, expected_spec = read_canonical(fixture_path("bert", "dynamo"))
+    ffn = expected_spec.layers[0].ffn
+    relu = ir.node("Relu", [activation_root(ffn)], name="expected/Relu")
+    expected.graph.insert_before(ffn.w2.matmul, relu)
+    ffn.w2.matmul.replace_input_with(0, relu.outputs[0])
+    RemoveUnusedNodesPass()(expected)
+    calib = build_calibration(text, model_input_infos(model), tokenizer=vocab, seq_len=16)
+    fitted = fit_layers(model, spec, calib, {0: 4}, steps=20, activations={0: "relu"})
+    apply_ffn_to_moe(model, spec, config_from_fits(
+        fitted, {0: MoePlan(4, top_k=4, activation="relu")}, lowering=lowering))
+    ir.save(model, tmp_path / "moe.onnx")
+    ir.save(expected, tmp_path / "expected.onnx")
+    feed = _feed()
+    (got,), (want,) = run_ort(tmp_path / "moe.onnx", feed), run_ort(tmp_path / "expected.onnx",
+                                                                       feed)
+    real = feed["attention_mask"].astype(bool)
+    assert np.abs(got[real] - want[real]).max() < 1e-4
+    (dense,) = run_ort(fixture_path("bert", "dynamo"), feed)
+    assert np.abs(dense[real] - want[real]).max() > 1e-2  # ReLU-fication changed the model
