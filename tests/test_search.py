@@ -116,6 +116,19 @@ def test_search_keeps_float_where_int8_does_not_pay_or_costs_too_much() -> None:
     assert all(la.int8 is None for la in plan.layers)
 
 
+def test_passes_without_prune_keep_every_unit() -> None:
+    _, spec = read_model(fixture_path("bert", "dynamo"))
+    model = _model(spec, attn_int8=0.6, ffn_int8=0.4)
+    quality = Quality(_scores(spec), Int8Costs(attn=(1e-4, 1e-4), ffn=(1e-4, 1e-4)))
+    target = model.predict(Plan.neutral(spec)) * 0.8
+    plan = plan_for_latency(spec, quality, model, target, kinds=frozenset({"moe"}))
+    neutral = Plan.neutral(spec)
+    assert [(la.heads, la.ffn) for la in plan.layers] == \
+        [(la.heads, la.ffn) for la in neutral.layers]
+    assert any(la.int8 is not None for la in plan.layers)  # INT8 alone meets it
+    assert model.predict(plan) <= target
+
+
 def test_unreachable_budget_gives_the_floor() -> None:
     _, spec = read_model(fixture_path("bert", "dynamo"))
     model = _model(spec, attn_int8=0.6, ffn_int8=0.4)

@@ -6,6 +6,13 @@
 
 Calibration activations are captured once per source model (`Fitting.acts`) and reused
 by every compile that shares the Fitting, such as the latency search's rounds.
+
+The latency search's quality model is built here too (`latency_quality`):
+
+    Fitting ─▶ probe (cost_model.quality) ─▶ single-change losses: heads, widths, INT8,
+               MoE (routers fitted for it, --passes moe), skim points (compiled, --passes skim)
+    uncorrected search at the target and 0.85 of it ─▶ those plans compiled and measured
+    on the probe ─▶ per-kind interaction weights ─▶ MeasuredQuality for every round
 """
 
 from __future__ import annotations
