@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from planer.compiler.driver.anchors import anchor_plans
 from planer.compiler.driver.cli import main
-from planer.compiler.driver.latency import anchor_plans, random_plan
+from planer.compiler.driver.latency import random_plan
 from planer.compiler.driver.pipeline import read_model
 from planer.compiler.errors import BadInputError
 from planer.compiler.plan import LayerPlan, Plan, parse_plan
@@ -254,3 +255,32 @@ def test_target_throughput_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert code == 2
     assert message in capsys.readouterr().err
     assert not seen  # refused before any compile
+
+
+def test_anchor_models_are_compiled_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler import emit
+    from planer.compiler.driver import anchors as anchors_mod
+    from planer.cost_model.kernels import KernelTimings
+
+    compiled: list[dict] = []
+    real = anchors_mod.compile_plan
+
+    def spy(model_path, out_dir, **kwargs):
+        compiled.append(kwargs["plan_data"])
+        return real(model_path, out_dir, **kwargs)
+
+    monkeypatch.setattr(anchors_mod, "compile_plan", spy)
+    src = fixture_path("bert", "dynamo")
+    _, spec = read_model(src)
+    plans = anchor_plans(spec, {})
+
+    def run() -> dict[str, Path]:
+        return anchors_mod.compile_anchors(src, plans, hidden=spec.hidden, batch=1, seq_len=8,
+                                           threads=1, ort_kernels="off",
+                                           kernels=KernelTimings())
+
+    first = run()
+    assert len(compiled) == 3 and all(path.exists() for path in first.values())
+    assert run() == first and len(compiled) == 3  # cached: nothing compiled again
+    monkeypatch.setattr(emit, "EMISSION_VERSION", emit.EMISSION_VERSION + 1)
+    assert run() != first and len(compiled) == 6  # another emission compiles afresh

@@ -31,6 +31,7 @@ from planer.compiler.calibration import (
     ModelInputInfo,
     random_feeds,
 )
+from planer.compiler.driver.anchors import anchor_plans, compile_anchors
 from planer.compiler.driver.compilation import CompileOptions
 from planer.compiler.driver.pipeline import (
     CompileResult,
@@ -57,7 +58,7 @@ from planer.cost_model.latency import (
     held_out_error,
 )
 from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, profile_blocks
-from planer.cost_model.profile_int8 import int8_kind, profile_int8_blocks
+from planer.cost_model.profile_int8 import profile_int8_blocks
 from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss, search
 from planer.cost_model.timing import (
     SessionOptions,
@@ -105,16 +106,14 @@ def profile_model(
     measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
                                             threads=threads, refresh=refresh, progress=progress)
     plans = anchor_plans(spec, int8)
-    say(f"compiling {len(plans)} anchor plans (float and INT8; all, fewer heads, narrower)")
-    with tempfile.TemporaryDirectory(prefix="planer-anchors-") as scratch:
-        paths = {name: compile_plan(model_path, Path(scratch) / name,
-                                    plan_data=plan.to_dict(), batch=batch, seq_len=seq_len,
-                                    threads=threads, ort_kernels=ort_kernels,
-                                    kernels=kernels).model_path
-                 for name, plan in plans.items()}
-        say("timing the dense model and the anchor plans")
-        times = measure_ms({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
-                           threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
+    say(f"{len(plans)} anchor plans (float and INT8; all, fewer heads, narrower; compiled "
+        "once, cached)")
+    paths = compile_anchors(model_path, plans, hidden=spec.hidden, batch=batch,
+                            seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                            kernels=kernels or KernelTimings())
+    say("timing the dense model and the anchor plans")
+    times = measure_ms({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
+                       threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
     stored = fit_latency_model(measured["attn"], measured["ffn"], times["neutral"],
                                plans["neutral"], int8=int8)
     latency = anchor(stored, [(plan, times[name]) for name, plan in plans.items()])
@@ -128,32 +127,6 @@ def profile_model(
             "points": {k: [(m.units, round(m.median_ms, 4)) for m in v]
                        for k, v in {**measured, **int8}.items()}}
     return latency, info
-
-
-def anchor_plans(spec: ModelSpec, int8: Mapping[str, Any]) -> dict[str, Plan]:
-    """The whole plans `profile_model` times to anchor the curves (latency.anchor).
-
-    Every layer alike: all units, a quarter of the heads, a quarter of the FFN width
-    (on the profiled grid); the same three again with both blocks in INT8 where INT8
-    was profiled.
-    """
-    def every_layer(heads_share: float, ffn_share: float, blocks: str | None) -> Plan:
-        layers = []
-        for la in spec.layers:
-            step = max(1, la.ffn.width // 16)
-            layers.append(LayerPlan(
-                heads=max(1, round(la.attention.heads * heads_share)),
-                ffn=max(step, step * round(la.ffn.width * ffn_share / step)),
-                int8=Int8Plan(blocks, INT8_MODE) if blocks else None))
-        return Plan(tuple(layers))
-
-    shapes = {"neutral": (1.0, 1.0), "fewer_heads": (0.25, 1.0), "narrower": (1.0, 0.25)}
-    plans = {name: every_layer(h, f, None) for name, (h, f) in shapes.items()}
-    plans["neutral"] = Plan.neutral(spec)  # exactly, whatever the grid
-    if int8_kind("attn", INT8_MODE) in int8 and int8_kind("ffn", INT8_MODE) in int8:
-        plans.update({f"int8_{name}": every_layer(h, f, "both")
-                      for name, (h, f) in shapes.items()})
-    return plans
 
 
 def block_profile(
