@@ -43,7 +43,7 @@ import onnxruntime as ort
 from scipy.optimize import lsq_linear
 
 from planer.compiler.blocks import find_blocks
-from planer.compiler.capture import main_output
+from planer.compiler.capture import main_output, unflatten_tokens
 from planer.compiler.plan import LayerPlan, MoePlan
 from planer.compiler.spec import LayerSpec, ModelSpec
 from planer.cost_model.int8_cost import Int8Capture, attention_delta, ffn_delta, take_sequences
@@ -184,7 +184,10 @@ class Probe:
         self.zeros = [{name: np.zeros((*_shape(f), spec.hidden), np.float32)
                        for pair in self.deltas for name in pair} for f in self.feeds]
         wanted = list(dict.fromkeys([self.output, *[str(v.name) for v in extra]]))
-        self.tensors = [dict(zip(wanted, self.session.run(wanted, {**f, **z}), strict=True))
+        # Token rows some exports keep flattened (TorchScript GPT-2's c_proj input) as
+        # [B, S, W], so every Δ has the perturbation inputs' rank.
+        self.tensors = [{name: unflatten_tokens(array, _shape(f)) for name, array in
+                         zip(wanted, self.session.run(wanted, {**f, **z}), strict=True)}
                         for f, z in zip(self.feeds, self.zeros, strict=True)]
         self.base = [_pooled(t[self.output], f) for t, f in
                      zip(self.tensors, self.feeds, strict=True)]
