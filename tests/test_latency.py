@@ -284,3 +284,17 @@ def test_anchor_models_are_compiled_once_per_key(monkeypatch: pytest.MonkeyPatch
     assert run() == first and len(compiled) == 3  # cached: nothing compiled again
     monkeypatch.setattr(emit, "EMISSION_VERSION", emit.EMISSION_VERSION + 1)
     assert run() != first and len(compiled) == 6  # another emission compiles afresh
+
+
+def test_profile_report_scores_whole_mixed_plans(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from planer.compiler.driver import latency as loop
+
+    real = loop.validate_latency_model
+    monkeypatch.setattr(loop, "validate_latency_model",
+                        lambda *a, **k: real(*a, **{**k, "samples": 2, "repeats": 2}))
+    code = main(["profile", str(fixture_path("bert", "dynamo")), "--seq-len", "8", "--report"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "held-out MAPE on 2 whole compiled models (latency ratios to the original)" in printed
+    assert printed.count("predicted ") == 2 and "measured " in printed
