@@ -4,7 +4,8 @@
 
 Counts are what each layer keeps. Later passes add optional per-layer fields
 (`moe`, `skim_keep`, `int8`: {"blocks": "attn"|"ffn"|"both", "mode": "dynamic"|"static"});
-fields planer does not know are rejected, so a typo never silently does nothing.
+fields planer does not know are rejected, so a typo never silently does nothing. One
+model-level field: `"mux": N` (1, 2 or 4 instances per backbone row; default 1).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MOE_ACTIVATIONS = ("relu",)  # DSTI's ReLU-fication: experts run ReLU in place o
 MAX_PLAN_BYTES = 16 * files.MIB  # a plan names a few numbers per layer
 INT8_BLOCKS = ("attn", "ffn", "both")
 INT8_MODES = ("dynamic", "static")
+MUX_WIDTHS = (1, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +94,10 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Per-layer choices for a whole model."""
+    """Per-layer choices for a whole model, and how many instances share a row (`mux`)."""
 
     layers: tuple[LayerPlan, ...]
+    mux: int = 1
 
     @staticmethod
     def neutral(spec: ModelSpec) -> Plan:
@@ -104,7 +107,10 @@ class Plan:
         ))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [layer.to_dict() for layer in self.layers]}
+        data: dict[str, Any] = {"layers": [layer.to_dict() for layer in self.layers]}
+        if self.mux != 1:
+            data["mux"] = self.mux
+        return data
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
@@ -158,7 +164,14 @@ def parse_plan(data: Any, spec: ModelSpec) -> Plan:
         int8 = _int8(entry.get("int8"), i)
         _check_int8_fits(int8, heads, ffn, moe, i)
         layers.append(LayerPlan(heads=heads, ffn=ffn, moe=moe, skim_keep=skim, int8=int8))
-    return Plan(tuple(layers))
+    return Plan(tuple(layers), mux=_mux(data.get("mux", 1)))
+
+
+def _mux(value: Any) -> int:
+    if isinstance(value, bool) or value not in MUX_WIDTHS:
+        raise BadInputError(f"plan mux must be one of {', '.join(map(str, MUX_WIDTHS))}, "
+                            f"not {value!r}.")
+    return int(value)
 
 
 def _count(entry: dict[str, Any], field: str, limit: int, index: int) -> int:

@@ -138,6 +138,7 @@ class Student:
     mirror: Mirror
     prefix: Prefix
     threads: int
+    loss: Any = None  # the student's own loss (recovery.mux scores instances), else distill_loss
     head: HeadMirror | None = None  # a classification head, replayed frozen on the end
 
     def run(self, entry: torch.Tensor, aux: Mapping[str, torch.Tensor], mask: torch.Tensor,
@@ -149,7 +150,8 @@ class Student:
     def inputs(self, feed: Feed) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Returns (entry, aux, real-token mask) tensors for one batch."""
         entry, aux = self.prefix.run(feed)
-        mask = data.real_mask(feed, entry.shape[:2])
+        # The feed's rows, not the entry's: a mux entry holds one row per group.
+        mask = data.real_mask(feed, (len(next(iter(feed.values()))), entry.shape[1]))
         return (torch.from_numpy(entry), {k: torch.from_numpy(v) for k, v in aux.items()},
                 torch.from_numpy(mask))
 
@@ -198,6 +200,10 @@ def build_student(model: ir.Model, *, threads: int | None = None,
     INT8; the mirror simulates their rounding (recovery.fakequant).
     """
     threads = threads or torch.get_num_threads()
+    from planer.recovery.mux import build_mux_student, has_mux
+
+    if has_mux(model):
+        return build_mux_student(model, threads)
     canonical = canonical_copy(model)
     head = cut_head(canonical)  # the stream then ends at the head's hidden state
     stream = read_stream(canonical)
@@ -256,7 +262,8 @@ class Holdout:
             m = mask.numpy()[..., None].astype(np.float64)
             sq = np.array([(np.square(t.astype(np.float64)) * m).sum() for t in out.layers])
             err = np.array([(np.square(s.numpy() - t.astype(np.float64)) * m).sum()
-                            for s, t in zip(mine, out.layers, strict=False)])
+                            for s, t in zip(mine, out.layers, strict=False)
+                            if s.shape == t.shape])  # a mux backbone's layers hold groups
             squares = sq if not squares.size else squares + sq
             errors = err if not errors.size else errors + err
         count = sum(float(i[2].sum()) for i in inputs) * max(1, ends[0].shape[-1])
@@ -444,8 +451,8 @@ class Trainer:
         out = self.student.run(entry, aux, mask, self.module)
         if not self.layer_loss:
             out = dataclasses.replace(out, layers=[])
-        terms = distill_loss(out, teacher, mask, self.config, self.scales,
-                             tokens=tokens, sequences=float(batch))
+        terms = (self.student.loss or distill_loss)(out, teacher, mask, self.config, self.scales,
+                                                    tokens=tokens, sequences=float(batch))
         l1 = activation_l1(self.student.mirror, tokens) if self.config.activation_l1 else None
         if l1 is not None:  # DSTI: sparser ReLU experts (recovery.moe)
             terms.total = terms.total + self.config.activation_l1 * l1

@@ -163,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
                                "on the calibration text for this wall-clock budget (5m, 90s)")
     compile_.add_argument("--recover-steps", type=positive_int, metavar="N",
                           help="recovery budget as optimizer steps (with or without --recover)")
+    compile_.add_argument("--mux", type=int, choices=(1, 2, 4), default=1, metavar="N",
+                          help="run N inputs through the layers in one row (DataMUX); needs "
+                               "--recover to train the demux (1, 2 or 4; default 1)")
     compile_.add_argument("--moe-activation", choices=("relu",),
                           help="run MoE experts with ReLU in place of the FFN's activation "
                                "(DSTI's ReLU-fication; loses quality unless --recover trains "
@@ -294,6 +297,7 @@ def run_compile(args: argparse.Namespace) -> int:
                 passes=frozenset(passes), target_runtime=args.target_runtime,
                 threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
                 recover_seconds=args.recover_seconds, recover_steps=args.recover_steps,
+                mux=args.mux,
                 moe_activation=args.moe_activation,
             )
     _print_summary(result.report, time.perf_counter() - started, args.output)
@@ -320,6 +324,9 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
     from planer.compiler.driver.pipeline import CompileResult
     from planer.compiler.errors import TargetUnreachableError
 
+    if args.mux != 1:
+        raise BadInputError("--mux is not searched by --target-latency yet; use --plan or "
+                            "--target-flops with --mux.")
     if args.plan is not None or args.target_flops is not None:
         raise BadInputError("give one of --plan, --target-flops, --target-latency or "
                             "--target-throughput.")

@@ -33,6 +33,8 @@ Progress = Callable[[str], None]
 ORT_KERNELS = ("auto", "on", "off")
 RUNTIMES = ("ort", "tensorrt")
 REPORT_SCHEMA = 2  # bump when report.json changes shape
+MUX_NEEDS_RECOVERY = ("mux mixes several inputs into one row and only a trained demux can "
+                      "separate them (untrained, its outputs are garbage); add --recover TIME.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class CompileOptions:
     ort_kernels: str = "auto"
     recover_seconds: float | None = None
     recover_steps: int | None = None
+    mux: int = 1  # instances per backbone row (`--mux`, passes.mux); needs recovery
     moe_activation: str | None = None  # "relu": ReLU-fied experts in every MoE layer
 
     def check(self) -> None:
@@ -71,6 +74,10 @@ class CompileOptions:
         if self.target_runtime not in RUNTIMES:
             raise BadInputError(f"--target-runtime must be one of {', '.join(RUNTIMES)}, "
                                 f"not {self.target_runtime!r}.")
+        if self.mux not in (1, 2, 4):
+            raise BadInputError(f"--mux must be 1, 2 or 4, not {self.mux}.")
+        if self.mux > 1 and not self.recovers:
+            raise BadInputError(MUX_NEEDS_RECOVERY)
         if self.moe_activation not in (None, "relu"):
             raise BadInputError(f"--moe-activation must be relu, not {self.moe_activation!r}.")
         if self.moe_activation and self.plan_data is None and "moe" not in self.passes:

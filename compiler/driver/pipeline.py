@@ -35,6 +35,7 @@ from planer.compiler.driver.stages import (
     ChooseUnits,
     FfnToMoe,
     Int8,
+    Mux,
     OrtKernels,
     Prune,
     Recover,
@@ -67,6 +68,10 @@ STAGES: list[Stage] = [
     # After the weight surgery: skimming rewires the sequence plumbing around layers and
     # reads the re-emitted attention (attention-received scores).
     TokenSkim(),
+    # After every structural rewrite of the layers (they run on B/N rows, so their
+    # weights and shapes must be settled) and before recovery, which trains the demux
+    # heads together with the backbone: an untrained mux model is garbage.
+    Mux(),
     # After every structural rewrite, so what is trained is what ships; before the kernel
     # respelling and int8, so the torch mirror reads float weights in the standard form.
     Recover(),
@@ -144,6 +149,7 @@ def compile_plan(
     fitting: Fitting | None = None,
     recover_seconds: float | None = None,
     recover_steps: int | None = None,
+    mux: int = 1,
     kernels: KernelTimings | None = None,
     moe_activation: str | None = None,
 ) -> CompileResult:
@@ -158,6 +164,7 @@ def compile_plan(
         tokenizer=tokenizer, batch=batch, seq_len=seq_len, reconstruct=reconstruct,
         method=method, passes=passes, target_runtime=target_runtime, threads=threads,
         ort_kernels=ort_kernels, recover_seconds=recover_seconds, recover_steps=recover_steps,
+        mux=mux,
         moe_activation=moe_activation)
     return compile_with(model_path, out_dir, options, progress=progress, fitting=fitting,
                         kernels=kernels)

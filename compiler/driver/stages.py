@@ -18,7 +18,7 @@ from typing import Any
 import onnx_ir as ir
 
 from planer.compiler.calibration import read_texts
-from planer.compiler.driver.compilation import Compilation
+from planer.compiler.driver.compilation import MUX_NEEDS_RECOVERY, Compilation
 from planer.compiler.driver.planning import choose_units, skim_layers
 from planer.compiler.errors import BadInputError, PlanerError
 from planer.compiler.irutil import is_dead
@@ -34,6 +34,7 @@ from planer.passes.ffn_to_moe import (
 )
 from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
 from planer.passes.moe_fit import fit_layers
+from planer.passes.mux import MuxConfig, apply_mux
 from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
 from planer.passes.skim_fit import fit_predictors
 from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
@@ -206,6 +207,38 @@ class OrtKernels(Stage):
                                 kernels=c.kernels)
         c.report.add("ort_kernels", info)
         return True
+
+
+class Mux(Stage):
+    """Mixes N instances per backbone row and restores them with demux heads (DataMUX)."""
+
+    name = PassName.MUX
+
+    def applies(self, c: Compilation) -> bool:
+        return max(c.options.mux, c.plan.mux) > 1
+
+    def requires(self, c: Compilation) -> None:
+        o, plan = c.options, c.plan
+        if o.mux > 1 and plan.mux > 1 and o.mux != plan.mux:
+            raise BadInputError(f"--mux {o.mux} contradicts the plan's mux {plan.mux}.")
+        if not o.recovers:
+            raise BadInputError(MUX_NEEDS_RECOVERY)
+        if skim_layers(plan) or any(la.moe is not None for la in plan.layers):
+            raise BadInputError("mux cannot be combined with skim_keep or moe yet (recovery "
+                                "does not mirror skimming; MoE under mux is untested).")
+
+    def describe(self, c: Compilation) -> str:
+        return f"multiplexing {max(c.options.mux, c.plan.mux)} inputs per row"
+
+    def run(self, c: Compilation) -> bool:
+        n = max(c.options.mux, c.plan.mux)
+        c.plan = dataclasses.replace(c.plan, mux=n)  # plan.json records what was applied
+        # The source spec: layer 0's input and the width are the embeddings', which no
+        # earlier stage rewrites (the finder may not read a pruned layer back).
+        changed = apply_mux(c.model, c.source_spec, MuxConfig(n=n))
+        c.report.add("mux", {"n": n, "keys": "seeded unit Gaussian (seed 0)",
+                             "demux": "MLP([h ; p_i]), ReLU, hidden = model width"})
+        return changed > 0
 
 
 class Recover(Stage):
