@@ -119,8 +119,22 @@ def apply_mux(model: ir.Model, spec: ModelSpec, config: MuxConfig) -> int:
         raise UnsupportedModelError(f"mux N must be one of {WIDTHS}, not {config.n}.")
     if config.n == 1:
         return 0
+    multiplex(model, stream_entry(spec), hidden_output(model.graph, spec.hidden), config,
+              last_layer=len(spec.layers) - 1)
+    return 1
+
+
+def multiplex(model: ir.Model, entry: ir.Value, end: ir.Value, config: MuxConfig, *,
+              last_layer: int) -> None:
+    """Rewrites the nodes between `entry` [B, S, D] and `end` [B, S, D] to run on groups.
+
+    Every value those nodes read from outside (other than constants and `entry`) is taken
+    for a mask and combined per group by its largest value.
+    """
     graph = model.graph
-    entry, end = stream_entry(spec), hidden_output(graph, spec.hidden)
+    width = entry.shape[-1] if entry.shape is not None else None
+    if not isinstance(width, int):
+        raise UnsupportedModelError(f"mux needs the width of {entry.name}, which is not known.")
     region = _descendants(entry) & _ancestors(end)
     masks = _outside_reads(graph, region, entry)
     opset = default_opset(model)
@@ -128,14 +142,14 @@ def apply_mux(model: ir.Model, spec: ModelSpec, config: MuxConfig) -> int:
                       block=str(BlockId(0, "mux")))
     batch = mux.op("Shape", [entry], "batch", {"start": 0, "end": 1})
     rows = _padded_rows(mux, batch, config.n)
-    mixed = _mix(mux, entry, rows, config.resolved_keys(spec.hidden), opset)
+    mixed = _mix(mux, entry, rows, config.resolved_keys(width), opset)
     _redirect(entry, mixed, region)
     for mask in masks:
         _redirect(mask, _union(mux, mask, rows, config.n, opset), region)
     # Inserted before the output's producer; the sort below puts every new node in place.
     demux = NodeBuilder(graph, _producer(end), pass_name=PassName.MUX,
-                        block=str(BlockId(len(spec.layers) - 1, "demux")))
-    weights = config.demux or DemuxWeights.identity(config.n, spec.hidden, config.hidden,
+                        block=str(BlockId(last_layer, "demux")))
+    weights = config.demux or DemuxWeights.identity(config.n, width, config.hidden,
                                                     seed=config.seed)
     _demux(demux, end, batch, weights)
     for node in graph:  # the layers' values now hold G rows, not the batch their shapes say
@@ -143,7 +157,6 @@ def apply_mux(model: ir.Model, spec: ModelSpec, config: MuxConfig) -> int:
             for value in node.outputs:
                 value.shape = None
     TopologicalSortPass()(model)
-    return 1
 
 
 def stream_entry(spec: ModelSpec) -> ir.Value:
