@@ -266,7 +266,9 @@ class Holdout:
                             if s.shape == t.shape])  # a mux backbone's layers hold groups
             squares = sq if not squares.size else squares + sq
             errors = err if not errors.size else errors + err
-        count = sum(float(i[2].sum()) for i in inputs) * max(1, ends[0].shape[-1])
+        # Per element of a layer output: its width, not the end's (a head's end is [B, C]).
+        width = out.layers[0].shape[-1] if out.layers else ends[0].shape[-1]
+        count = sum(float(i[2].sum()) for i in inputs) * max(1, width)
         error = (errors / np.maximum(squares, 1e-12)).tolist() if errors.size == squares.size \
             else []
         return Holdout(trimmed, inputs, ends, (squares / max(count, 1.0)).tolist(), error)
