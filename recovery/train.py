@@ -210,7 +210,7 @@ def build_student(model: ir.Model, *, threads: int | None = None,
     mirror = Mirror(stream)
     mirror.store.int8 = Simulation(set(int8_weights))
     return Student(canonical, stream, mirror, Prefix(canonical, stream, threads=threads), threads,
-                   HeadMirror(head) if head is not None else None)
+                   head=HeadMirror(head) if head is not None else None)
 
 
 def load_teacher(original_path: Path, *, threads: int | None = None) -> Teacher:
