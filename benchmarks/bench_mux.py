@@ -73,15 +73,68 @@ def speed(repeats: int) -> dict[str, Any]:
             "models": result}
 
 
+def quality(n: int, budgets: Sequence[float], flops: Sequence[float], work: Path,
+            repeats: int) -> dict[str, Any]:
+    """Compiles mux N with each recovery budget and pruning at each FLOPs ratio; scores all.
+
+    Throughput is timed at batch 32 beside the original (interleaved), so the pruned model
+    whose throughput matches mux N's can be read off the table.
+    """
+    import torch
+
+    from benchmarks.probe import DATA
+    from benchmarks.quality import evaluate
+    from planer.compiler.driver.pipeline import compile_plan
+    from planer.fixtures.build import minilm_tokenizer_dir
+
+    torch.set_num_threads(THREADS)
+    source, tokenizer = resolve_model(None), minilm_tokenizer_dir()
+    calibration = DATA / "sst2" / "train.tsv"
+    common = {"calibration": calibration, "tokenizer": tokenizer, "seq_len": SEQ,
+              "batch": BATCH, "threads": THREADS}
+    models: dict[str, Path] = {"original": source}
+    reports: dict[str, Any] = {}
+    for budget in budgets:
+        name = f"mux{n}-recover{budget:g}s"
+        result = compile_plan(source, work / name, mux=n, recover_seconds=budget, **common)
+        models[name] = result.model_path
+        reports[name] = {k: result.report["recovery"][k] for k in
+                         ("steps", "tokens", "train_s", "stopped", "fidelity_before",
+                          "fidelity_after")}
+    for ratio in flops:
+        name = f"flops{ratio:g}"
+        models[name] = compile_plan(source, work / name, target_flops=ratio, **common).model_path
+    speeds = throughput(models, repeats=repeats)
+    scores = evaluate(source, [p for k, p in models.items() if k != "original"], tokenizer,
+                      threads=THREADS)
+    rows = {}
+    for (name, _), score in zip(models.items(), scores, strict=True):
+        rows[name] = {**speeds[name], **{k: v for k, v in score.items() if k != "model"},
+                      **({"recovery": reports[name]} if name in reports else {})}
+    return {"mux": n, "batch": BATCH, "seq_len": SEQ, "threads": THREADS,
+            "calibration": "sst2/train.tsv", "models": rows}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("speed")
     s.add_argument("--repeats", type=int, default=30)
     s.add_argument("--out", type=Path, default=None)
+    q = sub.add_parser("quality")
+    q.add_argument("--mux", type=int, choices=(2, 4), default=2)
+    q.add_argument("--budgets", type=float, nargs="+", default=[300.0], help="seconds")
+    q.add_argument("--flops", type=float, nargs="*", default=[0.5], help="pruning ratios")
+    q.add_argument("--work", type=Path, default=None, help="keep the models here")
+    q.add_argument("--repeats", type=int, default=20)
+    q.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.mode == "speed":
         result = speed(args.repeats)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = quality(args.mux, args.budgets, args.flops, args.work or Path(tmp),
+                             args.repeats)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out is not None:

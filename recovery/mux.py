@@ -187,5 +187,5 @@ def build_mux_student(model: ir.Model, threads: int) -> Student:
     # frozen_shared), with B rows out of G.
     student = Student(backbone, stream, cast(Mirror, MuxMirror(mirror, demux)),
                       Prefix(backbone, stream, threads=threads), threads)
-    student.loss = MuxLoss(torch.from_numpy(parts.keys.copy()))
+    student.loss = MuxLoss(torch.from_numpy(parts.keys.copy()), aux_weight=AUX_WEIGHT)
     return student
