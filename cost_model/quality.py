@@ -87,10 +87,10 @@ class LayerLoss:
     def to_dict(self) -> dict[str, Any]:
         """The measured points, for the report."""
         data: dict[str, Any] = {
-            "heads": {str(c): round(v, 6) for c, v in zip(self.attn.counts, self.attn.loss,
-                                                         strict=True)},
-            "ffn": {str(c): round(v, 6) for c, v in zip(self.ffn.counts, self.ffn.loss,
-                                                       strict=True)}}
+            "heads": {str(c): round(float(v), 6)
+                      for c, v in zip(self.attn.counts, self.attn.loss, strict=True)},
+            "ffn": {str(c): round(float(v), 6)
+                    for c, v in zip(self.ffn.counts, self.ffn.loss, strict=True)}}
         if self.int8_attn is not None:
             data["int8_attn"] = round(self.int8_attn, 6)
         if self.int8_ffn is not None:
@@ -98,6 +98,22 @@ class LayerLoss:
         if self.moe:
             data["moe"] = [{**p.to_dict(), "loss": round(v, 6)} for p, v in self.moe.items()]
         return data
+
+
+def layers_to_json(layers: Sequence[LayerLoss]) -> list[dict[str, Any]]:
+    """The measured losses as JSON (for the measurement cache)."""
+    return [{"attn": dataclasses.asdict(la.attn), "ffn": dataclasses.asdict(la.ffn),
+             "int8_attn": la.int8_attn, "int8_ffn": la.int8_ffn,
+             "moe": [[dataclasses.asdict(p), v] for p, v in la.moe.items()]} for la in layers]
+
+
+def layers_from_json(data: Sequence[dict[str, Any]]) -> list[LayerLoss]:
+    """Reads what layers_to_json wrote."""
+    def curve(c: dict[str, Any]) -> Curve:
+        return Curve(tuple(c["counts"]), tuple(c["costs"]), tuple(c["loss"]))
+
+    return [LayerLoss(curve(la["attn"]), curve(la["ffn"]), la["int8_attn"], la["int8_ffn"],
+                      {MoePlan(**p): v for p, v in la["moe"]}) for la in data]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +157,10 @@ class MeasuredQuality:
     def layer_loss(self, i: int, choice: LayerPlan) -> float:
         """Predicts the loss layer i's choice adds to a plan (corrected per kind)."""
         return sum(self.weights.get(k, 1.0) * v for k, v in self.parts(i, choice).items())
+
+    def measures_int8(self, i: int) -> bool:
+        """Whether layer i's INT8 costs were measured (both blocks)."""
+        return self.layers[i].int8_attn is not None and self.layers[i].int8_ffn is not None
 
 
 def removed_cost(scores: np.ndarray, count: int) -> float:
@@ -285,7 +305,8 @@ def _curve(probe: Probe, i: int, block: int, scores: np.ndarray, x_fit: np.ndarr
         costs.append(removed_cost(scores, n - count))
         losses.append(probe.loss(i, block, delta))
     # Removing more units never helps by more than noise: keep the curve monotone.
-    return Curve(tuple(counts), tuple(costs), tuple(np.maximum.accumulate(losses)))
+    return Curve(tuple(counts), tuple(costs),
+                 tuple(float(v) for v in np.maximum.accumulate(losses)))
 
 
 def _columns(kept: tuple[int, ...], unit: int) -> np.ndarray:

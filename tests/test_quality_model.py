@@ -139,3 +139,33 @@ def test_variant_latency_counts_skimmed_tokens_and_experts() -> None:
     width = spec.layers[0].ffn.width
     assert variants.moe_ms(latency, width, spec.hidden, MoePlan(8, top_k=2)) < \
         variants.moe_ms(latency, width, spec.hidden, MoePlan(8, top_k=6))
+
+
+def test_measurements_are_cached_per_model_data_and_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver.compilation import Fitting
+    from planer.compiler.driver.planning import measure_quality
+
+    monkeypatch.setenv("PLANER_CACHE_DIR", str(tmp_path))
+    model, spec = read_model(fixture_path("bert", "dynamo"))
+    calib = build_calibration(None, model_input_infos(model), vocab_size=spec.vocab_size,
+                              seq_len=16, max_samples=16, seed=0)
+
+    def never(plan: Plan) -> Path:
+        raise AssertionError("nothing is compiled without skim")
+
+    def measure(int8: bool, said: list[str]) -> MeasuredQuality:
+        return measure_quality(model, spec, Fitting(calib), batch=1,
+                               passes=frozenset({"prune"}), int8=int8, measure_plan=never,
+                               progress=said.append).quality
+
+    first_said: list[str] = []
+    first = measure(True, first_said)
+    assert not any("cached" in line for line in first_said)
+    said: list[str] = []
+    again = measure(True, said)
+    assert "reusing the quality model's measurements (cached)" in said
+    assert again.layers == first.layers
+    other: list[str] = []
+    assert measure(False, other).layers[0].int8_attn is None  # other settings, measured anew
+    assert not any("cached" in line for line in other)

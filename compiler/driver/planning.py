@@ -18,12 +18,17 @@ The latency search's quality model is built here too (`latency_quality`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
+from planer.compiler.cache import cache_dir
 from planer.compiler.calibration import CalibrationSet
 from planer.compiler.driver.prune import (
     Selection,
@@ -31,6 +36,7 @@ from planer.compiler.driver.prune import (
     magnitude_selection,
     plan_for_flops,
 )
+from planer.compiler.emit import EMISSION_VERSION
 from planer.compiler.errors import BadInputError
 from planer.compiler.plan import MoePlan, Plan
 from planer.compiler.spec import ModelSpec
@@ -41,6 +47,8 @@ from planer.cost_model.quality import (
     MeasuredQuality,
     Probe,
     fit_weights,
+    layers_from_json,
+    layers_to_json,
     measure_layers,
     probe_feeds,
 )
@@ -201,16 +209,26 @@ def measure_quality(
 
     Heads and widths always; INT8 when `int8`; MoE (8 experts, top-2 and top-4) with
     "moe" in `passes` for layers whose width 8 divides; skim placements (skim_points),
-    each compiled alone, with "skim".
+    each compiled alone, with "skim". The measurements are cached per model, calibration
+    data and settings (under the planer cache, `quality/`), so a second compile of the
+    same model on the same text measures nothing again.
     """
     acts = activations(fitting, model, spec, progress)
     scores = importance(spec, acts)
+    probe = Probe(model, spec, probe_feeds(fitting.calib.batches, sequences), threads=threads)
+    cached = _quality_cache(model, fitting, batch=batch, passes=passes, int8=int8,
+                            sequences=sequences)
+    if cached.exists():
+        progress("reusing the quality model's measurements (cached)")
+        data = json.loads(cached.read_text())
+        skim = {(int(i), float(r)): float(v) for i, r, v in data["skim"]}
+        return QualityFit(MeasuredQuality(scores, tuple(layers_from_json(data["layers"])), skim),
+                          probe, measure_plan)
     fits = None
     if "moe" in passes:
         progress("fitting experts and routers for the MoE variants")
         fits = fit_layers(model, spec, fitting.calib,
                           {la.index: 8 for la in spec.layers if la.ffn.width % 8 == 0})
-    probe = Probe(model, spec, probe_feeds(fitting.calib.batches, sequences), threads=threads)
     layers = measure_layers(probe, spec, scores, acts, batch=batch, int8=int8, moe=fits,
                             moe_plans=MOE_SEARCH if fits else (), progress=progress)
     skim = {}
@@ -220,8 +238,31 @@ def measure_quality(
             plan = Plan(tuple(dataclasses.replace(la, skim_keep=keep if j == i else None)
                               for j, la in enumerate(Plan.neutral(spec).layers)))
             skim[(i, keep)] = probe.model_loss(measure_plan(plan))
-    quality = MeasuredQuality(scores, tuple(layers), skim)
-    return QualityFit(quality, probe, measure_plan)
+    _write_atomic(cached, json.dumps({"layers": layers_to_json(layers),
+                                      "skim": [[i, r, v] for (i, r), v in skim.items()]}))
+    return QualityFit(MeasuredQuality(scores, tuple(layers), skim), probe, measure_plan)
+
+
+QUALITY_CACHE_VERSION = 1  # bump when what measure_quality measures changes
+
+
+def _quality_cache(model: ir.Model, fitting: Fitting, **settings: Any) -> Path:
+    """The cache file of one model's measurements on one calibration set and settings."""
+    digest = hashlib.sha256(ir.to_proto(model).SerializeToString())
+    for feed in fitting.calib.batches:
+        for name in sorted(feed):
+            digest.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
+    key = {**settings, "passes": sorted(settings["passes"]), "version": QUALITY_CACHE_VERSION,
+           "emission": EMISSION_VERSION, "moe": [p.to_dict() for p in MOE_SEARCH],
+           "skim": list(SKIM_KEEPS)}
+    digest.update(json.dumps(key, sort_keys=True).encode())
+    return cache_dir("quality") / f"{digest.hexdigest()[:32]}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)
 
 
 CORRECTION_BUDGETS = (1.0, 0.85)  # shares of the target whose plans fit the weights
