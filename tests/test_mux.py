@@ -10,6 +10,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from planer.compiler.driver.cli import main
 from planer.compiler.driver.pipeline import (
     CompileResult,
     compile_plan,
@@ -118,9 +119,12 @@ def test_mux_nodes_fit_tensorrt_and_interface_is_unchanged(tmp_path: Path) -> No
         assert out.shape == (rows, 9, spec.hidden) and np.isfinite(out).all()
 
 
-def test_mux_needs_recovery_and_a_valid_width(tmp_path: Path) -> None:
+def test_mux_needs_recovery_and_a_valid_width(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(BadInputError, match="--recover"):
         compile_plan(SOURCE, tmp_path / "out", mux=2)
+    assert main(["compile", str(SOURCE), "-o", str(tmp_path / "cli"), "--mux", "2"]) == 2
+    assert "--recover" in capsys.readouterr().err and not (tmp_path / "cli").exists()
     _, spec = read_canonical(SOURCE)
     neutral = {"layers": [{} for _ in spec.layers]}
     assert parse_plan({**neutral, "mux": 4}, spec).mux == 4
