@@ -25,7 +25,12 @@ from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array, other_input, scalar
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
-from planer.compiler.rotary import match_rotary, perm_of, rotary_problem
+from planer.compiler.rotary import (
+    match_partial_rotary,
+    match_rotary,
+    perm_of,
+    rotary_problem,
+)
 from planer.compiler.spec import (
     AttentionSpec,
     FfnSpec,
@@ -332,10 +337,13 @@ def _trace_projection(
             value, rotary[role] = found
             nodes.extend(rotary[role].nodes)
             continue
-        if op == "Concat" and _rotary_hint(producer):
-            raise _NoMatch(f"{_describe(producer)} joins a rotated part of each head to an "
-                           "unrotated part (partial rotary), which head pruning does not "
-                           "rewrite yet")
+        if op == "Concat" and role not in rotary and (found := match_partial_rotary(producer)):
+            if relaid:
+                raise _NoMatch(f"{_describe(producer)} applies rotary position embeddings "
+                               "outside the (batch, heads, seq, head size) layout")
+            value, rotary[role] = found
+            nodes.extend(rotary[role].nodes)
+            continue
         if op in ("Mul", "Div"):
             s = _scale_of(producer, 0)
             if s is None:

@@ -20,11 +20,14 @@ Written (head pruning), on the kept heads, with constant shapes that carry no he
     y = x·cos + rotate(x)·sin      (cos/sin gathered to the kept heads when they hold one
                                     row per head on axis -3; broadcast ones are read as is)
 
+Partial rotary (GPT-NeoX, Phi): Concat(rotary(x[.., :r]), x[.., r:]) is read and written
+the same way, with the first r dims rotated and the rest passed through.
+
 The rotation mixes dimensions inside one head only, so keeping whole heads keeps every
 rotary pair intact and the kept heads compute exactly what they computed before. A
-rotation over part of the head (partial rotary), one applied before the heads are split
-onto axis 1, or cos/sin computed from the hidden states is not taken (the finder says
-which node).
+rotation applied before the heads are split onto axis 1, one over dims that are not a
+leading run of each head, or cos/sin computed from the hidden states is not taken (the
+finder says which node).
 """
 
 from __future__ import annotations
@@ -56,6 +59,30 @@ def match_rotary(add: ir.Node) -> tuple[ir.Value, Rotary] | None:
                     return x, Rotary(style=style, cos=cos, sin=sin, width=width,
                                      nodes=[add, plain[0], turned, *plain[1:], *nodes])
     return None
+
+
+def match_partial_rotary(concat: ir.Node) -> tuple[ir.Value, Rotary] | None:
+    """Reads `concat` as Concat(rotary(x[.., :r]), x[.., r:]); returns x and the rotary."""
+    if concat.op_type != "Concat" or _axis(concat) not in LAST_AXES or len(concat.inputs) != 2:
+        return None
+    head, tail = concat.inputs
+    add = head.producer() if head is not None else None
+    found = match_rotary(add) if add is not None else None
+    if found is None or tail is None:
+        return None
+    part, rotary = found
+    lead, rest = part.producer(), tail.producer()
+    if lead is None or rest is None or lead.inputs[0] is None \
+            or rest.inputs[0] is not lead.inputs[0]:
+        return None
+    first = _slice_of_last_axis(lead, part, [], LAST_AXES)
+    second = _slice_of_last_axis(rest, tail, [], LAST_AXES)
+    if first is None or second is None or (first.start, first.step, second.step) != (0, 1, 1) \
+            or second.start != first.end or second.end < _WHOLE:
+        return None
+    rotary.partial = first.end
+    rotary.nodes += [concat, lead, rest]
+    return lead.inputs[0], rotary
 
 
 def _operand_pairs(mul: ir.Node) -> list[tuple[ir.Value, ir.Value]]:
@@ -265,11 +292,12 @@ def rotary_problem(rotary: Rotary, role: str, x: ir.Value, head_size: int) -> st
     """
     cos_mul = rotary.nodes[1]
     where = f"{cos_mul.op_type} node {cos_mul.name!r}"
-    if rotary.width is not None and rotary.width != head_size:
+    span = head_size if rotary.partial is None else rotary.partial
+    if rotary.width is not None and rotary.width != span or span > head_size:
         return (f"{where} rotates {rotary.width} of the {head_size} dims of each "
-                f"{role.upper()} head (partial rotary), which head pruning does not rewrite yet")
-    if rotary.style == "half" and head_size % 2:
-        return f"{where} rotates halves of an odd head size"
+                f"{role.upper()} head, and they do not pass the rest through unrotated")
+    if span % 2:
+        return f"{where} rotates pairs of an odd number of dims ({span})"
     if any(_computed_from(term, x) for term in (rotary.cos, rotary.sin)):
         return f"{where} rotates {role.upper()} by angles computed from the hidden states"
     return None
@@ -342,7 +370,8 @@ def emit_rotary(b: NodeBuilder, x: ir.Value, rotary: Rotary, name: str, *,
 
     `source` is the attention's input in the graph read (see head_rows).
     """
-    d, h = head_size, head_size // 2
+    d = head_size if rotary.partial is None else rotary.partial
+    h = d // 2
     made: dict[str, ir.Value] = {}
 
     def i64(label: str, values: list[int]) -> ir.Value:
@@ -352,6 +381,10 @@ def emit_rotary(b: NodeBuilder, x: ir.Value, rotary: Rotary, name: str, *,
         return made[label]
 
     last = i64("last_axis", [-1])
+    whole = x
+    if rotary.partial is not None:
+        x = b.op("Slice", [whole, i64("zero", [0]), i64("size", [d]), last],
+                 f"{name}/rotary/rotated_dims")
     if rotary.style == "half":
         low = b.op("Slice", [x, i64("zero", [0]), i64("half", [h]), last], f"{name}/rotary/low")
         high = b.op("Slice", [x, i64("half", [h]), i64("size", [d]), last],
@@ -373,7 +406,14 @@ def emit_rotary(b: NodeBuilder, x: ir.Value, rotary: Rotary, name: str, *,
     sin = _kept_rows(b, rotary.sin, heads, all_heads, source, f"{name}/rotary/sin")
     plain = b.op("Mul", [x, cos], f"{name}/rotary/Mul_cos")
     rotated = b.op("Mul", [turned, sin], f"{name}/rotary/Mul_sin")
-    return b.op("Add", [plain, rotated], f"{name}/rotary/Add")
+    y = b.op("Add", [plain, rotated], f"{name}/rotary/Add")
+    if rotary.partial is None:
+        return y
+    # Partial rotary: the dims past `partial` pass through unrotated.
+    # The end is open (as exporters write x[..., r:]), so the finder reads this back.
+    kept = b.op("Slice", [whole, i64("size", [d]), i64("end", [np.iinfo(np.int64).max]), last],
+                f"{name}/rotary/passed_dims")
+    return b.op("Concat", [y, kept], f"{name}/rotary/join", {"axis": -1})
 
 
 def _kept_rows(b: NodeBuilder, value: ir.Value, heads: tuple[int, ...], all_heads: int,

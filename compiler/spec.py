@@ -93,7 +93,8 @@ class Rotary:
     `style` "half" rotates (x[:d/2], x[d/2:]) into (-x[d/2:], x[:d/2]) (Llama, GPT-NeoX,
     ModernBERT); "interleaved" turns each pair (x₂ᵢ, x₂ᵢ₊₁) into (-x₂ᵢ₊₁, x₂ᵢ) (RoFormer,
     GPT-J). `cos` and `sin` broadcast over the heads or hold one row per head on axis -3.
-    `width` is how many dims of each head the rotation covers as read (None: all).
+    `width` is how many dims the rotation covers as read (None: all it is given);
+    `partial` is r when it is given only each head's first r dims (the rest pass through).
     """
 
     style: str
@@ -101,6 +102,7 @@ class Rotary:
     sin: ir.Value
     width: int | None
     nodes: list[ir.Node]
+    partial: int | None = None
 
 
 @dataclasses.dataclass

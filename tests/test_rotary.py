@@ -1,8 +1,9 @@
 """Rotary position embeddings (compiler.rotary): the finder reads them, head pruning keeps
 each kept head's rotary pairs whole. The neutral plan is exact, and a pruned plan matches
 an independently sliced torch RoFormer, in RoFormer's interleaved form (both exporters)
-and in variants exported here: rotate-half (Llama, ModernBERT), rotary V, and cos/sin with
-one row per head (gathered with the heads). What stays refused names the node.
+and in variants exported here: rotate-half (Llama, ModernBERT), rotary V, cos/sin with one
+row per head (gathered with the heads) and partial rotary (GPT-NeoX: the first 8 of 16
+dims rotate). What stays refused (rotary in another layout) names the node.
 
 ModernBERT (not a fixture here): a tiny one exports with both torch.onnx exporters (torch
 2.13, transformers 5.24, eager attention, pad/bos/eos ids inside the vocabulary), but
@@ -149,6 +150,21 @@ def per_head(heads: Any) -> Rotate:
     return apply
 
 
+def other_layout(_heads: Any) -> Rotate:
+    """Rotate-half applied to [B, S, H, d] (heads back on axis 2), then transposed back."""
+
+    def apply(sinusoidal_pos: Any, q: Any, k: Any) -> tuple[Any, Any]:
+        cos, sin = (t.transpose(1, 2) for t in _half_angles(sinusoidal_pos))
+
+        def one(x: Any) -> Any:
+            y = x.transpose(1, 2)
+            return (y * cos + _rotate_half(y) * sin).transpose(1, 2)
+
+        return one(q), one(k)
+
+    return apply
+
+
 def partial(_heads: Any) -> Rotate:
     """GPT-NeoX-style partial rotary: the first 8 of 16 dims rotate, the rest pass."""
 
@@ -253,7 +269,8 @@ def test_token_skimming_refuses_rotary_layers(tmp_path: Path) -> None:
     (half_style, {}, ["k", "q"]),
     (per_head, {}, ["k", "q"]),
     (None, {"rotary_value": True}, ["k", "q", "v"]),
-], ids=["rotate-half", "per-head-cos-sin", "rotary-value"])
+    (partial, {}, ["k", "q"]),
+], ids=["rotate-half", "per-head-cos-sin", "rotary-value", "partial-rotary"])
 def test_variant_neutral_exact_and_pruned_matches_torch(
         rotate: Rotate | None, config: dict[str, Any], roles: list[str], tmp_path: Path) -> None:
     wrapper, path = _variant(rotate, tmp_path / "model.onnx", **config)
@@ -268,15 +285,20 @@ def test_variant_neutral_exact_and_pruned_matches_torch(
     kept = [la["heads"]["kept"] for la in pruned.report["layers"]]
     want = _torch_run(_sliced_torch(wrapper, kept, rotate), feeds)
     np.testing.assert_allclose(run_ort(pruned.model_path, feeds)[0], want, rtol=0, atol=1e-4)
+    _, back = read_model(pruned.model_path)  # planer's own spelling reads back the same
+    assert [(sorted(la.attention.rotary), {r.partial for r in la.attention.rotary.values()})
+            for la in back.layers] == [(roles, {r.partial for r in
+                                                 spec.layers[0].attention.rotary.values()})] * 2
 
 
-def test_partial_rotary_refusal_names_the_node(tmp_path: Path) -> None:
-    _, path = _variant(partial, tmp_path / "model.onnx")
+def test_rotary_in_another_layout_is_refused_by_node(tmp_path: Path) -> None:
+    _, path = _variant(other_layout, tmp_path / "model.onnx")
     with pytest.raises(UnsupportedModelError) as info:
         read_model(path)
     message = str(info.value)
-    assert "Softmax node '" in message and "Concat node '" in message
-    assert "partial rotary" in message
+    assert "Softmax node '" in message and "Add node '" in message
+    assert "applies rotary position embeddings outside the (batch, heads, seq, head size)" \
+        in message
 
 
 def test_recovery_mirror_refuses_rotary_attention() -> None:
