@@ -300,8 +300,9 @@ def _skim_write_back(graph: ir.Graph, nodes: list[ir.Node]) -> SkimBlock:
 def _entry(x: ir.Value) -> ir.Value:
     """Returns the stream's first value, walking back from the first block's input x.
 
-    Back over a LayerNorm whose input a residual Add also reads (pre-LN), and over the
-    residual Adds of sub-blocks a plan dropped before the first block that remains.
+    Back over a LayerNorm whose input a residual Add also reads (pre-LN), over the
+    residual Adds of sub-blocks a plan dropped before the first block that remains, and
+    over a skim point before layer 0 (its gathered rows are not where the stream starts).
     """
     value = x
     while (producer := value.producer()) is not None:
@@ -314,9 +315,20 @@ def _entry(x: ir.Value) -> ir.Value:
             value = source
         elif (dropped := _dropped_bias(producer)) is not None:
             value = next(v for v in producer.inputs if v is not None and v is not dropped)
+        elif (point := _skim_point_input(producer)) is not None:
+            value = point  # a skim point before layer 0: the stream starts at its input
         else:
             break
     return value
+
+
+def _skim_point_input(node: ir.Node) -> ir.Value | None:
+    """Returns the input rows of the skim point `node` belongs to, if it is a point's."""
+    block = _skim_block(node)
+    if block is None or block == _SKIM_STATE or node.graph is None:
+        return None
+    shape = next((n for n in node.graph if n.name == f"{block}/shape_BKD"), None)
+    return shape.inputs[0] if shape is not None else None
 
 
 def _dropped_bias(node: ir.Node) -> ir.Value | None:

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from planer.compiler.calibration import CalibrationSet, build_calibration, model_input_infos
-from planer.compiler.driver.pipeline import compile_plan
+from planer.compiler.driver.pipeline import compile_plan, read_canonical
 from planer.compiler.loading import load_model
 from planer.fixtures.build import example_inputs, fixture_path
+from planer.passes.skim_fit import fit_predictors
+from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 from planer.recovery import skim
 from planer.recovery.distill import RecoveryReport, recover
 from planer.recovery.train import RecoveryConfig, Student, build_student
@@ -101,6 +103,33 @@ def test_a_wrong_skim_mirror_fails_the_check(tmp_path: Path,
     # Skimmed rows computed by the later layers instead of forwarded, as the graph does.
     monkeypatch.setattr(skim.SkimState, "mix", lambda self, y: y)
     assert student.check(model, feed) > ATOL
+
+
+@pytest.mark.parametrize("lowering", ["ort", "tensorrt"])
+def test_two_cumulative_skim_points(lowering: str, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before layer 0 (70%) and layer 1 (50% of those): built by the pass directly, since
+    # the tiny fixtures have two layers only. Tokens leaving at either point hold the state
+    # they left with.
+    model, spec = read_canonical(fixture_path("bert", "dynamo"))
+    feeds = [example_inputs("bert", batch=4, seq=20, seed=s) for s in range(3)]
+    fit = fit_predictors(model, spec, [0, 1], feeds, steps=50)
+    apply_token_skim(model, spec, TokenSkimConfig(keep={0: 0.7, 1: 0.5},
+                                                  predictors=fit.predictors, lowering=lowering))
+    path = tmp_path / "two.onnx"
+    ir.save(model, path)
+    student = _student(path)
+    assert [k for k, _ in student.mirror.described if "skim" in k] == ["skim", "skim",
+                                                                       "skim_out"]
+    feed = example_inputs("bert", batch=3, seq=20, seed=7)
+    assert student.check(load_model(path), feed) <= ATOL
+
+    def last_stage_only(self: skim.SkimState, y: torch.Tensor) -> torch.Tensor:
+        x, before, after = self.stages[-1]
+        return after[..., None] * y + (before - after)[..., None] * x
+
+    monkeypatch.setattr(skim.SkimState, "mix", last_stage_only)
+    assert student.check(load_model(path), feed) > ATOL
 
 
 def test_shifting_the_predictor_bias_keeps_the_graph_decision(tmp_path: Path) -> None:
