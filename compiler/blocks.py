@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.gated_ffn import gated_ffn_hint
 from planer.compiler.irutil import const_array, other_input, scalar
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.rotary import (
@@ -641,9 +642,10 @@ def _pair_layers(
                     "reading MoE layers back is not supported yet, so inspect or compile the "
                     "model it came from."
                 )
+            after = (n for n, k in order.items() if k > start and (stop is None or k < stop))
             raise UnsupportedModelError(
-                f"attention block {i} has no feed-forward block after it; planer needs "
-                "attention + FFN layers."
+                f"attention block {i} has no feed-forward block after it"
+                f"{gated_ffn_hint(after)}; planer needs attention + FFN layers."
             )
         attn.block = str(BlockId(i, "attn"))
         ffn.block = str(BlockId(i, "ffn"))

