@@ -45,6 +45,7 @@ def untrained_mux(source: Path, n: int, out: Path) -> Path:
     c.selection = magnitude_selection(spec, c.plan)
     run_stages([Prune(), Mux(), OrtKernels()], c)
     finish_graph(model)
+    ir.external_data.load_to_model(model)  # one self-contained file in `out`
     ir.save(model, out)
     return out
 
