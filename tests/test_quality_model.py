@@ -169,3 +169,26 @@ def test_measurements_are_cached_per_model_data_and_settings(
     other: list[str] = []
     assert measure(False, other).layers[0].int8_attn is None  # other settings, measured anew
     assert not any("cached" in line for line in other)
+
+
+def test_latency_search_weighs_moe_and_skim_when_passes_allow(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    import planer
+    from tests.test_report_html import _word_calibration
+
+    monkeypatch.setenv("PLANER_CACHE_DIR", str(tmp_path / "cache"))
+    text, vocab = _word_calibration(tmp_path)
+    try:
+        result = planer.compile(fixture_path("bert-relu"), out=tmp_path / "out",
+                                target_latency="70%", seq_len=32, calibration=text,
+                                tokenizer=vocab, passes=("prune", "moe", "skim"))
+    except planer.TargetUnreachableError as exc:  # a busy machine: the search still ran
+        result = exc.result
+    search_report = result.report["search"]
+    assert search_report["kinds"] == ["moe", "prune", "skim"]
+    assert [(s["layer"], s["keep"]) for s in search_report["skim_considered"]] == \
+        [(1, 0.5), (1, 0.75)]
+    for layer in search_report["layers"]:
+        assert [m["top_k"] for m in layer["measured"]["moe"]] == [2, 4]
+    assert len(search_report["corrections"]) >= 1  # whole plans measured for the weights
