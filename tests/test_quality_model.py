@@ -192,3 +192,15 @@ def test_latency_search_weighs_moe_and_skim_when_passes_allow(tmp_path: Path,
     for layer in search_report["layers"]:
         assert [m["top_k"] for m in layer["measured"]["moe"]] == [2, 4]
     assert len(search_report["corrections"]) >= 1  # whole plans measured for the weights
+
+
+def test_cli_passes_reach_the_latency_search(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver.cli import main
+    from tests.test_latency import _fake_latency_compile
+
+    seen = _fake_latency_compile(monkeypatch)
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--target-latency", "50%",
+                 "--passes", "prune,skim", "-o", str(tmp_path / "out")])
+    assert code == 2  # the fake stops there
+    assert seen["passes"] == frozenset({"prune", "skim"})
