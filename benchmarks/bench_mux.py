@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,19 @@ def speed(repeats: int) -> dict[str, Any]:
             "models": result}
 
 
+def _curve_recorder(curve: list[list[float]]) -> Any:
+    """Returns a progress callable that keeps recovery's held-out evaluations with times."""
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        match = re.match(r"recovery step (\d+):.*fidelity ([-\d.]+)", message)
+        if match:
+            curve.append([round(time.perf_counter() - started, 1), int(match.group(1)),
+                          float(match.group(2))])
+
+    return say
+
+
 def quality(n: int, budgets: Sequence[float], flops: Sequence[float], work: Path,
             repeats: int) -> dict[str, Any]:
     """Compiles mux N with each recovery budget and pruning at each FLOPs ratio; scores all.
@@ -97,11 +112,14 @@ def quality(n: int, budgets: Sequence[float], flops: Sequence[float], work: Path
     reports: dict[str, Any] = {}
     for budget in budgets:
         name = f"mux{n}-recover{budget:g}s"
-        result = compile_plan(source, work / name, mux=n, recover_seconds=budget, **common)
+        curve: list[list[float]] = []
+        result = compile_plan(source, work / name, mux=n, recover_seconds=budget,
+                              progress=_curve_recorder(curve), **common)
         models[name] = result.model_path
         reports[name] = {k: result.report["recovery"][k] for k in
                          ("steps", "tokens", "train_s", "stopped", "fidelity_before",
                           "fidelity_after")}
+        reports[name]["holdout_curve"] = curve  # [seconds, step, held-out pooled cosine]
     for ratio in flops:
         name = f"flops{ratio:g}"
         models[name] = compile_plan(source, work / name, target_flops=ratio, **common).model_path
