@@ -42,7 +42,8 @@ BATCH, SEQ, THREADS = 32, 128, 2
 def untrained_mux(source: Path, n: int, out: Path) -> Path:
     """Writes what `compile --mux n` emits before training (the neutral plan, ORT kernels)."""
     model, spec = read_model(source)
-    options = CompileOptions(mux=n, recover_steps=1, batch=BATCH, seq_len=SEQ, threads=THREADS)
+    options = CompileOptions(mux=n, recover_steps=1, batch=BATCH, seq_len=SEQ, threads=THREADS,
+                             ort_kernels="on")  # as `auto` chose at batch 32, 2 threads
     c = Compilation(source, options, model, Plan.neutral(spec), spec)
     c.selection = magnitude_selection(spec, c.plan)
     run_stages([Prune(), Mux(), OrtKernels()], c)
@@ -69,6 +70,9 @@ def speed(repeats: int) -> dict[str, Any]:
     source = resolve_model(None)
     with tempfile.TemporaryDirectory() as tmp:
         models = {"original": source}
+        # N = 1 is planer's neutral emission (ORT kernel choice only): the share of the
+        # gain that is not multiplexing.
+        models["neutral"] = untrained_mux(source, 1, Path(tmp) / "neutral.onnx")
         for n in (2, 4):
             models[f"mux{n}"] = untrained_mux(source, n, Path(tmp) / f"mux{n}.onnx")
         result = throughput(models, repeats=repeats)
