@@ -20,9 +20,10 @@ gives B out for any B. The keys v_i are fixed seeded unit-Gaussian vectors; the 
 starts as the identity of h for every slot (W1h = W2 = I, a shift in b1/b2 keeps the
 ReLU open) with small random p_i, so recovery (`--recover`) trains the separation.
 
-Every new op is one of Gather, Range, Min, Shape, Concat, Reshape, Mul, ReduceMean,
-ReduceMax, MatMul, Add, Relu, Unsqueeze, Slice with constant axes (TensorRT's parser
-imports all of them; `compiler.targets.check_ops` checks it).
+Every new op is one of Shape, Add, Sub, Div, Mul, Range, Min (row indices), Gather,
+Concat, Reshape, ReduceMean, ReduceMax (constant axes), MatMul, Relu, Unsqueeze, Slice
+(constant axes): TensorRT 10's parser imports all of them (`compiler.targets.check_ops`
+checks it; tests/test_mux.py runs that check). TensorRT itself is not installed here.
 
 Cost of the union mask: a group attends over every position any member uses, so with
 uneven lengths the shorter members see the longer one's tokens (they are trained to
