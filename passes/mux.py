@@ -45,7 +45,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import NodeBuilder, const_array, replace_uses
 from planer.compiler.loading import default_opset
-from planer.compiler.names import BlockId, PassName
+from planer.compiler.names import PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import ModelSpec
 
 WIDTHS = (1, 2, 4)
@@ -120,6 +120,9 @@ def apply_mux(model: ir.Model, spec: ModelSpec, config: MuxConfig) -> int:
         raise UnsupportedModelError(f"mux N must be one of {WIDTHS}, not {config.n}.")
     if config.n == 1:
         return 0
+    if any(node.metadata_props.get(PROVENANCE_PASS) == PassName.MUX for node in model.graph):
+        raise UnsupportedModelError("the model is already multiplexed (it holds planer's mux "
+                                    "nodes); compile the original with --mux instead.")
     multiplex(model, stream_entry(spec), hidden_output(model.graph, spec.hidden), config,
               last_layer=len(spec.layers) - 1)
     return 1

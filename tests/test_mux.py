@@ -17,7 +17,7 @@ from planer.compiler.driver.pipeline import (
     finish_graph,
     read_canonical,
 )
-from planer.compiler.errors import BadInputError
+from planer.compiler.errors import BadInputError, UnsupportedModelError
 from planer.compiler.loading import load_model
 from planer.compiler.names import PROVENANCE_PASS, PassName
 from planer.compiler.plan import parse_plan
@@ -117,6 +117,8 @@ def test_mux_nodes_fit_tensorrt_and_interface_is_unchanged(tmp_path: Path) -> No
     for rows in (1, 2, 5):
         (out,) = run_ort(path, _feeds(rows))
         assert out.shape == (rows, 9, spec.hidden) and np.isfinite(out).all()
+    with pytest.raises(UnsupportedModelError, match="already multiplexed"):
+        apply_mux(model, spec, MuxConfig(n=2))
 
 
 def test_mux_needs_recovery_and_a_valid_width(tmp_path: Path,
