@@ -5,7 +5,8 @@ mask) and the Q·Kᵀ MatMul; walking back from each side through reshape plumbi
 (Reshape, Transpose, scalar Mul/Div, Split/Slice of a fused projection) gives the Q,
 K and V projections; walking forward from Softmax·V gives the output projection.
 The FFN is a constant-weight MatMul whose input is an elementwise region (the
-activation) rooted at another constant-weight MatMul (+ bias) of matching width.
+activation) rooted at another constant-weight MatMul (+ bias) of matching width, or
+the gating Mul of a SwiGLU/GeGLU FFN (compiler.gated_ffn).
 Layers pair each attention with the first FFN after it.
 
 Because the finder walks one canonical form, exporter differences (dynamo vs
@@ -23,7 +24,7 @@ import onnx_ir as ir
 
 from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
-from planer.compiler.gated_ffn import gated_ffn_hint
+from planer.compiler.gated_ffn import gated_ffn_hint, read_gated_ffn
 from planer.compiler.irutil import const_array, other_input, scalar
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.rotary import (
@@ -537,31 +538,38 @@ def _find_ffns(graph: ir.Graph) -> list[FfnSpec]:
         if node.metadata_props.get(PROVENANCE_PASS) == PassName.FFN_TO_MOE:
             continue  # an expert's MLP is a slice of its layer's FFN, not an FFN of its own
         w2 = _as_linear(node, None)
-        if w2 is None:
+        ffn = _read_ffn(w2) if w2 is not None else None
+        if ffn is None:
             continue
-        region = _activation_region(node.inputs[0])
-        if region is None:
-            continue
-        act_nodes, root = region
-        root_node = root.producer()
-        w1 = _as_linear(root_node, None) if root_node is not None else None
-        if w1 is None or w1.out_features != w2.in_features or w1.in_features != w2.out_features:
-            continue
-        x = w1.matmul.inputs[0]
-        if x is None:
-            continue
-        out = _linear_output(w2)
-        if w2.bias is None:
+        out = _linear_output(ffn.w2)
+        if ffn.w2.bias is None:
             bias_add = next((u for u in out.consumers() if u.op_type == "Add"
                              and const_array(other_input(u, out)) is not None), None)
             if bias_add is not None:
-                w2 = Linear(w2.weight, other_input(bias_add, out), w2.matmul, w2.columns)
+                w2 = ffn.w2
+                ffn.w2 = Linear(w2.weight, other_input(bias_add, out), w2.matmul, w2.columns)
                 out = bias_add.outputs[0]
-        found.append(FfnSpec(
-            block="", x=x, out=out, w1=w1, w2=w2,
-            activation=_classify_activation(act_nodes), nodes=act_nodes,
-        ))
+        ffn.out = out
+        found.append(ffn)
     return found
+
+
+def _read_ffn(w2: Linear) -> FfnSpec | None:
+    """Reads act(x·W1)·W2, or a gated FFN (compiler.gated_ffn), ending in `w2`."""
+    region = _activation_region(w2.matmul.inputs[0])
+    if region is None:
+        return read_gated_ffn(w2, _activation_region, lambda n: _as_linear(n, None),
+                              _classify_activation)
+    act_nodes, root = region
+    root_node = root.producer()
+    w1 = _as_linear(root_node, None) if root_node is not None else None
+    if w1 is None or w1.out_features != w2.in_features or w1.in_features != w2.out_features:
+        return None
+    x = w1.matmul.inputs[0]
+    if x is None:
+        return None
+    return FfnSpec(block="", x=x, out=_linear_output(w2), w1=w1, w2=w2,
+                   activation=_classify_activation(act_nodes), nodes=act_nodes)
 
 
 def _activation_region(value: ir.Value | None) -> tuple[list[ir.Node], ir.Value] | None:

@@ -49,7 +49,7 @@ from planer.compiler.spec import LayerSpec, Linear, ModelSpec, layer_record, mod
 logger = logging.getLogger(__name__)
 
 OUTSIDE = "outside"  # the group of nodes that belong to no layer
-ROLES = ("q", "k", "v", "o", "w1", "w2")
+ROLES = ("q", "k", "v", "o", "w1", "w2", "gate")  # gate: gated FFNs only
 
 
 @dataclasses.dataclass
@@ -248,7 +248,7 @@ def pair_layers(a: Side, b: Side, digests: _Digests) -> dict[int, int]:
     for la in a.spec.layers:
         for lb in b.spec.layers:
             related = sum(relation(pa, pb, digests) != "different"
-                          for pa, pb in zip(la.projections(), lb.projections(), strict=True))
+                          for pa, pb in zip(la.projections(), lb.projections(), strict=False))
             # A projection weight must carry over: seeded biases and norms can coincide
             # between unrelated models, whole weight matrices do not.
             if related:
@@ -332,7 +332,7 @@ class _NodeMatcher:
             return  # layers pair only where both sides have a spec
         for ia, ib in self.layers.items():
             la, lb = spec_a.layers[ia], spec_b.layers[ib]
-            for pa, pb in zip(la.projections(), lb.projections(), strict=True):
+            for pa, pb in zip(la.projections(), lb.projections(), strict=False):
                 self.add(pa.matmul, pb.matmul, "block")
                 add_a, add_b = _bias_add(pa), _bias_add(pb)
                 if add_a is not None and add_b is not None:
@@ -576,7 +576,7 @@ class Diff:
                 changes.append(f"{label} {ra[key]}->{rb[key]}")
         record["projections"] = {}
         if la and lb:
-            for role, pa, pb in zip(ROLES, la.projections(), lb.projections(), strict=True):
+            for role, pa, pb in zip(ROLES, la.projections(), lb.projections(), strict=False):
                 record["projections"][role] = relation(pa, pb, self.digests)
             refit = [r for r, how in record["projections"].items() if how == "different"]
             if refit:

@@ -1,4 +1,4 @@
-"""Names gated feed-forward blocks (SwiGLU, GeGLU), which planer does not rewrite yet.
+"""Reads gated feed-forward blocks (SwiGLU, GeGLU) and names them where planer cannot rewrite them.
 
 Llama-style decoders (SmolLM, Llama, Mistral, Qwen) multiply two projections of the
 same input before the down projection:
@@ -6,18 +6,30 @@ same input before the down projection:
     x ─ MatMul(W_gate) ─ act ─┐
     x ─ MatMul(W_up) ─────────┴─ Mul ─ MatMul(W_down) ─ out
 
-The finder reads FFNs of the form act(x·W1)·W2, so such a layer has "no feed-forward
-block"; this module lets that refusal say what it found instead.
+`read_gated_ffn` reads this as an FfnSpec with `gate` = W_gate, `w1` = W_up and
+`w2` = W_down: channel j is act(x·g_j)·(x·u_j), so channel pruning keeps a channel's
+gate column, up column and down row together, and the down projection's input is the
+activation importance and the refit read, as for act(x·W1)·W2 FFNs.
+
+Passes that rebuild the FFN from its weights (FFN→MoE, token skimming's and recovery's
+replays, INT8 cost, multiplexing) read act(x·W1)·W2 only; `gated_ffn_problem` names
+the first gated FFN so they refuse before any calibration or fitting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import onnx_ir as ir
 
 from planer.compiler.contrib_emit import node_label
 from planer.compiler.irutil import const_array
+from planer.compiler.spec import FfnSpec, Linear, ModelSpec
+
+# The finder's readers (compiler.blocks), passed in so this module does not import it.
+Region = Callable[[ir.Value | None], "tuple[list[ir.Node], ir.Value] | None"]
+AsLinear = Callable[[ir.Node], "Linear | None"]
+Classify = Callable[[list[ir.Node]], str]
 
 _ELEMENTWISE = {"Mul", "Sigmoid", "Tanh", "Erf", "Div", "Add", "Relu", "Gelu", "Pow",
                 "Sub", "Cast"}
@@ -65,4 +77,53 @@ def _projection(value: ir.Value | None, depth: int = 8) -> ir.Node | None:
         if not data or len(roots) != 1:
             return None
         value = data[0]
+    return None
+
+
+def read_gated_ffn(down: Linear, region: Region, as_linear: AsLinear,
+                   classify: Classify) -> FfnSpec | None:
+    """Reads the gated FFN ending in the projection `down`, or returns None.
+
+    `region` returns the elementwise nodes producing a value and the one tensor they
+    start from; `as_linear` reads a node as MatMul(x, W) [+ b]; `classify` names an
+    activation region. The returned spec's `block` is empty and its `out` is the down
+    MatMul's output (the finder adds the bias Add).
+    """
+    product = down.input.producer()
+    if product is None or product.op_type != "Mul" or len(product.inputs) != 2:
+        return None
+    for gate_side in (0, 1):
+        up_value = product.inputs[1 - gate_side]
+        up_node = up_value.producer() if up_value is not None else None
+        up = as_linear(up_node) if up_node is not None else None
+        found = region(product.inputs[gate_side])
+        if up is None or found is None:
+            continue
+        act_nodes, root = found
+        root_node = root.producer()
+        gate = as_linear(root_node) if root_node is not None else None
+        if gate is None or gate.matmul is up.matmul or gate.input is not up.input \
+                or not gate.out_features == up.out_features == down.in_features \
+                or gate.in_features != down.out_features:
+            continue
+        return FfnSpec(block="", x=up.input, out=down.matmul.outputs[0], w1=up, w2=down,
+                       activation=classify(act_nodes), nodes=[*act_nodes, product], gate=gate)
+    return None
+
+
+def gated_ffn_problem(spec: ModelSpec, what: str) -> str | None:
+    """Returns the sentence refusing `what` (a pass) on the model's first gated FFN, or None.
+
+    Args:
+        spec: the model as read.
+        what: what cannot handle gated FFNs yet, e.g. "FFN→MoE".
+    """
+    for layer in spec.layers:
+        ffn = layer.ffn
+        if ffn.gate is not None:
+            product = ffn.nodes[-1]
+            return (f"layer {layer.index}'s FFN is gated ({node_label(product)} multiplies "
+                    f"{ffn.activation}(x·W_gate) by x·W_up before the down projection, as "
+                    f"SwiGLU/GeGLU do); {what} reads act(x·W1)·W2 FFNs only and cannot "
+                    "rewrite gated ones yet")
     return None

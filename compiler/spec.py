@@ -136,7 +136,14 @@ class AttentionSpec:
 
 @dataclasses.dataclass
 class FfnSpec:
-    """FFN from x_BSD through W1, an elementwise activation and W2 to out_BSD."""
+    """FFN from x_BSD through W1, an elementwise activation and W2 to out_BSD.
+
+    A gated FFN (SwiGLU, GeGLU: Llama-style decoders) also has `gate`; its activation
+    applies to the gate and W1 is the up projection: out = (act(x·W_gate) * x·W1)·W2.
+    Channel j is then the triple (gate column j, W1 column j, W2 row j), and W2's input
+    (what `w2.input` names) is still the per-channel activation a_j that importance
+    and the refit read. `nodes` holds the activation region and the gating Mul.
+    """
 
     block: str
     x: ir.Value
@@ -145,6 +152,11 @@ class FfnSpec:
     w2: Linear
     activation: str
     nodes: list[ir.Node]
+    gate: Linear | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
 
     @property
     def width(self) -> int:
@@ -178,7 +190,8 @@ class LayerSpec:
 
     def projections(self) -> tuple[Linear, ...]:
         a, f = self.attention, self.ffn
-        return (a.q, a.k, a.v, a.o, f.w1, f.w2)
+        gate = (f.gate,) if f.gate is not None else ()  # last: readers zip the first six
+        return (a.q, a.k, a.v, a.o, f.w1, f.w2, *gate)
 
 
 @dataclasses.dataclass
@@ -230,21 +243,26 @@ def layer_record(layer: LayerSpec, *, batch: int, seq_len: int) -> dict[str, Any
         "params": layer.params(),
         "flops": layer_flops(
             hidden=a.q.in_features, heads=a.heads, head_size=a.head_size, ffn=f.width,
-            batch=batch, seq_len=seq_len,
+            batch=batch, seq_len=seq_len, gated=f.gated,
         ),
         **rotary,
+        **({"gated": True} if f.gated else {}),  # absent: ungated, as before
     }
 
 
 def layer_flops(
-    *, hidden: int, heads: int, head_size: int, ffn: int, batch: int, seq_len: int
+    *, hidden: int, heads: int, head_size: int, ffn: int, batch: int, seq_len: int,
+    gated: bool = False,
 ) -> int:
-    """Counts multiply-adds x2 of one layer's matrix products (softmax/norms excluded)."""
+    """Counts multiply-adds x2 of one layer's matrix products (softmax/norms excluded).
+
+    A gated FFN has three projections of width `ffn` (gate, up, down), not two.
+    """
     tokens = batch * seq_len
     inner = heads * head_size
     projections = 2 * tokens * hidden * inner * 4
     scores = 2 * batch * heads * seq_len * seq_len * head_size * 2
-    mlp = 2 * tokens * hidden * ffn * 2
+    mlp = 2 * tokens * hidden * ffn * (3 if gated else 2)
     return projections + scores + mlp
 
 
@@ -255,6 +273,6 @@ def model_flops(spec: ModelSpec, *, batch: int, seq_len: int) -> int:
         a, f = layer.attention, layer.ffn
         total += layer_flops(
             hidden=a.q.in_features, heads=a.heads, head_size=a.head_size, ffn=f.width,
-            batch=batch, seq_len=seq_len,
+            batch=batch, seq_len=seq_len, gated=f.gated,
         )
     return total

@@ -6,7 +6,12 @@ Before:  x_BSD ─ MatMul(w1_DF) ─ Add(b1_F) ─ act ─ MatMul(w2_FD) ─ Add
 After:   x_BSD ─ MatMul(w1_DK) ─ Add(b1_K) ─ act ─ MatMul(w2_KD) ─ Add(b2_D) ─ y_BSD
 
 The FFN is a sum over channels of act(x·w1[:, j] + b1[j])·w2[j, :], so keeping every
-channel is exact and dropping one removes exactly its term. The activation region is
+channel is exact and dropping one removes exactly its term. A gated FFN (SwiGLU:
+act(x·g_j)·(x·u_j)·w2[j, :]) is sliced the same way, its gate columns with W1's:
+
+    x_BSD ─ MatMul(gate_DK) ─ act ─┐
+    x_BSD ─ MatMul(w1_DK) ─────────┴─ Mul ─ MatMul(w2_KD) ─ y_BSD
+ The activation region is
 elementwise with scalar constants (the finder checks), so it needs no change. A layer
 kept at 0 channels contributes only b2, which its residual Adds take directly.
 Reconstruction may supply a refitted w2/b2 for the kept channels.
@@ -64,9 +69,11 @@ def apply_channel_pruning(model: ir.Model, spec: ModelSpec, config: ChannelPruni
             bias = b2 if b2 is not None else np.zeros(ffn.w2.out_features, ffn.w2.w().dtype)
             bypass_with_constant(graph, ffn.out, bias, ffn.block)
         else:
-            b1 = ffn.w1.b()
-            _set_linear(graph, ffn.w1, f"{ffn.block}/w1", ffn.w1.w()[:, keep],
-                        None if b1 is None else b1[keep])
+            for lin, role in ((ffn.w1, "w1"), (ffn.gate, "gate")):
+                if lin is not None:  # a gated FFN's channel keeps its gate column too
+                    b1 = lin.b()
+                    _set_linear(graph, lin, f"{ffn.block}/{role}", lin.w()[:, keep],
+                                None if b1 is None else b1[keep])
             _set_linear(graph, ffn.w2, f"{ffn.block}/w2", w2, b2)
             _forget_widths(ffn)
         changed += 1
@@ -75,8 +82,11 @@ def apply_channel_pruning(model: ir.Model, spec: ModelSpec, config: ChannelPruni
 
 def _forget_widths(ffn: FfnSpec) -> None:
     """Drops exported shape annotations that still say F on the now narrower values."""
-    nodes = [ffn.w1.matmul, *ffn.nodes]
-    nodes.extend(u for u in ffn.w1.matmul.outputs[0].consumers() if u.op_type == "Add")
+    nodes = [*ffn.nodes]
+    for lin in (ffn.w1, ffn.gate):
+        if lin is not None:
+            nodes.append(lin.matmul)
+            nodes.extend(u for u in lin.matmul.outputs[0].consumers() if u.op_type == "Add")
     for node in nodes:
         for value in node.outputs:
             if not value.is_graph_output():

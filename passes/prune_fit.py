@@ -197,7 +197,7 @@ def allocate_budget(
 def _flops(layer: LayerSpec, kept: list[int], batch: int, seq_len: int) -> int:
     a = layer.attention
     return layer_flops(hidden=a.q.in_features, heads=kept[0], head_size=a.head_size,
-                       ffn=kept[1], batch=batch, seq_len=seq_len)
+                       ffn=kept[1], batch=batch, seq_len=seq_len, gated=layer.ffn.gated)
 
 
 def kept_units(scores: np.ndarray, count: int) -> tuple[int, ...]:

@@ -171,7 +171,7 @@ def skimmed_flops(spec: ModelSpec, keep: Sequence[float | None], *, seq_len: int
             tokens = keep_count(r, tokens)
         a, f = layer.attention, layer.ffn
         total += layer_flops(hidden=spec.hidden, heads=a.heads, head_size=a.head_size,
-                             ffn=f.width, batch=batch, seq_len=tokens)
+                             ffn=f.width, batch=batch, seq_len=tokens, gated=f.gated)
     return total
 
 

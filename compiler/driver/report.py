@@ -42,10 +42,11 @@ def build_report(
             per_token = (moe or {}).get(f"layer{layer.index}", {}).get("experts_per_token")
             ffn *= (per_token or choice.moe.top_k or choice.moe.experts) / choice.moe.experts
         flops_after += layer_flops(hidden=spec.hidden, heads=choice.heads, head_size=a.head_size,
-                                   ffn=round(ffn), batch=batch, seq_len=max(1, round(tokens)))
+                                   ffn=round(ffn), batch=batch, seq_len=max(1, round(tokens)),
+                                   gated=f.gated)
         inner_removed = (a.heads - choice.heads) * a.head_size
         params_removed += inner_removed * (4 * spec.hidden + 3)
-        params_removed += (f.width - choice.ffn) * (2 * spec.hidden + 1)
+        params_removed += (f.width - choice.ffn) * ((3 if f.gated else 2) * spec.hidden + 1)
         layers.append({
             "index": layer.index,
             "heads": {"before": a.heads, "after": choice.heads,
