@@ -18,12 +18,14 @@ the first gated FFN so they refuse before any calibration or fitting.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import onnx_ir as ir
 
 from planer.compiler.contrib_emit import node_label
+from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
+from planer.compiler.plan import Plan
 from planer.compiler.spec import FfnSpec, Linear, ModelSpec
 
 # The finder's readers (compiler.blocks), passed in so this module does not import it.
@@ -127,3 +129,37 @@ def gated_ffn_problem(spec: ModelSpec, what: str) -> str | None:
                     f"SwiGLU/GeGLU do); {what} reads act(x·W1)·W2 FFNs only and cannot "
                     "rewrite gated ones yet")
     return None
+
+
+def require_gated_support(spec: ModelSpec, plan: Plan | None = None, *, mux: int = 1,
+                          passes: Collection[str] = ()) -> None:
+    """Refuses, before any fitting, what cannot rewrite the model's gated FFNs yet.
+
+    Head and channel pruning (and recovery's mirror) handle gated FFNs; FFN→MoE, INT8 of
+    an FFN block (its cost model and quantizer read W1 and W2 only) and multiplexing
+    (which rebuilds act(x·W1)·W2) do not.
+
+    Args:
+        spec: the model as read.
+        plan: the plan to compile, if known.
+        mux: instances multiplexed per row (--mux).
+        passes: the variant kinds a latency search may use (--passes).
+
+    Raises:
+        UnsupportedModelError: the sentence names the gated FFN and what refused it.
+    """
+    gated = {layer.index for layer in spec.layers if layer.ffn.gated}
+    if not gated:
+        return
+    wanted = []
+    if "moe" in passes:
+        wanted.append("FFN→MoE (--passes moe)")
+    if max(mux, plan.mux if plan is not None else 1) > 1:
+        wanted.append("multiplexing (--mux)")
+    for i, layer in enumerate(plan.layers if plan is not None else ()):
+        if i in gated and layer.moe is not None:
+            wanted.append(f"FFN→MoE (plan layer {i} sets moe)")
+        if i in gated and layer.int8 is not None and layer.int8.blocks in ("ffn", "both"):
+            wanted.append(f"INT8 of the FFN block (plan layer {i})")
+    if wanted:
+        raise UnsupportedModelError(f"{gated_ffn_problem(spec, wanted[0])}.")

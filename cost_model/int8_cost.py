@@ -35,6 +35,8 @@ import onnx_ir as ir
 from scipy.special import erf
 
 from planer.compiler.capture import ActivationReader
+from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.gated_ffn import gated_ffn_problem
 from planer.compiler.spec import AttentionSpec, FfnSpec, Linear, ModelSpec
 from planer.cost_model.latency import LatencyModel
 from planer.cost_model.profile_int8 import int8_kind
@@ -69,6 +71,9 @@ def measure_int8_costs(
         batch: the deployment batch: activation ranges are taken over this many sequences.
         max_sequences: how many calibration sequences to replay.
     """
+    gated = gated_ffn_problem(spec, "INT8's cost model")
+    if gated is not None:
+        raise UnsupportedModelError(f"{gated}.")
     names = Int8Capture(spec)
     reader = ActivationReader(model, names.values)
     totals = np.zeros((len(spec.layers), 2, 2))  # layer, block, (Δ energy, residual energy)

@@ -4,7 +4,10 @@ A block variant is one attention block with h heads (the form head pruning emits
 MatMul ─ Add ─ Reshape[0,0,h,d] ─ Transpose ...) or one FFN block with f channels
 (MatMul ─ Add ─ erf-GELU as exporters spell it, five elementwise ops ─ MatMul ─ Add:
 what channel pruning leaves; the ORT-kernels stage later fuses that GELU into BiasGelu,
-which these variants do not model), at the deployment batch and sequence length. All
+which these variants do not model), at the deployment batch and sequence length. A
+model with gated FFNs (SwiGLU) is timed on gated variants instead (kind "ffn_gated":
+gate and up MatMuls, SiLU, the gating Mul, down MatMul), since its FFN does half as
+much work again as an ungated one of the same width. All
 variants of a shape are timed in interleaved rounds in one process (cost_model.timing),
 so machine drift hits them alike. Measurements live in
 `<cache>/profiles/latency.sqlite`, keyed by the device fingerprint (CPU model, cores,
@@ -123,19 +126,21 @@ def _drop_unversioned(db: sqlite3.Connection) -> None:
 def profile_blocks(
     shape: BlockShape, heads: Sequence[int], channels: Sequence[int], *,
     store: ProfileStore, refresh: bool = False, repeats: int = 15,
-    progress: ProgressLike | NullProgress | None = None,
+    progress: ProgressLike | NullProgress | None = None, gated: bool = False,
 ) -> dict[str, list[Measurement]]:
     """Measures attention at each head count and FFN at each width (stored ones reused).
 
     `progress` (a `planer.compiler.progress.Progress`, or any status callable) gets one
     bar counting timed runs: each of `repeats` rounds runs every variant not yet stored.
+    `gated` times gated FFN variants (stored as kind "ffn_gated", returned as "ffn").
     """
-    wanted = {"attn": sorted(set(heads)), "ffn": sorted(set(channels))}
+    ffn_kind = "ffn_gated" if gated else "ffn"
+    wanted = {"attn": sorted(set(heads)), ffn_kind: sorted(set(channels))}
     stored = {kind: {} if refresh else {m.units: m for m in store.load(kind, shape)}
               for kind in wanted}
     missing = {kind: [u for u in units if u not in stored[kind] and u > 0]
                for kind, units in wanted.items()}
-    label = (f"timing {len(missing['attn'])} attention + {len(missing['ffn'])} FFN block "
+    label = (f"timing {len(missing['attn'])} attention + {len(missing[ffn_kind])} FFN block "
              f"variants ({repeats} rounds)")
     total = sum(len(units) for units in missing.values()) * repeats
     if total:
@@ -147,7 +152,8 @@ def profile_blocks(
     result: dict[str, list[Measurement]] = {}
     for kind, units in wanted.items():
         stored[kind][0] = Measurement(kind, 0, 0.0)  # a dropped block does no work
-        result[kind] = [stored[kind][u] for u in units]
+        name = "ffn" if kind == ffn_kind else kind
+        result[name] = [dataclasses.replace(stored[kind][u], kind=name) for u in units]
     return result
 
 
@@ -163,7 +169,11 @@ def _measure_and_save(kind: str, shape: BlockShape, units: Sequence[int], *,
 
 def _measure(kind: str, shape: BlockShape, units: Sequence[int], *, repeats: int,
              progress: Callable[[int, int], None] | None) -> list[Measurement]:
-    build = attention_block if kind == "attn" else ffn_block
+    def build(shape: BlockShape, units: int) -> onnx.ModelProto:
+        if kind == "attn":
+            return attention_block(shape, units)
+        return ffn_block(shape, units, gated=kind == "ffn_gated")
+
     opts = SessionOptions(threads=shape.threads)
     sessions = {str(u): make_session(build(shape, u), opts) for u in units}
     rng = np.random.default_rng(0)
@@ -211,8 +221,13 @@ def attention_block(shape: BlockShape, heads: int) -> onnx.ModelProto:
     return _model(nodes, inputs, inits, width, shape)
 
 
-def ffn_block(shape: BlockShape, channels: int) -> onnx.ModelProto:
-    """Builds one FFN block with `channels` channels and erf-GELU (as exporters spell it)."""
+def ffn_block(shape: BlockShape, channels: int, *, gated: bool = False) -> onnx.ModelProto:
+    """Builds one FFN block with `channels` channels and erf-GELU (as exporters spell it).
+
+    `gated` builds a SwiGLU block instead, as Llama exports spell it.
+    """
+    if gated:
+        return _gated_ffn_block(shape, channels)
     rng = np.random.default_rng(channels)
     width = shape.hidden
     inits = [
@@ -236,6 +251,24 @@ def ffn_block(shape: BlockShape, channels: int) -> onnx.ModelProto:
         helper.make_node("Mul", ["g3", "half"], ["a"]),
         helper.make_node("MatMul", ["a", "w2"], ["y0"]),
         helper.make_node("Add", ["y0", "b2"], ["y"]),
+    ]
+    return _model(nodes, [_input("x", shape.batch, shape.tokens, width)], inits, width, shape)
+
+
+def _gated_ffn_block(shape: BlockShape, channels: int) -> onnx.ModelProto:
+    """Builds x ─ MatMul(gate) ─ SiLU ─ Mul(x·up) ─ MatMul(down) ─ y (Llama's SwiGLU, no biases)."""
+    rng = np.random.default_rng(channels)
+    width = shape.hidden
+    inits = [numpy_helper.from_array((rng.standard_normal(dims) * 0.05).astype(np.float32), name)
+             for name, dims in (("wg", (width, channels)), ("wu", (width, channels)),
+                                ("wd", (channels, width)))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wg"], ["g"]),
+        helper.make_node("Sigmoid", ["g"], ["g1"]),
+        helper.make_node("Mul", ["g", "g1"], ["g2"]),
+        helper.make_node("MatMul", ["x", "wu"], ["u"]),
+        helper.make_node("Mul", ["g2", "u"], ["a"]),
+        helper.make_node("MatMul", ["a", "wd"], ["y"]),
     ]
     return _model(nodes, [_input("x", shape.batch, shape.tokens, width)], inits, width, shape)
 

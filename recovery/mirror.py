@@ -198,18 +198,21 @@ def activation_fn(name: str) -> Any:
 
 
 class FfnMirror(nn.Module):
-    """A dense FFN: Linear(w1) ─ activation ─ Linear(w2)."""
+    """A dense FFN: Linear(w1) ─ activation ─ Linear(w2), or gated: act(gate(x))·w1(x) ─ w2."""
 
     def __init__(self, store: WeightStore, spec: FfnSpec, trainable: set[str]):
         super().__init__()
         self.store = [store]
         self.w1 = _linear(store, spec.w1, trainable)
         self.w2 = _linear(store, spec.w2, trainable)
+        self.gate = _linear(store, spec.gate, trainable) if spec.gate is not None else None
         self.activation = spec.activation
         self.act = activation_fn(spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         store = self.store[0]
+        if self.gate is not None:  # SwiGLU/GeGLU: the activation applies to the gate
+            return self.w2(store, self.act(self.gate(store, x)) * self.w1(store, x))
         return self.w2(store, self.act(self.w1(store, x)))
 
 
@@ -385,7 +388,7 @@ def _initializers(step: Step) -> list[ir.Value]:
     if isinstance(block, AttentionSpec):
         lins: list[Linear] = [block.q, block.k, block.v, block.o]
     elif isinstance(block, FfnSpec):
-        lins = [block.w1, block.w2]
+        lins = [block.w1, block.w2, *([block.gate] if block.gate is not None else [])]
     else:
         if isinstance(block, SkimBlock):
             return block.weights

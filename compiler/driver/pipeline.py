@@ -46,6 +46,7 @@ from planer.compiler.driver.stages import (
 )
 from planer.compiler.driver.verify import compare_outputs, fidelity
 from planer.compiler.errors import BadInputError
+from planer.compiler.gated_ffn import require_gated_support
 from planer.compiler.loading import check_sequence_length, has_external_data, load_model
 from planer.compiler.plan import Plan, parse_plan
 from planer.compiler.spec import ModelSpec
@@ -192,6 +193,7 @@ def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, sa
         else Plan.neutral(spec)
     # Before any calibration or fitting: what compile cannot rewrite is refused now.
     require_supported(spec, plan)
+    require_gated_support(spec, plan, mux=options.mux)
     check_sequence_length(model, options.seq_len)
     require_calibration(plan, options.calibration, options.target_flops, options.passes)
     if options.recovers and options.calibration is None:
