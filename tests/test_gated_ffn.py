@@ -105,9 +105,9 @@ def test_torchscript_export_is_read_as_gated_layers(llama: dict[str, Any]) -> No
     for layer in spec.layers:
         ffn = layer.ffn
         assert ffn.gate is not None and ffn.activation == "silu" and ffn.width == WIDTH
-        assert ffn.gate.matmul.name.endswith("mlp/gate_proj/MatMul")
-        assert ffn.w1.matmul.name.endswith("mlp/up_proj/MatMul")
-        assert ffn.w2.matmul.name.endswith("mlp/down_proj/MatMul")
+        assert str(ffn.gate.matmul.name).endswith("mlp/gate_proj/MatMul")
+        assert str(ffn.w1.matmul.name).endswith("mlp/up_proj/MatMul")
+        assert str(ffn.w2.matmul.name).endswith("mlp/down_proj/MatMul")
         assert ffn.gate.input is ffn.w1.input is ffn.x
         assert set(layer.attention.rotary) == {"q", "k"}
     layer = spec.to_dict()["layers"][0]
