@@ -253,3 +253,15 @@ def test_relufied_moe_with_every_expert_equals_the_ffn_with_relu(
     assert np.abs(got[real] - want[real]).max() < 1e-4
     (dense,) = run_ort(fixture_path("bert", "dynamo"), feed)
     assert np.abs(dense[real] - want[real]).max() > 1e-2  # ReLU-fication changed the model
+
+
+def test_compile_with_recover_trains_an_moe_plan(tmp_path: Path,
+                                                 word_calibration: tuple[Path, Path]) -> None:
+    """The recover stage itself (not recover() called apart) runs on MoE layers."""
+    text, vocab = word_calibration
+    plan = {"layers": [{"moe": {"experts": 4, "top_k": 2, "activation": "relu"}}, {}]}
+    result = compile_plan(fixture_path("bert", "dynamo"), tmp_path / "out", plan_data=plan,
+                          calibration=text, tokenizer=vocab, seq_len=16, ort_kernels="off",
+                          recover_steps=3)
+    assert result.report["recovery"]["steps"] == 3
+    assert result.report["recovery"]["written_max_abs_diff"] <= ATOL

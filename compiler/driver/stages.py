@@ -270,10 +270,13 @@ class Recover(Stage):
             and _is_text(o.calibration) else None
         # The int8 stage comes after this one; the mirror simulates its rounding so the
         # weights trained here are the ones that quantize well.
+        # Only a plan with int8 reads the block analysis: the finder refuses MoE layers.
+        int8 = dynamic_int8_weights(c.spec, c.plan) \
+            if any(la.int8 is not None for la in c.plan.layers) else set()
         result = recover(c.source, c.model, c.calib, budget_s=o.recover_seconds,
                          max_steps=o.recover_steps, progress=c.progress, texts=texts,
                          tokenizer=o.tokenizer if texts is not None else None,
-                         int8_weights=dynamic_int8_weights(c.spec, c.plan))
+                         int8_weights=int8)
         c.report.add("recovery", result.to_dict())
         # Weights only: names, shapes and every node are as before (recover checks it), so
         # the block analysis still holds.
