@@ -151,9 +151,10 @@ def anchor(model: LatencyModel, anchors: Sequence[tuple[Plan, float]]) -> Latenc
     """Re-anchors the stored curves on whole models timed now (see the module docstring).
 
     Fits, by least squares over the anchor plans, the overhead and one scale per curve
-    kind they use: ms(plan) = overhead + Σ_kinds scale_k · curves_k(plan). Curves no
-    anchor uses take the median scale. Returns `model` unchanged when the fit is not
-    physical (a scale or the overhead below 0: a tiny model lost in timing noise).
+    kind they use: ms(plan) = overhead + Σ_kinds scale_k · curves_k(plan) (an overhead
+    fitted below 0 is refitted at 0). Curves no anchor uses take the median scale.
+    Returns `model` unchanged when a scale comes out at or below 0 (a tiny model lost in
+    timing noise).
 
     Args:
         model: the stored curves (fit_latency_model).
@@ -165,9 +166,13 @@ def anchor(model: LatencyModel, anchors: Sequence[tuple[Plan, float]]) -> Latenc
     if not kinds:
         return model
     matrix = np.array([[1.0, *(part.get(k, 0.0) for k in kinds)] for part in parts])
-    solved = np.linalg.lstsq(matrix, np.array([ms for _, ms in anchors]), rcond=None)[0]
+    measured = np.array([ms for _, ms in anchors])
+    solved = np.linalg.lstsq(matrix, measured, rcond=None)[0]
+    if solved[0] < 0:  # the overhead is an extrapolation: noise can push it below 0
+        solved = np.concatenate([[0.0], np.linalg.lstsq(matrix[:, 1:], measured,
+                                                        rcond=None)[0]])
     overhead, factors = float(solved[0]), solved[1:]
-    if not np.all(np.isfinite(solved)) or np.any(factors <= 0) or overhead < 0:
+    if not np.all(np.isfinite(solved)) or np.any(factors <= 0):
         return model
     scales = dict(zip(kinds, (float(x) for x in factors), strict=True))
     rest = float(np.median(factors))

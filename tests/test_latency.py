@@ -206,6 +206,10 @@ def test_anchoring_keeps_the_stored_model_when_anchors_are_noise() -> None:
     # Smaller plans measured slower than the full one: no physical fit.
     noise = [(plans["neutral"], 2.0), (plans["fewer_heads"], 3.0), (plans["narrower"], 3.0)]
     assert anchor(stored, noise) is stored
+    # An overhead extrapolated below 0 is refitted at 0, keeping the scales.
+    below = [(p, stored.blocks_ms(p) - 0.05) for p in plans.values()]
+    clamped = anchor(stored, below)
+    assert clamped.overhead_ms == 0.0 and set(clamped.scales) == {"attn", "ffn"}
 
 
 def test_random_validation_plans_fit_the_model() -> None:
