@@ -31,10 +31,11 @@ _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataT
 
 
 def check_kv_cache(model: ir.Model) -> None:
-    """Raises when a float graph input is a past key/value cache appended to before attention.
+    """Raises when a key/value cache goes into attention (an input) or comes out (an output).
 
     Raises:
-        UnsupportedModelError: names the first cache input and the Concat that extends it.
+        UnsupportedModelError: names the first cache input (or output) and the Concat that
+            extends it.
     """
     for value in model.graph.inputs:
         if value.name in model.graph.initializers or value.dtype not in _FLOAT:
@@ -47,6 +48,42 @@ def check_kv_cache(model: ir.Model) -> None:
                 "without a cache, since pruning heads would change every layer's cache shape: "
                 "export the model with use_cache=False (no past_key_values inputs) and compile "
                 "that.")
+    check_kv_cache_outputs(model)
+
+
+def check_kv_cache_outputs(model: ir.Model) -> None:
+    """Raises when a graph output returns a grown key/value cache (``present_*``).
+
+    Exports made with ``use_cache=True`` but without past inputs still append the new
+    keys to an empty cache and return it, so the finder would meet a Concat in K's place.
+
+    Raises:
+        UnsupportedModelError: names the first such output and its Concat.
+    """
+    for value in model.graph.outputs:
+        concat = _producing_concat(value)
+        if concat is not None and _reached(concat.outputs[0], stop={"MatMul"},
+                                           through=_LAYOUT | _SCALE):
+            raise UnsupportedModelError(
+                f"output {value.name!r} returns a key/value cache ({node_label(concat)} "
+                "appends this step's keys or values to it before attention); planer compiles "
+                "decoders without a cache, since pruning heads would change every layer's "
+                "cache shape: export the model with use_cache=False (no past_key_values "
+                "inputs or present outputs) and compile that.")
+
+
+def _producing_concat(value: ir.Value, depth: int = 8) -> ir.Node | None:
+    """Follows layout ops back from `value` to the Concat computing it, if any."""
+    for _ in range(depth):
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Concat":
+            return node
+        if node.op_type not in _LAYOUT or node.inputs[0] is None:
+            return None
+        value = node.inputs[0]
+    return None
 
 
 def _cache_concat(value: ir.Value) -> ir.Node | None:

@@ -244,3 +244,39 @@ def test_a_gated_ffn_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     layers = json.loads(capsys.readouterr().out)["layers"]
     assert [(la["ffn"], la["activation"], la.get("gated")) for la in layers] \
         == [(128, "silu", True)] * 2
+
+
+def test_present_outputs_are_refused_naming_them(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # use_cache=True without past inputs: the new keys join an empty cache and come back.
+    import warnings
+
+    import torch
+
+    from planer.fixtures.decoders import _causal_lm
+
+    lm = _causal_lm("gpt2", use_cache=True)
+
+    class Present(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):  # noqa: D102
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+            return (out.logits, *[t for layer in out.past_key_values.layers
+                                  for t in (layer.keys, layer.values)])
+
+    ids = torch.randint(3, VOCAB, (2, 7))
+    names = ["logits", *[f"present_{kind}_{i}" for i in range(2) for kind in ("key", "value")]]
+    path = tmp_path / "present.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Present().eval(), (ids, torch.ones_like(ids)), str(path),
+                          dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=names,
+                          dynamic_axes={n: {0: "b"} for n in ["input_ids", "attention_mask",
+                                                              *names]})
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "output 'present_key_0' returns a key/value cache" in err and "Concat node" in err
