@@ -260,3 +260,37 @@ def test_target_latency_compiles_the_gated_model(llama: dict[str, Any], tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["measured_ms"] > 0 and report["target_met"] == (code == 0)
     assert not any("int8" in layer for layer in report["plan"]["layers"])
+
+
+def _export_llama(tmp_path: Path, hidden_act: str) -> tuple[Any, Path]:
+    from planer.fixtures.decoders import export_lm, lm_wrapper
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+        intermediate_size=WIDTH, num_hidden_layers=2, vocab_size=VOCAB,
+        max_position_embeddings=128, hidden_act=hidden_act)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path / f"llama_{hidden_act}.onnx"
+    export_lm(lm_wrapper(model), "torchscript", path)
+    return model, path
+
+
+def test_geglu_is_read_and_pruned_like_swiglu(tmp_path: Path) -> None:
+    model, path = _export_llama(tmp_path, "gelu")
+    _, spec = read_model(path)
+    assert [(la.ffn.activation, la.ffn.gated) for la in spec.layers] == [("gelu", True)] * 2
+    kept = [top_indices(magnitude_channel_scores(la.ffn), 40) for la in spec.layers]
+    result = compile_plan(path, tmp_path / "out", plan_data=_plan(HEADS, 40))
+    feeds = _feeds(3)
+    (compiled,) = run_ort(result.model_path, feeds)
+    expected = _torch_logits(_sliced(model, [tuple(range(HEADS))] * 2, kept), feeds)
+    np.testing.assert_allclose(compiled, expected, rtol=0, atol=1e-4)
+
+
+def test_an_unactivated_gate_is_refused_by_name(tmp_path: Path) -> None:
+    # A bilinear GLU (no activation on the gate) is not read; the refusal names its Mul.
+    _, path = _export_llama(tmp_path, "linear")
+    with pytest.raises(UnsupportedModelError) as error:
+        read_model(path)
+    assert f"its FFN is gated: ai.onnx.Mul node {PRODUCT}" in str(error.value)
