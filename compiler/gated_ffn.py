@@ -1,4 +1,4 @@
-"""Reads gated feed-forward blocks (SwiGLU, GeGLU) and names them where planer cannot rewrite them.
+"""Reads gated feed-forward blocks (SwiGLU, GeGLU); names them where planer cannot rewrite them.
 
 Llama-style decoders (SmolLM, Llama, Mistral, Qwen) multiply two projections of the
 same input before the down projection:
@@ -11,9 +11,13 @@ same input before the down projection:
 gate column, up column and down row together, and the down projection's input is the
 activation importance and the refit read, as for act(x·W1)·W2 FFNs.
 
-Passes that rebuild the FFN from its weights (FFN→MoE, token skimming's and recovery's
-replays, INT8 cost, multiplexing) read act(x·W1)·W2 only; `gated_ffn_problem` names
-the first gated FFN so they refuse before any calibration or fitting.
+Head and channel pruning, their fitting and the latency profile (gated variants)
+handle gated FFNs, and recovery's mirror runs them (recovery.mirror.FfnMirror). What
+rebuilds or models the FFN as act(x·W1)·W2 does not yet: FFN→MoE, INT8 of the FFN
+block (and INT8's cost model), multiplexing. `require_gated_support` refuses those
+before any calibration or fitting, naming the gating Mul; a gate the finder cannot read
+(no activation on it: a bilinear GLU) is named by `gated_ffn_hint` in the finder's
+"no feed-forward block" refusal.
 """
 
 from __future__ import annotations
