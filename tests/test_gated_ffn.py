@@ -294,3 +294,16 @@ def test_an_unactivated_gate_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError) as error:
         read_model(path)
     assert f"its FFN is gated: ai.onnx.Mul node {PRODUCT}" in str(error.value)
+
+
+def test_moe_under_a_flops_target_is_refused_before_fitting(
+        llama: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver import pipeline
+
+    def no_fitting(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the refusal must come before calibration")
+
+    monkeypatch.setattr(pipeline, "load_fitting", no_fitting)
+    with pytest.raises(UnsupportedModelError, match=r"FFN→MoE \(--passes moe\)"):
+        compile_plan(llama["torchscript"], tmp_path / "out", target_flops=0.5,
+                     calibration=tmp_path / "unused.npz", passes=frozenset({"prune", "moe"}))

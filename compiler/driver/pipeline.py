@@ -193,7 +193,7 @@ def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, sa
         else Plan.neutral(spec)
     # Before any calibration or fitting: what compile cannot rewrite is refused now.
     require_supported(spec, plan)
-    require_gated_support(spec, plan, mux=options.mux)
+    require_gated_support(spec, plan, mux=options.mux, passes=options.passes)
     check_sequence_length(model, options.seq_len)
     require_calibration(plan, options.calibration, options.target_flops, options.passes)
     if options.recovers and options.calibration is None:
