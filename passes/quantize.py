@@ -55,6 +55,7 @@ from onnxruntime.quantization import (
 
 from planer.compiler.calibration import CalibrationSet
 from planer.compiler.errors import BadInputError, PreconditionError
+from planer.compiler.irutil import const_array
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.plan import INT8_BLOCKS, INT8_MODES, Int8Plan, Plan
 from planer.compiler.spec import LayerSpec, Linear, ModelSpec
@@ -201,6 +202,33 @@ def _targets(model: ir.Model, spec: ModelSpec, config: QuantizeConfig) -> list[_
         node.name = f"{block}/{role}/MatMul"
         targets.append(_Target(block, role, node.name, str(node.outputs[0].name), mode))
     return targets
+
+
+def dynamic_int8_weights(model: ir.Model, spec: ModelSpec, plan: Plan) -> set[str]:
+    """Names the weights of the projections `apply_int8` will quantize in dynamic mode.
+
+    Resolved as `apply_int8` resolves them (the source spec, then head pruning's names),
+    without renaming anything; recovery simulates their rounding (recovery.fakequant).
+    A projection that is gone (split into experts) is skipped: quantizing it fails later
+    with its own sentence.
+    """
+    config = QuantizeConfig.from_plan(plan)
+    graph = model.graph
+    by_name = {node.name: node for node in graph if node.name}
+    names: set[str] = set()
+    for index, choice in sorted(config.layers.items()):
+        if choice.mode != "dynamic" or not 0 <= index < len(spec.layers):
+            continue
+        for kind in choice.kinds():
+            block = BlockId(index, kind)
+            for role, linear in _linears(spec.layers[index], kind).items():
+                try:
+                    node = _projection_node(graph, by_name, block, role, linear)
+                except PreconditionError:
+                    continue
+                if node.inputs[1] is not None and const_array(node.inputs[1]) is not None:
+                    names.add(str(node.inputs[1].name))
+    return names
 
 
 def _linears(layer: LayerSpec, kind: str) -> dict[str, Linear]:

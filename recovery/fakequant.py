@@ -15,8 +15,9 @@ quantize well. It is on while training and while measuring held-out fidelity (wh
 then tracks the deployed INT8 model) and off where the mirror is compared with the
 float graph (`Student.check`).
 
-Only dynamic mode is simulated; static QDQ blocks (per-channel weights, calibrated
-activation ranges fixed after recovery) train in float.
+The weights come from passes.quantize.dynamic_int8_weights (resolved as the quantize
+stage resolves them). Only dynamic mode is simulated; static QDQ blocks (per-channel
+weights, calibrated activation ranges fixed after recovery) train in float.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-
-from planer.compiler.plan import Plan
-from planer.compiler.spec import ModelSpec
 
 W_LEVELS = 127.0  # int8 symmetric range [-127, 127]
 X_LEVELS = 255.0  # uint8 [0, 255]
@@ -65,16 +63,3 @@ class Simulation:
             yield
         finally:
             self.on = was
-
-
-def dynamic_int8_weights(spec: ModelSpec, plan: Plan) -> set[str]:
-    """Names the projection weights the plan quantizes in dynamic mode."""
-    names: set[str] = set()
-    for layer, choice in zip(spec.layers, plan.layers, strict=True):
-        if choice.int8 is None or choice.int8.mode != "dynamic":
-            continue
-        a, f = layer.attention, layer.ffn
-        # An MoE layer's experts are not the spec's FFN weights: they train in float.
-        blocks = {"attn": (a.q, a.k, a.v, a.o), "ffn": (f.w1, f.w2) if choice.moe is None else ()}
-        names.update(str(lin.weight.name) for kind in choice.int8.kinds() for lin in blocks[kind])
-    return names

@@ -17,8 +17,9 @@ from planer.compiler.driver.pipeline import compile_plan, read_model
 from planer.compiler.loading import load_model
 from planer.compiler.plan import parse_plan
 from planer.fixtures.build import fixture_path
+from planer.passes.quantize import dynamic_int8_weights
 from planer.recovery.distill import recover
-from planer.recovery.fakequant import dynamic_int8, dynamic_int8_weights
+from planer.recovery.fakequant import dynamic_int8
 from planer.recovery.train import RecoveryConfig, build_student
 from tests.conftest import run_ort
 
@@ -73,7 +74,7 @@ def test_mirror_with_simulation_tracks_the_int8_model(
     int8_plan = {"layers": [{**layer, "int8": INT8} for layer in layers]}
     int8_path = _compile(tmp_path, "int8", int8_plan, word_calibration)
     model, spec = read_model(float_path)
-    names = dynamic_int8_weights(spec, parse_plan(int8_plan, spec))
+    names = dynamic_int8_weights(model, spec, parse_plan(int8_plan, spec))
     assert len(names) == 12  # q, k, v, o, w1, w2 in both layers
 
     student = build_student(load_model(float_path), threads=1, int8_weights=names)
@@ -100,7 +101,7 @@ def test_recover_reports_simulated_weights(
     path = _compile(tmp_path, "float", {"layers": layers}, word_calibration)
     model, spec = read_model(path)
     plan = parse_plan({"layers": [{**layer, "int8": INT8} for layer in layers]}, spec)
-    names = dynamic_int8_weights(spec, plan)
+    names = dynamic_int8_weights(model, spec, plan)
     calib = build_calibration(text, model_input_infos(model), tokenizer=vocab, seq_len=32)
     report = recover(fixture_path("bert", "dynamo"), model, calib, budget_s=None, max_steps=4,
                      config=RecoveryConfig(lr=1e-3, batch_size=16, eval_every=2, threads=1),

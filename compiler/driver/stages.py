@@ -262,17 +262,16 @@ class Recover(Stage):
         return f"recovering by distillation from the original ({', '.join(b for b in budget if b)})"
 
     def run(self, c: Compilation) -> bool:
+        from planer.passes.quantize import dynamic_int8_weights
         from planer.recovery.distill import recover
-        from planer.recovery.fakequant import dynamic_int8_weights
 
         o = c.options
         texts = read_texts(o.calibration) if o.calibration is not None \
             and _is_text(o.calibration) else None
         # The int8 stage comes after this one; the mirror simulates its rounding so the
-        # weights trained here are the ones that quantize well.
-        # Only a plan with int8 reads the block analysis: the finder refuses MoE layers.
-        int8 = dynamic_int8_weights(c.spec, c.plan) \
-            if any(la.int8 is not None for la in c.plan.layers) else set()
+        # weights trained here are the ones that quantize well. Resolved as that stage
+        # resolves them (the source spec: the finder refuses MoE layers).
+        int8 = dynamic_int8_weights(c.model, c.source_spec, c.plan)
         result = recover(c.source, c.model, c.calib, budget_s=o.recover_seconds,
                          max_steps=o.recover_steps, progress=c.progress, texts=texts,
                          tokenizer=o.tokenizer if texts is not None else None,
