@@ -15,7 +15,7 @@ D model width, Hp predictor width.
     later layers run on all S rows with the skimmed keys masked (additive float32 min on
     [B, 1, 1, S]), so a kept row gets exactly the graph's value and a skimmed row the
     state it would have had as a query (what the gradient through m compares)
-    out   = c_J·y + Σ_j (c_{j−1} − c_j)·sg(x_j)    skimmed rows hold their state where
+    out   = c_J·y + Σ_j (c_{j−1} − c_j)·x_j        skimmed rows hold their state where
             they left (the graph's write-back); the layer outputs the loss reads likewise
     skim loss (Transkimmer): mean over points of (mean over live tokens of p, forced
             ones counting 1, − r)²: keeps σ(s) calibrated to the planned keep ratio, so the
@@ -81,14 +81,12 @@ class SkimState:
     def mix(self, y: torch.Tensor) -> torch.Tensor:
         """Returns y [B, S, D] with each skimmed row replaced by its state where it left.
 
-        The forwarded state is detached: a skimmed row's loss trains the keep decision
-        (through `present`), not the layers before the point, which the kept rows share
-        (pulling their early states toward the teacher's final ones would serve the few
-        forwarded rows at the expense of every kept one).
+        The forwarded state keeps its gradient, as in Transkimmer: detaching it (a skimmed
+        row's loss training only the keep decision) measured worse on MiniLM (README).
         """
         out = self.present[..., None] * y
         for x, before, after in self.stages:
-            out = out + (before - after)[..., None] * x.detach()
+            out = out + (before - after)[..., None] * x
         return out
 
     def loss(self) -> torch.Tensor:
