@@ -6,7 +6,8 @@ Removing unit u and folding its mean into the bias (FLAP's bias compensation) ch
 the block output by c_u − E[c_u], so its cost is E‖c_u − E[c_u]‖². Dividing by the
 energy of the residual stream the block adds to, E‖r‖², makes costs comparable across
 layers: it is the relative perturbation the next LayerNorm sees. A gated FFN's
-a_j = act(x·g_j)·(x·u_j) is W2's input as well (compiler.gated_ffn), so the same holds. Weight magnitude
+a_j = act(x·g_j)·(x·u_j) is W2's input as well (compiler.gated_ffn), so the same
+holds. Weight magnitude
 ignores both how large the activations are and how much they vary; a unit that is
 large but constant costs nothing once its mean moves into the bias.
 
