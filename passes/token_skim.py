@@ -498,6 +498,11 @@ def _rewire_mask(layer: LayerSpec, mask_add: ir.Value, point: int) -> None:
             for j, item in enumerate(node.inputs):
                 if any(item is v for v in operands) and j != step.scores_index:
                     node.replace_input_with(j, mask_add)
+        # A skim point before layer 0 replaces every layer's mask, so the model's own
+        # mask path is read by nothing any more; it goes with its last reader.
+        for value in operands:
+            if value is not None:
+                remove_dead_producers(value)
     logger.debug("%s: mask from skim point %d", attn.block, point)
 
 

@@ -66,6 +66,19 @@ def test_skim_before_layer0_needs_calibration(tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
+def test_skim_before_layer0_compiles_without_dead_mask_nodes(
+        tmp_path: Path, word_calibration: tuple[Path, Path]) -> None:
+    # Every layer's mask comes from the skim point, so the model's own mask path must go
+    # (the stage runner refuses a stage that leaves dead nodes behind).
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [{"skim_keep": 0.5}, {}]}))
+    report = _compile(tmp_path, word_calibration, "--plan", str(plan))
+    assert report["layers"][0]["skim_keep"] == 0.5
+    out = run_ort(tmp_path / "out" / "model.onnx",
+                  text_feeds(batch=2, seq_len=16, vocab=44, pad_last=5))[0]
+    assert out.shape == (2, 16, 64) and np.isfinite(out).all()
+
+
 @pytest.mark.slow
 def test_skim_on_a_model_whose_first_output_is_not_the_hidden_states(tmp_path: Path) -> None:
     # paraphrase-MiniLM-L3-v2's output 0 is an Identity of input_ids; skim reports and
