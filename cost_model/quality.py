@@ -4,7 +4,7 @@ Dimensions: B sequences, S tokens, D model width, P probe sequences.
 
     source ─ copy ─ x ─ block b ─ out_b ─ Add(δ_b) ─ residual ─ … ─ output_BSD
                                           δ_b: a graph input, zero = the source model
-    P probe sequences (calibration fitting share) ─ run with δ = 0 ─▶ pooled outputs and
+    P probe sequences (calibration holdout share) ─ run with δ = 0 ─▶ pooled outputs and
     every block's tensors
     per block b, per variant v on a grid (heads kept, FFN width, INT8, MoE):
         Δ_b(v) from the captured tensors (numpy: prune_fit's output choice for the kept
@@ -397,5 +397,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def probe_feeds(batches: Sequence[Feed], sequences: int) -> list[Feed]:
-    """The probe: the last `sequences` sequences of the fitting share, as they are batched."""
+    """The probe: the last `sequences` sequences of `batches`, as they are batched.
+
+    The caller passes the calibration holdout share, which no refit has seen.
+    """
     return take_sequences(list(reversed(batches)), sequences)
