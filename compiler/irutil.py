@@ -154,6 +154,36 @@ def remove_dead_producers(value: ir.Value) -> None:
         stack.extend(v.producer() for v in inputs)
 
 
+SHAPE_READERS = frozenset({"Shape", "Size"})
+"""Ops that read only a tensor's dimensions, never its values."""
+
+
+def region_between(entry: ir.Value, end: ir.Value) -> set[int]:
+    """Returns the ids of the nodes computed from `entry` that `end` depends on.
+
+    Paths through Shape/Size readers do not count: they read dimensions, not values, so
+    what follows them is not computed from `entry`'s values.
+    """
+    after: set[int] = set()
+    stack = list(entry.consumers())
+    while stack:
+        node = stack.pop()
+        if id(node) in after or node.op_type in SHAPE_READERS:
+            continue
+        after.add(id(node))
+        for out in node.outputs:
+            stack.extend(out.consumers())
+    before: set[int] = set()
+    up = [end.producer()]
+    while up:
+        producer = up.pop()
+        if producer is None or id(producer) in before:
+            continue
+        before.add(id(producer))
+        up.extend(v.producer() for v in producer.inputs if v is not None)
+    return after & before
+
+
 def bypass_with_constant(graph: ir.Graph, old: ir.Value, bias: np.ndarray, block: str) -> None:
     """Feeds a dropped sub-block's constant output (its bias) straight to its residual Adds."""
     consumers = list(old.consumers())

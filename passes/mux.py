@@ -43,14 +43,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from planer.compiler.errors import UnsupportedModelError
-from planer.compiler.irutil import NodeBuilder, const_array, replace_uses
+from planer.compiler.irutil import NodeBuilder, const_array, region_between, replace_uses
 from planer.compiler.loading import default_opset
 from planer.compiler.names import PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import ModelSpec
 
 WIDTHS = (1, 2, 4)
 SHIFT = 16.0  # keeps the identity-initialised ReLU open for hidden values above -SHIFT
-_SHAPE_READERS = {"Shape", "Size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,7 @@ def multiplex(model: ir.Model, entry: ir.Value, end: ir.Value, config: MuxConfig
     width = entry.shape[-1] if entry.shape is not None else None
     if not isinstance(width, int):
         raise UnsupportedModelError(f"mux needs the width of {entry.name}, which is not known.")
-    region = _descendants(entry) & _ancestors(end)
+    region = region_between(entry, end)
     masks = _outside_reads(graph, region, entry)
     opset = default_opset(model)
     mux = NodeBuilder(graph, _first_reader(graph, entry), pass_name=PassName.MUX,
@@ -308,28 +307,3 @@ def _producer(value: ir.Value) -> ir.Node:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_." else "_" for c in name)
-
-
-def _descendants(value: ir.Value) -> set[int]:
-    seen: set[int] = set()
-    stack = list(value.consumers())
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or node.op_type in _SHAPE_READERS:
-            continue
-        seen.add(id(node))
-        for out in node.outputs:
-            stack.extend(out.consumers())
-    return seen
-
-
-def _ancestors(value: ir.Value) -> set[int]:
-    seen: set[int] = set()
-    stack = [value.producer()]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.extend(v.producer() for v in node.inputs if v is not None)
-    return seen

@@ -30,12 +30,11 @@ import onnx_ir as ir
 from planer.compiler import blocks as finder
 from planer.compiler.capture import main_output
 from planer.compiler.errors import UnsupportedModelError
-from planer.compiler.irutil import const_array
+from planer.compiler.irutil import SHAPE_READERS, const_array, region_between
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import AttentionSpec, FfnSpec
 
 STREAM_OPS = {"Add", "Sum", "LayerNormalization", "Identity", "Reshape"}
-_SHAPE_READERS = {"Shape", "Size"}  # read dims only: the values they give are not trained
 
 
 @dataclasses.dataclass
@@ -134,7 +133,7 @@ def read_stream(model: ir.Model) -> Stream:
     first = min(found, key=lambda b: order[id(b.x.producer())] if b.x.producer() else -1)
     entry = _entry(first.x)
     end = _end_value(graph)
-    region = _descendants(entry) & _ancestors(end)
+    region = region_between(entry, end)
     if id(end.producer()) not in region:
         raise UnsupportedModelError(
             f"the output {end.name} does not depend on the first layer's input {entry.name}."
@@ -368,32 +367,6 @@ class _Info:
         return None if self.value.shape is None else list(self.value.shape)
 
 
-def _descendants(value: ir.Value) -> set[int]:
-    """Returns ids of the nodes computed from `value` (not through Shape/Size readers)."""
-    seen: set[int] = set()
-    stack = [u for u in value.consumers()]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or node.op_type in _SHAPE_READERS:
-            continue
-        seen.add(id(node))
-        for out in node.outputs:
-            stack.extend(out.consumers())
-    return seen
-
-
-def _ancestors(value: ir.Value) -> set[int]:
-    seen: set[int] = set()
-    stack = [value.producer()]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.extend(v.producer() for v in node.inputs if v is not None)
-    return seen
-
-
 def _block_nodes(out: ir.Value, x: ir.Value, region: set[int]) -> set[int]:
     """Returns ids of the region's nodes between a block's input and its output."""
     seen: set[int] = set()
@@ -446,7 +419,7 @@ def _residual_kind(step: Step, outputs: dict[int, str]) -> str | None:
 
 
 def _readers(value: ir.Value) -> list[ir.Node]:
-    return [u for u in value.consumers() if u.op_type not in _SHAPE_READERS]
+    return [u for u in value.consumers() if u.op_type not in SHAPE_READERS]
 
 
 def _norm_style(steps: list[Step]) -> str:
