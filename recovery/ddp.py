@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from planer.compiler.argtypes import positive_int
 from planer.compiler.calibration import build_calibration, model_input_infos, read_texts
 from planer.compiler.loading import load_model
 from planer.recovery.distill import (
@@ -167,17 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """Parses a whole number of at least 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m planer.recovery.ddp",
                                      description="Recovery training under torchrun (gloo).")
@@ -187,12 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--texts", type=Path, nargs="*", default=[])
-    parser.add_argument("--steps", type=_positive_int)
+    parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--budget", type=float, help="wall-clock seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=RecoveryConfig.lr)
-    parser.add_argument("--batch-size", type=_positive_int, default=RecoveryConfig.batch_size)
-    parser.add_argument("--threads", type=_positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=RecoveryConfig.batch_size)
+    parser.add_argument("--threads", type=positive_int, default=1)
     return parser
 
 

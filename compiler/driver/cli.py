@@ -21,14 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 import planer
-from planer.compiler.driver import diff_cli
-from planer.compiler.driver.argtypes import (
+from planer.compiler.argtypes import (
     duration,
     latency_target,
     output_folder,
     positive_int,
     throughput_target,
 )
+from planer.compiler.driver import diff_cli
 from planer.compiler.driver.defaults import (
     CALIBRATION_NOTE,
     bundled_model,

@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from planer.compiler.argtypes import positive_float, positive_int
 from planer.compiler.diff import diff_models, format_delta
 from planer.compiler.diff_numbers import (
     DEFAULT_TOLERANCE,
@@ -27,7 +28,6 @@ from planer.compiler.diff_numbers import (
     divergence,
     read_feeds,
 )
-from planer.compiler.driver.argtypes import positive_float, positive_int
 from planer.compiler.errors import EXIT_OK, BadInputError
 
 console = Console(stderr=True, soft_wrap=True)
