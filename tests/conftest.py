@@ -104,18 +104,23 @@ def image_feeds(*, batch: int, size: int = 32, seed: int = 0) -> dict[str, np.nd
     return {"pixel_values": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
 
 
-@pytest.fixture
-def word_calibration(tmp_path: Path) -> tuple[Path, Path]:
-    """Seeded texts over a 40-word vocabulary plus a matching WordPiece vocab folder."""
-    text = tmp_path / "calib.txt"
+def write_word_calibration(folder: Path) -> tuple[Path, Path]:
+    """Writes seeded texts over a 40-word vocabulary plus a matching WordPiece vocab folder."""
+    text = folder / "calib.txt"
     rng = np.random.default_rng(0)
     text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
                               for _ in range(120)))
-    vocab = tmp_path / "tok"
+    vocab = folder / "tok"
     vocab.mkdir()
     (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
                                                [f"w{i}" for i in range(40)]) + "\n")
     return text, vocab
+
+
+@pytest.fixture
+def word_calibration(tmp_path: Path) -> tuple[Path, Path]:
+    """Seeded texts over a 40-word vocabulary plus a matching WordPiece vocab folder."""
+    return write_word_calibration(tmp_path)
 
 
 def cnn_model(path: Path, seed: int = 0) -> Path:

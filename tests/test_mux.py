@@ -24,7 +24,7 @@ from planer.compiler.plan import parse_plan
 from planer.compiler.targets import check_ops
 from planer.fixtures.build import fixture_path
 from planer.passes.mux import DemuxWeights, MuxConfig, apply_mux, multiplex
-from tests.conftest import run_ort
+from tests.conftest import run_ort, write_word_calibration
 
 SOURCE = fixture_path("bert", "dynamo")
 
@@ -141,14 +141,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
     """`compile --mux 2 --recover-steps 150` on the bert fixture and seeded word text."""
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("mux")
-    text = folder / "calib.txt"
-    rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
-                              for _ in range(120)))
-    vocab = folder / "tok"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
-                                               [f"w{i}" for i in range(40)]) + "\n")
+    text, vocab = write_word_calibration(folder)
     return compile_plan(SOURCE, folder / "out", calibration=text, tokenizer=vocab, seq_len=32,
                         mux=2, recover_steps=150, ort_kernels="off")
 

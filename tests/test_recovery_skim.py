@@ -20,6 +20,7 @@ from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 from planer.recovery import skim
 from planer.recovery.distill import RecoveryReport, recover
 from planer.recovery.train import RecoveryConfig, Student, build_student
+from tests.conftest import write_word_calibration
 
 # Layer 0 keeps 3 of 4 heads; half of the real tokens enter layer 1 (the fitted predictor's
 # choice, [CLS] always), the rest are forwarded to the output.
@@ -40,21 +41,8 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _calibration(folder: Path) -> tuple[Path, Path]:
-    """Writes seeded texts over a 40-word vocabulary and its WordPiece vocab (as conftest)."""
-    text = folder / "calib.txt"
-    rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(f"w{j}" for j in rng.integers(0, 40, rng.integers(4, 14)))
-                              for _ in range(120)))
-    vocab = folder / "tok"
-    vocab.mkdir()
-    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
-                                               [f"w{i}" for i in range(40)]) + "\n")
-    return text, vocab
-
-
 def _compile(folder: Path, family: str, *, lowering: str = "ort") -> Path:
-    text, vocab = _calibration(folder)
+    text, vocab = write_word_calibration(folder)
     return compile_plan(fixture_path(family, "dynamo"), folder / "out", plan_data=PLAN,
                         calibration=text, tokenizer=vocab, seq_len=16,
                         target_runtime=lowering).model_path
