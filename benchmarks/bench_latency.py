@@ -15,7 +15,7 @@
     python -m benchmarks.bench_latency targets [--fractions 0.5 0.33 0.25] [--batch 8]
         [--threads 2] [--no-quality] [--out F]
     python -m benchmarks.bench_latency remeasure OUT... [--batch 8] [--threads 2]
-        (OUT folders of `planer compile --target-latency`: the same re-measure and scores)
+        (OUT folders of `planer compile`, or `.onnx` files: the same re-measure and scores)
 
 Run under `flock /tmp/bench.lock` on a shared machine: other timings would collide.
 """
@@ -104,30 +104,51 @@ def remeasure(outs: list[Path], batch: int, threads: int, repeats: int, *,
               ) -> list[dict[str, Any]]:
     """Re-measures compiled OUT folders against the original (interleaved) and scores them.
 
-    The target is read from each report.json (`target_ms` over `baseline_ms`).
+    The target is read from each report.json (`target_ms` over `baseline_ms`); a compile
+    without one (`--plan`, `--target-flops`) has none, and a path to an `.onnx` file (a
+    model planer did not write, such as ORT's `quantize_dynamic` output) has no report.
     """
     dense = minilm_path("dynamo")
     _, spec = read_model(dense)
     rows = []
     for out in outs:
-        report = json.loads((out / "report.json").read_text())
-        model = next(out / name for name in ("model.onnx", "fastest-missed-target.onnx")
-                     if (out / name).exists())
+        model, report = _model_and_report(out)
         ratio, _ = measure_ratio(dense, model, batch=batch, seq_len=128, threads=threads,
                                  vocab=spec.vocab_size, repeats=repeats)
-        fraction = report["target_ms"] / report["baseline_ms"]
-        rows.append({"out": str(out), "fraction": round(fraction, 3),
-                     "measured_ratio": round(ratio, 4), "vs_target": round(ratio / fraction, 3),
-                     "planer_ratio": round(report["measured_ms"] / report["baseline_ms"], 4),
-                     "predicted_ratio": round(report["predicted_ms"] / report["baseline_ms"], 4),
-                     "rounds": len(report["rounds"]),
+        fraction = _ratio(report, "target_ms")
+        rows.append({"out": str(out), "fraction": fraction and round(fraction, 3),
+                     "measured_ratio": round(ratio, 4),
+                     "vs_target": fraction and round(ratio / fraction, 3),
+                     "planer_ratio": _round(_ratio(report, "measured_ms")),
+                     "predicted_ratio": _round(_ratio(report, "predicted_ms")),
+                     "rounds": len(report.get("rounds", [])),
                      "compile_s": (compile_s or {}).get(out), "path": str(model),
-                     "plan": _plan_text(report["plan"])})
+                     "plan": _plan_text(report["plan"]) if "plan" in report else ""})
         print(json.dumps(rows[-1]), flush=True)
     if quality:
         _score(rows, dense)
     _print_targets(rows, batch, threads)
     return rows
+
+
+def _model_and_report(out: Path) -> tuple[Path, dict[str, Any]]:
+    """The model in an OUT folder with its report.json, or an `.onnx` path with no report."""
+    if out.suffix == ".onnx":
+        return out, {}
+    model = next(out / name for name in ("model.onnx", "fastest-missed-target.onnx")
+                 if (out / name).exists())
+    return model, json.loads((out / "report.json").read_text())
+
+
+def _ratio(report: dict[str, Any], key: str) -> float | None:
+    """`report[key]` over the dense model's `baseline_ms`; None when the compile had no target."""
+    if key not in report or "baseline_ms" not in report:
+        return None
+    return report[key] / report["baseline_ms"]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _score(rows: list[dict[str, Any]], dense: Path) -> None:
@@ -145,15 +166,21 @@ def _print_targets(rows: list[dict[str, Any]], batch: int, threads: int) -> None
           "compile s | STS-B dev | pooled cosine | neighbours@10 | plan |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['fraction']:.0%} | {r['measured_ratio']:.3f} | {r['vs_target']:.3f} | "
-              f"{r['planer_ratio']:.3f} | {r['predicted_ratio']:.3f} | {r['rounds']} | "
+        print(f"| {_cell(r['fraction'], '.0%')} | {r['measured_ratio']:.3f} | "
+              f"{_cell(r['vs_target'], '.3f')} | {_cell(r['planer_ratio'], '.3f')} | "
+              f"{_cell(r['predicted_ratio'], '.3f')} | {r['rounds']} | "
               f"{r['compile_s']} | {r.get('stsb_dev', '')} | {r.get('pooled_cosine', '')} | "
-              f"{r.get('neighbours_at_10', '')} | {r['plan']} |", flush=True)
+              f"{r.get('neighbours_at_10', '')} | {r['plan'] or r['out']} |", flush=True)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _plan_text(plan: dict[str, Any]) -> str:
-    return " ".join(f"{la['heads']}/{la['ffn']}" + (f"+{la['int8']['blocks']}"
-                                                    if "int8" in la else "")
+    return " ".join(f"{la.get('heads', 'all')}/{la.get('ffn', 'all')}"
+                    + (f"+{la['int8']['blocks']}" if "int8" in la else "")
+                    + (f"+moe{la['moe']['experts']}" if "moe" in la else "")
                     for la in plan["layers"])
 
 
