@@ -86,9 +86,20 @@ class ResidualAddToSum(PlanerRule):
         return feeds_norm and _is_residual(add)
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        block = self.root.name or "residual"
-        b = self.builder(op, block, {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
+        b = self.builder(op, self.root.name or "residual",
+                         {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: _block(self.root, "residual")})
         return b.op("Sum", list(self.root.inputs), "Sum")
+
+
+def _block(root: ir.Node, group: str) -> str:
+    """Returns the block a fused node belongs to: its root's, else the first block that
+    produces one of the root's inputs (the attention output a residual Add reads), else the
+    rule's group name (exporter nodes all the way). The root's name is only its prefix."""
+    producers = [v.producer() for v in root.inputs if v is not None]
+    for node in [root, *(p for p in producers if p is not None)]:
+        if node.metadata_props.get(PROVENANCE_BLOCK):
+            return node.metadata_props[PROVENANCE_BLOCK]
+    return group
 
 
 def _is_residual(add: ir.Node) -> bool:
@@ -132,8 +143,8 @@ class ErfGeluToGelu(PlanerRule):
         return op.Mul(op.Mul(x, half), plus)
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        block = self.root.name or "gelu"
-        b = self.builder(op, block, {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
+        b = self.builder(op, self.root.name or "gelu",
+                         {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: _block(self.root, "gelu")})
         return b.op("Gelu", [x], "Gelu", domain="com.microsoft")
 
 
@@ -155,8 +166,9 @@ class BiasGeluFusion(PlanerRule):
             (h.shape is None or h.shape[-1] == array.shape[0])
 
     def rewrite(self, op: Any, h: ir.Value, bias: ir.Value, **_: Any) -> ir.Value:
-        block = self.root.metadata_props[PROVENANCE_BLOCK]
-        b = self.builder(op, block, {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
+        base = self.root.name.removesuffix("/Gelu")  # the name ErfGeluToGelu gave it
+        b = self.builder(op, base, {PROVENANCE_PASS: PASS_NAME,
+                                    PROVENANCE_BLOCK: self.root.metadata_props[PROVENANCE_BLOCK]})
         return b.op("BiasGelu", [h, bias], "BiasGelu", domain="com.microsoft")
 
 

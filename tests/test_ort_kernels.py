@@ -126,6 +126,9 @@ def _erf_gelu_model(grouping: str, *, swapped: bool, bias: bool,
         "x_first": [pair("Mul", "p", x, "q"), pair("Mul", "q", "half", "y", **last)],
         "half_x": [pair("Mul", x, "half", "q"), pair("Mul", "q", "p", "y", **last)],
     }[grouping]
+    # The GELU's last node as planer's FFN emission writes it: its block is the FFN's.
+    entry = nodes[-1].metadata_props.add()
+    entry.key, entry.value = PROVENANCE_BLOCK, "layer0/ffn"
     if bias_read_elsewhere:
         nodes.append(helper.make_node("Identity", ["x"], ["x_copy"]))
     rng = np.random.default_rng(7)
@@ -169,7 +172,7 @@ def test_every_erf_gelu_spelling_becomes_one_kernel(grouping: str, swapped: bool
     assert (node.domain, node.op_type, node.name) == ("com.microsoft", kernel,
                                                       f"layer0/ffn/act/{kernel}")
     assert dict(node.metadata_props) == {PROVENANCE_PASS: PassName.ORT_KERNELS,
-                                         PROVENANCE_BLOCK: "layer0/ffn/act"}
+                                         PROVENANCE_BLOCK: "layer0/ffn"}
     assert reader.inputs[0] is node.outputs[0]
     assert node.outputs[0].name == f"layer0/ffn/act/{kernel}_out"
 
@@ -195,7 +198,8 @@ def test_residual_adds_before_layernorm_become_sums(tmp_path: Path) -> None:
     assert counts == {"residual_sum": 1, "gelu": 0}
     total = next(iter(model.graph))
     assert (total.op_type, total.name) == ("Sum", "layer0/residual/Sum")
+    # An exporter's Add carries no block: the Sum gets the rule's group, and its name the Add's.
     assert dict(total.metadata_props) == {PROVENANCE_PASS: PassName.ORT_KERNELS,
-                                          PROVENANCE_BLOCK: "layer0/residual"}
+                                          PROVENANCE_BLOCK: "residual"}
     assert [n.op_type for n in model.graph] == ["Sum", "LayerNormalization", "Add",
                                                 "LayerNormalization", "Relu"]
