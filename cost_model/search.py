@@ -20,8 +20,8 @@ Quality side: `Quality` adds a unit's label-free removal cost (passes.prune_fit.
 and a block's INT8 cost, both the block-output perturbation over the residual energy;
 `MeasuredQuality` measures what each variant does to the pooled output through the rest
 of the model. `--passes` decides the kinds the search may use: prune (heads, widths),
-moe, skim; INT8 joins wherever the latency model holds INT8 curves and the quality model
-INT8 costs. Recovery (`--recover`) is not priced in: see cost_model.quality.
+int8, moe, skim; with int8, INT8 joins wherever the latency model holds INT8 curves and
+the quality model INT8 costs. Recovery (`--recover`) is not priced in: see cost_model.quality.
 
 Solver: dynamic programming over layers on a discretised latency axis (0.01 ms bins,
 coarsened to at most MAX_BINS bins). Each variant's latency is rounded *up* to whole
@@ -52,6 +52,7 @@ from planer.passes.prune_fit import Importance
 
 RESOLUTION_MS = 0.01
 MAX_BINS = 4000
+DEFAULT_KINDS = frozenset({"prune", "int8"})  # `--passes` by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +101,19 @@ class Search:
 
 def plan_for_latency(
     spec: ModelSpec, quality: QualityModel | Importance, model: LatencyModel, target_ms: float,
-    *, kinds: frozenset[str] = frozenset({"prune"}), resolution_ms: float = RESOLUTION_MS,
+    *, kinds: frozenset[str] = DEFAULT_KINDS, resolution_ms: float = RESOLUTION_MS,
 ) -> Plan:
     """Returns the plan with the least predicted loss whose predicted latency is <= target_ms.
 
     When no plan fits, returns the fastest plan (every layer at its fastest variant).
-    `kinds` are the variant kinds allowed (prune, moe, skim).
+    `kinds` are the variant kinds allowed (prune, int8, moe, skim).
     """
     return search(spec, quality, model, target_ms, kinds=kinds, resolution_ms=resolution_ms).plan
 
 
 def search(
     spec: ModelSpec, quality: QualityModel | Importance, model: LatencyModel, target_ms: float,
-    *, kinds: frozenset[str] = frozenset({"prune"}), resolution_ms: float = RESOLUTION_MS,
+    *, kinds: frozenset[str] = DEFAULT_KINDS, resolution_ms: float = RESOLUTION_MS,
 ) -> Search:
     """Solves the knapsack once per skim placement and keeps the least lossy optimum."""
     q = _as_quality(quality)
@@ -141,7 +142,7 @@ def search(
 
 
 def layer_variants(spec: ModelSpec, i: int, quality: QualityModel, model: LatencyModel, *,
-                   kinds: frozenset[str] = frozenset({"prune"}), placement: Placement = None,
+                   kinds: frozenset[str] = DEFAULT_KINDS, placement: Placement = None,
                    ) -> list[Variant]:
     """Lists layer i's variants: heads, width/16 steps or MoE, INT8 options, skim point."""
     layer = spec.layers[i]
@@ -161,7 +162,7 @@ def layer_variants(spec: ModelSpec, i: int, quality: QualityModel, model: Latenc
     variants = []
     for h in head_counts:
         for f, moe in ffns:
-            for int8 in _int8_options(model, quality, i, h, f, moe):
+            for int8 in _int8_options(model, quality, i, h, f, moe, kinds=kinds):
                 choice = LayerPlan(heads=h, ffn=f, moe=moe, skim_keep=skim_keep, int8=int8)
                 ms = variant_ms.layer_ms(model, choice, width=top_f, hidden=spec.hidden,
                                          tokens=tokens, dense_layer_ms=dense_ms)
@@ -238,12 +239,13 @@ def _widths(layer: LayerSpec) -> list[int]:
 
 
 def _int8_options(model: LatencyModel, quality: QualityModel, i: int, heads: int, width: int,
-                  moe: MoePlan | None) -> list[Int8Plan | None]:
+                  moe: MoePlan | None, *, kinds: frozenset[str]) -> list[Int8Plan | None]:
     """The INT8 choices a variant may take: blocks with a curve, a cost and units left.
 
-    A MoE FFN stays float (the quantize stage reads dense FFN MatMuls).
+    None but float without "int8" in `kinds`. A MoE FFN stays float (the quantize stage
+    reads dense FFN MatMuls).
     """
-    if not quality.measures_int8(i):
+    if "int8" not in kinds or not quality.measures_int8(i):
         return [None]
     can = {kind for kind, n in (("attn", heads), ("ffn", 0 if moe is not None else width))
            if n > 0 and int8_kind(kind, INT8_MODE) in model.int8}

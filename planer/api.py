@@ -174,7 +174,8 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
     target_latency: str | float | None = None, target_flops: float | None = None,
     plan: PathLike | Mapping[str, Any] | None = None, calibration: PathLike | None = None,
     tokenizer: PathLike | None = None, batch: int = 1, seq_len: int = 128, threads: int = 1,
-    passes: Iterable[str] = ("prune",), target_runtime: str = "ort", ort_kernels: str = "auto",
+    passes: Iterable[str] = ("prune", "int8"), target_runtime: str = "ort",
+    ort_kernels: str = "auto",
     refit: bool = True, selection: str = "calibrated", refresh: bool = False,
     progress: bool | Callable[[str], None] | NullProgress | None = None,
 ) -> CompileResult:
@@ -193,7 +194,9 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
         batch: deployment batch size (FLOPs, profiling, latency).
         seq_len: deployment sequence length; calibration text is padded/cut to it.
         threads: intra-op threads of ONNX Runtime when measuring.
-        passes: what `target_flops` may use: prune, skim, or moe on its own.
+        passes: what `target_flops` or `target_latency` may use: prune, int8, skim, moe
+            (moe on its own under `target_flops`). int8 is weighed by `target_latency`
+            only; `target_flops` ignores it (INT8 does not change FLOPs).
         target_runtime: "ort" or "tensorrt" lowering of dynamic sparsity.
         ort_kernels: "auto", "on" or "off" (the CLI's --ort-kernels).
         refit: refit output projections by least squares (False: the CLI's --no-refit).

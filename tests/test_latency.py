@@ -261,6 +261,28 @@ def test_target_throughput_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not seen  # refused before any compile
 
 
+@pytest.mark.parametrize(("given", "passes"), [
+    ([], {"prune", "int8"}),  # the default weighs INT8
+    (["--passes", "prune"], {"prune"}),  # prune-only: the search leaves INT8 out
+])
+def test_passes_name_int8_for_the_latency_search(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 given: list[str], passes: set[str]) -> None:
+    seen = _fake_latency_compile(monkeypatch)
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--target-latency", "50%",
+                 *given, "-o", str(tmp_path / "out")])
+    assert code == 2  # the fake stops there
+    assert seen["passes"] == frozenset(passes)
+
+
+def test_int8_alone_cannot_meet_a_flops_target(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["compile", str(fixture_path("bert", "dynamo")), "--target-flops", "0.5",
+                 "--passes", "int8", "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "INT8 does not change FLOPs" in capsys.readouterr().err
+
+
 def test_anchor_models_are_compiled_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
     from planer.compiler import emit
     from planer.compiler.driver import anchors as anchors_mod

@@ -121,12 +121,25 @@ def test_passes_without_prune_keep_every_unit() -> None:
     model = _model(spec, attn_int8=0.6, ffn_int8=0.4)
     quality = Quality(_scores(spec), Int8Costs(attn=(1e-4, 1e-4), ffn=(1e-4, 1e-4)))
     target = model.predict(Plan.neutral(spec)) * 0.8
-    plan = plan_for_latency(spec, quality, model, target, kinds=frozenset({"moe"}))
+    plan = plan_for_latency(spec, quality, model, target, kinds=frozenset({"moe", "int8"}))
     neutral = Plan.neutral(spec)
     assert [(la.heads, la.ffn) for la in plan.layers] == \
         [(la.heads, la.ffn) for la in neutral.layers]
     assert any(la.int8 is not None for la in plan.layers)  # INT8 alone meets it
     assert model.predict(plan) <= target
+
+
+def test_search_takes_int8_only_where_passes_name_it() -> None:
+    _, spec = read_model(fixture_path("bert", "dynamo"))
+    model = _model(spec, attn_int8=0.6, ffn_int8=0.4)
+    quality = Quality(_scores(spec), Int8Costs(attn=(1e-4, 1e-4), ffn=(1e-4, 1e-4)))
+    target = model.predict(Plan.neutral(spec)) * 0.7
+    with_int8 = plan_for_latency(spec, quality, model, target,
+                                 kinds=frozenset({"prune", "int8"}))
+    assert any(la.int8 is not None for la in with_int8.layers)  # cheap and fast: taken
+    prune_only = plan_for_latency(spec, quality, model, target, kinds=frozenset({"prune"}))
+    assert all(la.int8 is None for la in prune_only.layers)
+    assert model.predict(prune_only) <= target
 
 
 def test_unreachable_budget_gives_the_floor() -> None:
@@ -160,10 +173,24 @@ def test_int8_costs_match_ort_quantizing_one_block() -> None:
         assert getattr(costs, blocks)[1] == pytest.approx(delta / energy, rel=0.05)
 
 
-def test_target_latency_compiles_an_int8_plan_end_to_end(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("passes", "int8"), [
+    (frozenset({"prune", "int8"}), True),
+    (frozenset({"prune"}), False),  # prune-only: no INT8 block, no INT8 cost measured
+])
+def test_target_latency_compiles_an_int8_plan_end_to_end_only_with_int8_in_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: frozenset[str],
+        int8: bool) -> None:
     from planer.compiler.driver import latency as loop
+    from planer.compiler.driver import planning
 
+    measured = planning.measure_quality
+    asked: list[bool] = []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["int8"])
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "measure_quality", spy)
     src = fixture_path("bert", "dynamo")
     _, spec = read_model(src)
     model = _model(spec, attn_int8=0.6, ffn_int8=0.3)
@@ -180,9 +207,10 @@ def test_target_latency_compiles_an_int8_plan_end_to_end(
     monkeypatch.setattr(loop, "measure_ratio", as_predicted)
     result = loop.compile_to_latency(src, tmp_path / "out", target_fraction=0.8,
                                      calibration=None, tokenizer=None, batch=1, seq_len=16,
-                                     threads=1, max_rounds=1)
+                                     threads=1, max_rounds=1, passes=passes)
     report = result.report
     assert report["target_met"] is True
-    assert any("int8" in la for la in report["plan"]["layers"])
-    assert report.get("int8"), "the Int8 stage quantized nothing"
+    assert asked == [int8]  # INT8 costs measured only when the search may use them
+    assert any("int8" in la for la in report["plan"]["layers"]) is int8
+    assert bool(report.get("int8")) is int8, "the Int8 stage ran against --passes"
     assert (tmp_path / "out" / "model.onnx").exists()

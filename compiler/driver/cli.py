@@ -143,9 +143,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="target runtime the latency is measured on (default ort-cpu)")
     compile_.add_argument("--refresh", action="store_true",
                           help="re-measure block latencies instead of reusing stored ones")
-    compile_.add_argument("--passes", default="prune",
+    compile_.add_argument("--passes", default="prune,int8",
                           help="comma-separated passes --target-flops or --target-latency may use: "
-                               "prune, skim, moe (default: prune)")
+                               "prune, int8, skim, moe (default: prune,int8). int8 is weighed "
+                               "by --target-latency only; --target-flops ignores it (INT8 "
+                               "does not change FLOPs)")
     compile_.add_argument("--target-runtime", choices=("ort", "tensorrt"), default="ort",
                           help="lowering of dynamic sparsity (skim): ort (NonZero/ScatterND) "
                                "or tensorrt (shape-computable only)")

@@ -196,13 +196,13 @@ def compile_to_latency(
     tokenizer: Path | None, batch: int, seq_len: int, threads: int, refresh: bool = False,
     max_rounds: int = 4, ort_kernels: str = "auto", progress: Progress | None = None,
     recover_seconds: float | None = None, recover_steps: int | None = None,
-    passes: frozenset[str] = frozenset({"prune"}),
+    passes: frozenset[str] = frozenset({"prune", "int8"}),
 ) -> CompileResult:
     """Compiles the model so its measured median latency meets the target.
 
     The target is `target_ms`, or `target_fraction` of the dense model's latency as
     measured here at the start. `passes` are the variant kinds the search may use
-    (prune, moe, skim; INT8 wherever it pays here).
+    (prune, int8, moe, skim; INT8, when named, wherever it pays here).
 
     Raises:
         TargetUnreachableError: no candidate met the target; the fastest one was written.

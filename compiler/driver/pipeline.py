@@ -27,7 +27,7 @@ from planer.compiler.driver.compilation import (
     Fitting,
     Progress,
 )
-from planer.compiler.driver.planning import require_calibration, skim_layers
+from planer.compiler.driver.planning import flops_passes, require_calibration, skim_layers
 from planer.compiler.driver.prune import magnitude_selection
 from planer.compiler.driver.report import build_report
 from planer.compiler.driver.report_html import render_report_html
@@ -196,6 +196,7 @@ def _compile_locked(model_path: Path, out_dir: Path, options: CompileOptions, sa
     require_gated_support(spec, plan, mux=options.mux, passes=options.passes)
     check_sequence_length(model, options.seq_len)
     require_calibration(plan, options.calibration, options.target_flops, options.passes)
+    flops_passes(options.passes, options.target_flops)  # refuses int8 alone now
     if options.recovers and options.calibration is None:
         raise BadInputError("--recover distils the original model on calibration text; pass "
                             "--calibration.")

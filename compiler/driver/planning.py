@@ -66,8 +66,9 @@ def choose_units(c: Compilation) -> tuple[Plan, Selection, list[dict[str, Any]]]
     o, plan, spec = c.options, c.plan, c.spec
     target = o.target_flops
     calib = c.calib
-    if calib is not None and target is not None and "moe" in o.passes:
-        if o.passes != {"moe"}:
+    passes = flops_passes(o.passes)
+    if calib is not None and target is not None and "moe" in passes:
+        if passes != {"moe"}:
             raise BadInputError("--passes moe cannot be combined with other passes under "
                                 "--target-flops yet; use --plan for mixed plans.")
         c.progress("fitting experts and routers for every layer")
@@ -78,7 +79,7 @@ def choose_units(c: Compilation) -> tuple[Plan, Selection, list[dict[str, Any]]]
     assert c.fitting is not None
     acts = activations(c.fitting, c.model, spec, c.progress)
     if target is not None:
-        plan = _plan_for_flops_passes(c, target, acts)
+        plan = _plan_for_flops_passes(c, target, acts, passes)
     c.progress("fitting kept units and refitting output projections")
     selection, records = calibrated_selection(c.model, spec, plan, calib, acts=acts,
                                               reconstruct=o.reconstruct, method=o.method)
@@ -108,7 +109,20 @@ def skim_layers(plan: Plan) -> list[int]:
     return [i for i, la in enumerate(plan.layers) if la.skim_keep is not None and la.skim_keep < 1]
 
 
-def _plan_for_flops_passes(c: Compilation, target: float, acts: Any) -> Plan:
+def flops_passes(passes: frozenset[str], target_flops: float | None = None) -> frozenset[str]:
+    """The passes a FLOPs target plans with: INT8 is dropped, as it leaves FLOPs alone.
+
+    Raises:
+        BadInputError: with `target_flops`, int8 was the only pass named.
+    """
+    if target_flops is not None and passes == {"int8"}:
+        raise BadInputError("--passes int8 cannot meet --target-flops: INT8 does not change "
+                            "FLOPs; add prune, skim or moe.")
+    return passes - {"int8"}
+
+
+def _plan_for_flops_passes(c: Compilation, target: float, acts: Any,
+                           passes: frozenset[str]) -> Plan:
     """Splits a FLOPs target between the allowed passes and plans each part.
 
     With both prune and skim, each gets the square root of the target, so their product
@@ -117,9 +131,9 @@ def _plan_for_flops_passes(c: Compilation, target: float, acts: Any) -> Plan:
     o, spec = c.options, c.spec
     assert c.calib is not None
     prune_part = skim_part = None
-    if "prune" in o.passes and "skim" in o.passes:
+    if "prune" in passes and "skim" in passes:
         prune_part = skim_part = target ** 0.5
-    elif "skim" in o.passes:
+    elif "skim" in passes:
         skim_part = target
     else:
         prune_part = target
@@ -256,7 +270,9 @@ def _quality_cache(model: ir.Model, fitting: Fitting, **settings: Any) -> Path:
     for feed in [*fitting.calib.batches, *fitting.calib.holdout]:
         for name in sorted(feed):
             digest.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
-    key = {**settings, "passes": sorted(settings["passes"]), "version": QUALITY_CACHE_VERSION,
+    # INT8 is keyed by the `int8` setting; "int8" in passes measures nothing more.
+    key = {**settings, "passes": sorted(settings["passes"] - {"int8"}),
+           "version": QUALITY_CACHE_VERSION,
            "emission": EMISSION_VERSION, "moe": [p.to_dict() for p in MOE_SEARCH],
            "skim": list(SKIM_KEEPS)}
     digest.update(json.dumps(key, sort_keys=True).encode())
@@ -280,11 +296,12 @@ def latency_quality(
     """Builds the latency search's quality model: measured, then corrected on whole plans.
 
     The correction plans are the uncorrected search's own answers at the target and a
-    little under it, so the weights are fitted where the search will choose.
+    little under it, so the weights are fitted where the search will choose. INT8 costs
+    are measured only with "int8" in `passes` and where INT8 pays on this machine.
     """
-    fit = measure_quality(model, spec, fitting, batch=batch, passes=passes,
-                          int8=int8_pays(latency, spec), measure_plan=measure_plan,
-                          progress=progress)
+    int8 = "int8" in passes and int8_pays(latency, spec)
+    fit = measure_quality(model, spec, fitting, batch=batch, passes=passes, int8=int8,
+                          measure_plan=measure_plan, progress=progress)
     plans: list[Plan] = []
     for share in CORRECTION_BUDGETS:
         plan = search(spec, fit.quality, latency, share * target_ms, kinds=passes).plan

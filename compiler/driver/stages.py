@@ -309,9 +309,12 @@ def _is_text(path: Any) -> bool:
     return path is not None and str(path).lower().endswith((".txt", ".tsv", ".csv", ".jsonl"))
 
 
-# What `--passes` names: the stages a FLOPs or latency target may plan for.
+# What `--passes` names: the stages a FLOPs or latency target may plan for. INT8 leaves
+# FLOPs alone, so a FLOPs target ignores it (planning.flops_passes); a latency search
+# weighs it only when named.
 PASS_GROUPS: dict[str, tuple[type[Stage], ...]] = {
     "prune": (Prune,),
+    "int8": (Int8,),
     "moe": (FfnToMoe,),
     "skim": (TokenSkim,),
 }
