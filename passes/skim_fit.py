@@ -237,7 +237,8 @@ def skim_report(
         a = dense_reader.run(feed)[dense_reader.main_output].astype(np.float64)
         out = skim_reader.run(feed)
         b = out[skim_reader.main_output].astype(np.float64)
-        mask = np.asarray(feed["attention_mask"]).astype(bool)
+        mask = (np.asarray(feed["attention_mask"]).astype(bool) if "attention_mask" in feed
+                else np.ones(a.shape[:2], bool))  # ViT: every patch is real
         real.extend(mask.sum(1).tolist())
         for name, i in names.items():
             kept[i].extend(out[name].sum(1).tolist())
