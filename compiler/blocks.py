@@ -668,11 +668,22 @@ def _norm_style(attn: AttentionSpec) -> str:
         residual = other_input(use, attn.out)
         if residual is attn.x:
             return "post"
-        producer = attn.x.producer()
-        if producer is not None and producer.op_type == "LayerNormalization" \
-                and producer.inputs[0] is residual:
-            return "pre"
+        if _derives_from(attn.x, residual):
+            return "pre"  # a norm (LayerNormalization, or RMSNorm's Pow ... Mul) between
     return "post"
+
+
+def _derives_from(value: ir.Value, source: ir.Value, depth: int = 8) -> bool:
+    """Tells whether `value` is computed from `source` within `depth` nodes."""
+    frontier, seen = [value], {id(value)}
+    for _ in range(depth):
+        producers = [v.producer() for v in frontier]
+        frontier = [i for p in producers if p is not None for i in p.inputs
+                    if i is not None and id(i) not in seen]
+        seen.update(id(v) for v in frontier)
+        if any(v is source for v in frontier):
+            return True
+    return False
 
 
 def _shares_weights(layers: list[LayerSpec]) -> bool:

@@ -110,6 +110,7 @@ def test_torchscript_export_is_read_as_gated_layers(llama: dict[str, Any]) -> No
         assert str(ffn.w2.matmul.name).endswith("mlp/down_proj/MatMul")
         assert ffn.gate.input is ffn.w1.input is ffn.x
         assert set(layer.attention.rotary) == {"q", "k"}
+        assert layer.norm == "pre"  # RMSNorm (Pow ... Mul) reads the residual stream
     layer = spec.to_dict()["layers"][0]
     assert layer["gated"] is True
     # Three 64x128 FFN projections and four 64x64 attention ones, no biases.
