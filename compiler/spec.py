@@ -206,7 +206,7 @@ class ModelSpec:
     total_params: int
     other_matmul_macs_per_token: int  # MACs of constant-weight MatMuls outside the layers
     kind: str = "encoder"  # "encoder" or "decoder"
-    causal: bool | None = None
+    causal: bool | None = None  # set by compiler.causal.mark_causal (inspect); None: not probed
     shared_weights: bool = False  # layers share projection weights (ALBERT)
 
     def to_dict(self, *, batch: int = 1, seq_len: int = 128) -> dict[str, Any]:

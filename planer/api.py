@@ -145,6 +145,7 @@ def inspect(model: PathLike | None = None, *, batch: int = 1, seq_len: int = 128
     Raises:
         BadInputError: the model cannot be read or holds no Transformer layers.
     """
+    from planer.compiler.causal import mark_causal
     from planer.compiler.driver.pipeline import read_model
     from planer.compiler.driver.quiet import quiet_libraries
     from planer.compiler.support import analyze
@@ -152,7 +153,8 @@ def inspect(model: PathLike | None = None, *, batch: int = 1, seq_len: int = 128
     _positive(batch=batch, seq_len=seq_len)
     path = _model_path(model)
     with quiet_libraries():
-        _, spec = read_model(path)
+        model, spec = read_model(path)
+        mark_causal(path, model, spec)
     data = spec.to_dict(batch=batch, seq_len=seq_len)
     data["model"] = str(path)
     support = analyze(spec)  # the analysis compile runs before fitting, as `inspect` prints

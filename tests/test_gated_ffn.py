@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from planer import api
 from planer.compiler.blocks import find_unpaired_blocks
 from planer.compiler.canonicalize import canonicalize
 from planer.compiler.driver.pipeline import compile_plan, read_model
@@ -115,6 +116,13 @@ def test_torchscript_export_is_read_as_gated_layers(llama: dict[str, Any]) -> No
     assert layer["gated"] is True
     # Three 64x128 FFN projections and four 64x64 attention ones, no biases.
     assert layer["params"] == 3 * 64 * WIDTH + 4 * 64 * 64
+
+
+def test_inspect_calls_the_llama_a_causal_decoder(llama: dict[str, Any]) -> None:
+    # Separate Q/K/V projections: only running it shows the causal mask.
+    summary = api.inspect(llama["torchscript"])
+    assert (summary.kind, summary.data["causal"]) == ("decoder", True)
+    assert {layer.norm for layer in summary.layers} == {"pre"}
 
 
 def test_dynamo_export_gated_ffns_are_read(llama: dict[str, Any]) -> None:

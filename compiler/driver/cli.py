@@ -220,11 +220,13 @@ def resolve_model(path: Path | None, *, verbose: bool = False) -> Path:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Prints the model's layers as a table or one JSON object."""
+    from planer.compiler.causal import mark_causal
     from planer.compiler.driver.pipeline import read_model
     from planer.compiler.support import analyze
 
     path = resolve_model(args.model, verbose=args.verbose)
-    _, spec = read_model(path)
+    model, spec = read_model(path)
+    mark_causal(path, model, spec)
     data = spec.to_dict(batch=args.batch, seq_len=args.seq_len)
     data["model"] = str(path)
     # The same analysis compile runs before fitting (compiler.support).
