@@ -25,7 +25,10 @@ the same way, with the first r dims rotated and the rest passed through.
 
 The rotation mixes dimensions inside one head only, so keeping whole heads keeps every
 rotary pair intact and the kept heads compute exactly what they computed before. A
-rotation applied before the heads are split onto axis 1, one over dims that are not a
+rotation on [B, S, H, d] right before the Transpose that moves the heads to axis 1, with
+cos/sin transposed to match (ORT's optimizer writes K so on ModernBERT), is the same
+rotation on [B, H, S, d] with cos/sin as they were (`heads_first`). Any other rotation
+applied before the heads are split onto axis 1, one over dims that are not a
 leading run of each head, or cos/sin computed from the hidden states is not taken (the
 finder says which node).
 """

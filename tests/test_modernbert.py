@@ -167,6 +167,28 @@ def test_half_flops_compile_verifies(exporter: str, tmp_path: Path) -> None:
     assert any(la["ffn"]["after"] < WIDTH for la in report["layers"])
 
 
+def test_ort_optimized_form_is_read_pruned_and_verified(modernbert_torch: Any,
+                                                        tmp_path: Path) -> None:
+    # ORT's optimizer fuses SkipLayerNormalization and Gelu, and moves K's head Transpose
+    # past the whole rotation ([B, S, H, d] with transposed cos/sin: rotary.heads_first).
+    # Only the TorchScript export: on the dynamo one (LayerNormalization without a bias
+    # input) ORT 1.32's optimizer raises IndexError in fusion_skiplayernorm.
+    from planer.fixtures.fused import optimized_path
+
+    path = optimized_path("modernbert", "torchscript")
+    _, spec = read_model(path)
+    assert [(la.attention.heads, la.attention.head_size, la.ffn.width, la.attention.q.in_features,
+             sorted(la.attention.rotary), la.ffn.gated) for la in spec.layers] == \
+        [(HEADS, HEAD_SIZE, WIDTH, HIDDEN, ["k", "q"], True)] * 2
+    feeds = _feeds()
+    neutral = compile_plan(path, tmp_path / "neutral", ort_kernels="on")
+    np.testing.assert_allclose(run_ort(neutral.model_path, feeds)[0], run_ort(path, feeds)[0],
+                               rtol=0, atol=1e-4)
+    _assert_pruned_matches_torch(path, modernbert_torch, tmp_path)
+    half = compile_plan(path, tmp_path / "half", target_flops=0.5).report
+    assert half["flops_ratio"] <= 0.5 and half["verification"]["min_cosine"] > 0.5
+
+
 # ------------------------------------------------------------- variants exported here
 
 
@@ -236,3 +258,17 @@ def _per_head_forward(mb: Any) -> Any:
         return self.Wo(out.reshape(*input_shape, -1)), weights
 
     return forward
+
+
+def test_pruned_modernbert_golden(golden: Any) -> None:
+    # What head and channel pruning emit for packed Q/K/V and the fused GLU (layer 0: heads
+    # 1 and 3; channels 0..39, so Wi stays one MatMul split by two constant Slices).
+    from planer.passes.channel_pruning import ChannelPruningConfig, apply_channel_pruning
+    from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
+    from tests.goldens import structure
+
+    model, spec = read_model(fixture_path("modernbert", "dynamo"))
+    assert apply_head_pruning(model, spec, HeadPruningConfig(keep={0: (1, 3)})) == 1
+    assert apply_channel_pruning(model, spec,
+                                 ChannelPruningConfig(keep={0: tuple(range(40))})) == 1
+    golden("pruning_modernbert.txt", structure(model))
