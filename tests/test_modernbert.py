@@ -272,3 +272,14 @@ def test_pruned_modernbert_golden(golden: Any) -> None:
     assert apply_channel_pruning(model, spec,
                                  ChannelPruningConfig(keep={0: tuple(range(40))})) == 1
     golden("pruning_modernbert.txt", structure(model))
+
+
+def test_layer_dropped_to_nothing_runs(tmp_path: Path) -> None:
+    # Layer 1 keeps no head and no channel: its attention and GLU give way to their
+    # (absent, so zero) output biases at the residual Adds.
+    plan = {"layers": [{"heads": 2, "ffn": 64}, {"heads": 0, "ffn": 0}]}
+    result = compile_plan(fixture_path("modernbert", "dynamo"), tmp_path / "out",
+                          plan_data=plan)
+    assert result.report["flops_ratio"] < 0.4
+    (out,) = run_ort(result.model_path, _feeds(), optimize=True)
+    assert np.isfinite(out).all()
