@@ -2,8 +2,9 @@
 
 Attention is anchored on Softmax: walking back from it gives the score chain (scale,
 mask) and the Q·Kᵀ MatMul; walking back from each side through reshape plumbing
-(Reshape, Transpose, scalar Mul/Div, Split/Slice of a fused projection) gives the Q,
-K and V projections; walking forward from Softmax·V gives the output projection.
+(Reshape, Transpose, scalar Mul/Div, Split/Slice of a fused projection, or of a packed
+[B, S, 3, H, d] one: compiler.packed_qkv) gives the Q, K and V projections; walking
+forward from Softmax·V gives the output projection.
 The FFN is a constant-weight MatMul whose input is an elementwise region (the
 activation) rooted at another constant-weight MatMul (+ bias) of matching width, or
 the gating Mul of a SwiGLU/GeGLU FFN (compiler.gated_ffn).
@@ -27,7 +28,9 @@ from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.gated_ffn import gated_ffn_hint, read_gated_ffn
 from planer.compiler.irutil import const_array, other_input, scalar
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
+from planer.compiler.packed_qkv import group_columns, is_packed, packed_group, reshape_entries
 from planer.compiler.rotary import (
+    heads_first,
     match_partial_rotary,
     match_rotary,
     perm_of,
@@ -318,7 +321,8 @@ def _trace_projection(
     scale = 1.0
     shapes: list[np.ndarray | None] = []
     columns: slice | None = None
-    relaid = False  # a Reshape or head Transpose lies between here and the operand
+    group: tuple[int, int] | None = None  # (g, n): group g of a packed [B, S, n, H, d] QKV
+    relays: list[ir.Node] = []  # Reshapes and head Transposes between here and the operand
     while True:
         producer = value.producer() if value is not None else None
         if producer is None:
@@ -326,21 +330,27 @@ def _trace_projection(
         op = producer.op_type
         if op in PLUMBING:
             if op == "Reshape":
-                shapes.append(_partial_shape(producer.inputs[1]))
-            relaid = relaid or op == "Reshape" or (op == "Transpose" and perm_of(producer)
-                                                   != [0, 1, 3, 2])
+                shape = reshape_entries(producer.inputs[1])
+                if group is not None and shape is not None and shape.size == 5:
+                    shape = np.delete(shape, 2)  # [B, S, n, H, d] holds [B, S, H, d] per group
+                shapes.append(shape)
+            if op == "Reshape" or (op == "Transpose" and perm_of(producer) != [0, 1, 3, 2]):
+                relays.append(producer)
             nodes.append(producer)
             value = producer.inputs[0]
             continue
         if op == "Add" and role not in rotary and (found := match_rotary(producer)):
-            if relaid:
-                raise _NoMatch(f"{_describe(producer)} applies rotary position embeddings "
-                               "outside the (batch, heads, seq, head size) layout")
+            if relays:
+                turned = heads_first(found[1], relays[0]) if len(relays) == 1 else None
+                if turned is None:
+                    raise _NoMatch(f"{_describe(producer)} applies rotary position embeddings "
+                                   "outside the (batch, heads, seq, head size) layout")
+                found = found[0], turned
             value, rotary[role] = found
             nodes.extend(rotary[role].nodes)
             continue
         if op == "Concat" and role not in rotary and (found := match_partial_rotary(producer)):
-            if relaid:
+            if relays:
                 raise _NoMatch(f"{_describe(producer)} applies rotary position embeddings "
                                "outside the (batch, heads, seq, head size) layout")
             value, rotary[role] = found
@@ -352,6 +362,12 @@ def _trace_projection(
                 raise _NoMatch(f"{_describe(producer)} multiplies a projection by a non-scalar"
                                f"{_rotary_hint(producer)}")
             scale *= s
+            nodes.append(producer)
+            value = producer.inputs[0]
+            continue
+        if op in ("Split", "Slice") and columns is None and group is None \
+                and value is not None and (found_group := packed_group(producer, value)):
+            group = found_group
             nodes.append(producer)
             value = producer.inputs[0]
             continue
@@ -369,6 +385,12 @@ def _trace_projection(
         if linear is None:
             raise _NoMatch(f"{_describe(producer)} sits where a Q/K/V projection was expected"
                            f"{_rotary_hint(producer)}")
+        if group is not None:
+            packed = group_columns(group, linear.out_features)
+            if packed is None:
+                raise _NoMatch(f"{_describe(producer)} is {linear.out_features} wide, which "
+                               f"its {group[1]} packed Q/K/V groups do not divide")
+            linear.columns = packed
         return linear, scale, shapes
 
 
@@ -434,21 +456,6 @@ def _slice_columns(node: ir.Node) -> slice:
     if starts is None or ends is None or (axes is not None and axes.reshape(-1)[0] not in (-1, 2)):
         raise _NoMatch(f"{_describe(node)} slices a projection on an unexpected axis")
     return slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]))
-
-
-def _partial_shape(value: ir.Value | None) -> np.ndarray | None:
-    """Returns a Reshape target with unknown entries as 0, when its tail is knowable."""
-    array = const_array(value)
-    if array is not None:
-        return array.reshape(-1)
-    producer = value.producer() if value is not None else None
-    if producer is None or producer.op_type != "Concat":
-        return None
-    parts: list[int] = []
-    for item in producer.inputs:
-        part = const_array(item)
-        parts.extend(part.reshape(-1).tolist() if part is not None else [0])
-    return np.asarray(parts)
 
 
 def _head_size(shapes: Iterable[np.ndarray | None], inner: int) -> int:
@@ -667,7 +674,10 @@ def _norm_style(attn: AttentionSpec) -> str:
             continue
         residual = other_input(use, attn.out)
         if residual is attn.x:
-            return "post"
+            # A pre-norm layer whose attention norm is Identity (ModernBERT's layer 0) also
+            # adds its input back, but its sum goes on unnormalised as the next residual.
+            sum_readers = {c.op_type for c in use.outputs[0].consumers()}
+            return "pre" if sum_readers - {"LayerNormalization"} else "post"
         if _derives_from(attn.x, residual):
             return "pre"  # a norm (LayerNormalization, or RMSNorm's Pow ... Mul) between
     return "post"
@@ -731,7 +741,8 @@ def _depends_on(value: ir.Value, target: ir.Value, budget: int) -> bool:
 
 
 def _is_fused_qkv(attn: AttentionSpec) -> bool:
-    return attn.q.weight is attn.k.weight
+    """Tells GPT-2's fused c_attn (a decoder here) from ModernBERT's packed encoder QKV."""
+    return attn.q.weight is attn.k.weight and not is_packed(_linear_output(attn.q))
 
 
 def _vocab_size(graph: ir.Graph, hidden: int) -> int | None:

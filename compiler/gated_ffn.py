@@ -7,9 +7,11 @@ same input before the down projection:
     x ─ MatMul(W_up) ─────────┴─ Mul ─ MatMul(W_down) ─ out
 
 `read_gated_ffn` reads this as an FfnSpec with `gate` = W_gate, `w1` = W_up and
-`w2` = W_down: channel j is act(x·g_j)·(x·u_j), so channel pruning keeps a channel's
-gate column, up column and down row together, and the down projection's input is the
-activation importance and the refit read, as for act(x·W1)·W2 FFNs.
+`w2` = W_down (ModernBERT's GLU holds W_gate and W_up as halves of one fused Wi, split
+after the MatMul: compiler.glu reads each half as a Linear over its columns): channel j
+is act(x·g_j)·(x·u_j), so channel pruning keeps a channel's gate column, up column and
+down row together, and the down projection's input is the activation importance and
+the refit read, as for act(x·W1)·W2 FFNs.
 
 Head and channel pruning, their fitting and the latency profile (gated variants)
 handle gated FFNs, and recovery's mirror runs them (recovery.mirror.FfnMirror). What
@@ -28,6 +30,7 @@ import onnx_ir as ir
 
 from planer.compiler.contrib_emit import node_label
 from planer.compiler.errors import UnsupportedModelError
+from planer.compiler.glu import fused_part
 from planer.compiler.irutil import const_array
 from planer.compiler.plan import Plan
 from planer.compiler.spec import FfnSpec, Linear, ModelSpec
@@ -101,20 +104,29 @@ def read_gated_ffn(down: Linear, region: Region, as_linear: AsLinear,
     for gate_side in (0, 1):
         up_value = product.inputs[1 - gate_side]
         up_node = up_value.producer() if up_value is not None else None
-        up = as_linear(up_node) if up_node is not None else None
+        up = (as_linear(up_node) if up_node is not None else None) \
+            or fused_part(up_value, as_linear)
         found = region(product.inputs[gate_side])
         if up is None or found is None:
             continue
         act_nodes, root = found
         root_node = root.producer()
-        gate = as_linear(root_node) if root_node is not None else None
-        if gate is None or gate.matmul is up.matmul or gate.input is not up.input \
+        gate = (as_linear(root_node) if root_node is not None else None) \
+            or fused_part(root, as_linear)
+        # One MatMul on both sides is a GLU only as two disjoint halves of a fused weight
+        # (an ungated GELU's x·Φ(x) reaches one projection twice).
+        if gate is None or (gate.matmul is up.matmul and _overlap(gate.columns, up.columns)) \
+                or gate.input is not up.input \
                 or not gate.out_features == up.out_features == down.in_features \
                 or gate.in_features != down.out_features:
             continue
         return FfnSpec(block="", x=up.input, out=down.matmul.outputs[0], w1=up, w2=down,
                        activation=classify(act_nodes), nodes=[*act_nodes, product], gate=gate)
     return None
+
+
+def _overlap(a: slice, b: slice) -> bool:
+    return a.start < b.stop and b.start < a.stop
 
 
 def gated_ffn_problem(spec: ModelSpec, what: str) -> str | None:

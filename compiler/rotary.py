@@ -25,12 +25,17 @@ the same way, with the first r dims rotated and the rest passed through.
 
 The rotation mixes dimensions inside one head only, so keeping whole heads keeps every
 rotary pair intact and the kept heads compute exactly what they computed before. A
-rotation applied before the heads are split onto axis 1, one over dims that are not a
+rotation on [B, S, H, d] right before the Transpose that moves the heads to axis 1, with
+cos/sin transposed to match (ORT's optimizer writes K so on ModernBERT), is the same
+rotation on [B, H, S, d] with cos/sin as they were (`heads_first`). Any other rotation
+applied before the heads are split onto axis 1, one over dims that are not a
 leading run of each head, or cos/sin computed from the hidden states is not taken (the
 finder says which node).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
@@ -117,6 +122,28 @@ def _plain_terms(value: ir.Value) -> list[tuple[ir.Value, ir.Value, list[ir.Node
         found += [(use.outputs[0], cos, [inner, node, back]) for use in pre.consumers()
                   if use.op_type == "Transpose" and perm_of(use) == perm]
     return found
+
+
+HEADS_FIRST = ([0, 2, 1, 3], [0, 2, 3, 1])  # [B, S, H, d] to [B, H, S, d] or to Kᵀ
+
+
+def heads_first(rotary: Rotary, transpose: ir.Node) -> Rotary | None:
+    """Reads a rotary applied on [B, S, H, d] before `transpose` moves the heads to axis 1.
+
+    ORT's optimizer moves K's head Transpose past the whole rotation and transposes cos and
+    sin to [B, S, 1, d] to match. Each head still rotates its own pairs on the last axis,
+    so this is the rotary on [B, H, S, d] with the cos/sin as they were before their
+    Transposes; returns it so, or None when the rotary is not in that form.
+    """
+    if transpose.op_type != "Transpose" or perm_of(transpose) not in HEADS_FIRST:
+        return None
+    terms = [term.producer() for term in (rotary.cos, rotary.sin)]
+    if any(t is None or t.op_type != "Transpose" or perm_of(t) != [0, 2, 1, 3]
+           or t.inputs[0] is None for t in terms):
+        return None
+    cos, sin = (t.inputs[0] for t in terms if t is not None)
+    assert cos is not None and sin is not None
+    return dataclasses.replace(rotary, cos=cos, sin=sin)
 
 
 def perm_of(node: ir.Node | None) -> list[int] | None:
@@ -219,7 +246,7 @@ def _slice_of_last_axis(node: ir.Node, value: ir.Value | None, walked: list[ir.N
                         last: tuple[int, int]) -> _Branch | None:
     """Reads a Slice or Split of its input's last axis (`last`: how it may be spelled)."""
     if node.op_type == "Slice":
-        parts = [_folded(node.inputs[i]) if len(node.inputs) > i and node.inputs[i]
+        parts = [folded(node.inputs[i]) if len(node.inputs) > i and node.inputs[i]
                  else None for i in range(1, 5)]
         starts, ends, axes, steps = parts
         if starts is None or ends is None or axes is None or axes.size != 1 \
@@ -244,7 +271,7 @@ def _slice_of_last_axis(node: ir.Node, value: ir.Value | None, walked: list[ir.N
 _ARITHMETIC = {"Div": np.floor_divide, "Mul": np.multiply, "Add": np.add, "Sub": np.subtract}
 
 
-def _folded(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
+def folded(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     """Returns `value` as a constant when it is one or is computed from static dims.
 
     TorchScript spells rotate-half's split point x.shape[-1] // 2 as Shape ─ Gather ─ Div
@@ -254,12 +281,12 @@ def _folded(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     node = value.producer() if value is not None else None
     if array is not None or node is None or depth == 0:
         return array
-    if node.op_type == "Gather" and (shape := _static_shape(node.inputs[0])) is not None:
-        index = _folded(node.inputs[1], depth - 1)
+    if node.op_type == "Gather" and (shape := _dims(node.inputs[0], depth - 1)) is not None:
+        index = folded(node.inputs[1], depth - 1)
         if index is None or any(shape[int(i)] is None for i in index.reshape(-1)):
             return None
         return np.array([shape[int(i)] for i in index.reshape(-1)], np.int64).reshape(index.shape)
-    inputs = [a for v in node.inputs if (a := _folded(v, depth - 1)) is not None]
+    inputs = [a for v in node.inputs if (a := folded(v, depth - 1)) is not None]
     if len(inputs) != len(node.inputs):
         return None
     if node.op_type in _ARITHMETIC and len(inputs) == 2:
@@ -271,13 +298,30 @@ def _folded(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     return None
 
 
-def _static_shape(value: ir.Value | None) -> list[int | None] | None:
-    """Returns Shape(v)'s output as known dims (None for an unknown one), if `value` is one."""
+def _dims(value: ir.Value | None, depth: int = 4) -> list[int | None] | None:
+    """Returns a shape vector as known dims (None for an unknown one), if `value` is one.
+
+    A shape vector is Shape(v) (its start/end attributes applied) or a Gather of one by
+    constant indices: ORT's optimizer writes Gather(Shape(x), perm) for Shape(Transpose(x)).
+    """
     node = value.producer() if value is not None else None
-    if node is None or node.op_type != "Shape" or node.attributes or node.inputs[0] is None:
+    if node is None or depth == 0 or node.inputs[0] is None:
+        return None
+    if node.op_type == "Gather":
+        inner = _dims(node.inputs[0], depth - 1)
+        index = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        axis = node.attributes.get("axis")
+        if inner is None or index is None or index.ndim != 1 or (axis and axis.value != 0):
+            return None
+        return [inner[int(i)] for i in index]
+    if node.op_type != "Shape" or set(node.attributes) - {"start", "end"}:
         return None
     shape = node.inputs[0].shape
-    return None if shape is None else [d if isinstance(d, int) else None for d in shape]
+    if shape is None:
+        return None
+    start, end = (node.attributes.get(k) for k in ("start", "end"))
+    dims = [d if isinstance(d, int) else None for d in shape]
+    return dims[start.value if start else 0:end.value if end else None]
 
 
 def _axis(node: ir.Node) -> int | None:

@@ -11,7 +11,10 @@ act(x·g_j)·(x·u_j)·w2[j, :]) is sliced the same way, its gate columns with W
 
     x_BSD ─ MatMul(gate_DK) ─ act ─┐
     x_BSD ─ MatMul(w1_DK) ─────────┴─ Mul ─ MatMul(w2_KD) ─ y_BSD
- The activation region is
+
+ModernBERT's GLU computes gate and up in one fused MatMul (Wi = [W_gate | W_up]) split
+after it; a kept channel keeps its column in both halves, Wi stays one MatMul and its
+split is re-emitted as two constant Slices (compiler.glu). The activation region is
 elementwise with scalar constants (the finder checks), so it needs no change. A layer
 kept at 0 channels contributes only b2, which its residual Adds take directly.
 Reconstruction may supply a refitted w2/b2 for the kept channels.
@@ -29,7 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from planer.compiler.errors import PreconditionError
-from planer.compiler.irutil import add_initializer, bypass_with_constant
+from planer.compiler.glu import fused_columns, is_fused, reslice_parts
+from planer.compiler.irutil import add_initializer, bypass_with_constant, const_array
 from planer.compiler.names import PassName
 from planer.compiler.spec import FfnSpec, Linear, ModelSpec
 
@@ -68,6 +72,16 @@ def apply_channel_pruning(model: ir.Model, spec: ModelSpec, config: ChannelPruni
         if keep.size == 0:
             bias = b2 if b2 is not None else np.zeros(ffn.w2.out_features, ffn.w2.w().dtype)
             bypass_with_constant(graph, ffn.out, bias, ffn.block)
+        elif is_fused(ffn):
+            # ModernBERT's GLU: gate and up are halves of one Wi; keep it one MatMul.
+            wi, bi = const_array(ffn.w1.weight), const_array(ffn.w1.bias)
+            assert wi is not None  # the finder only reads constant weights
+            columns = fused_columns(ffn, keep)
+            reslice_parts(graph, ffn, int(keep.size), PASS_NAME)  # finds the split by Wi's bias
+            _set_linear(graph, ffn.w1, f"{ffn.block}/wi", wi[:, columns],
+                        None if bi is None else bi.reshape(-1)[columns])
+            _set_linear(graph, ffn.w2, f"{ffn.block}/w2", w2, b2)
+            _forget_widths(ffn)
         else:
             for lin, role in ((ffn.w1, "w1"), (ffn.gate, "gate")):
                 if lin is not None:  # a gated FFN's channel keeps its gate column too

@@ -2,17 +2,12 @@
 each kept head's rotary pairs whole. The neutral plan is exact, and a pruned plan matches
 an independently sliced torch RoFormer, in RoFormer's interleaved form (both exporters)
 and in variants exported here: rotate-half (Llama, ModernBERT), rotary V, cos/sin with one
-row per head (gathered with the heads) and partial rotary (GPT-NeoX: the first 8 of 16
-dims rotate). What stays refused (rotary in another layout) names the node.
+row per head (gathered with the heads), partial rotary (GPT-NeoX: the first 8 of 16
+dims rotate) and rotate-half on [B, S, H, d] between head Transposes (ORT's optimizer
+writes K so on ModernBERT). What stays refused (pairs across heads) names the node.
 
-ModernBERT (not a fixture here): a tiny one exports with both torch.onnx exporters (torch
-2.13, transformers 5.24, eager attention, pad/bos/eos ids inside the vocabulary), but
-planer cannot read it for reasons other than rotary. Its Q/K/V come from one packed
-projection reshaped to [B, S, 3, H, d] and unbound on axis -3 (the finder reads packed
-Q/K/V only as column slices of the last axis: the refusal names the Slice (dynamo) or
-Split (TorchScript) node), and its FFN is a GLU (Wi's output chunked into act(a)·gate),
-which neither the FFN finder nor channel pruning reads. Its rotate-half is read from both
-exports (TorchScript's run-time half point and float Casts included).
+ModernBERT (packed Q/K/V, fused GLU, rotate-half) is a fixture family of its own:
+tests/test_modernbert.py.
 """
 
 from __future__ import annotations
@@ -151,7 +146,11 @@ def per_head(heads: Any) -> Rotate:
 
 
 def other_layout(_heads: Any) -> Rotate:
-    """Rotate-half applied to [B, S, H, d] (heads back on axis 2), then transposed back."""
+    """Rotate-half applied to [B, S, H, d] (heads back on axis 2), then transposed back.
+
+    Each head still rotates its own pairs (cos/sin transposed alike), so this is read as
+    the rotary on [B, H, S, d] (compiler.rotary.heads_first; ORT's optimizer writes K so).
+    """
 
     def apply(sinusoidal_pos: Any, q: Any, k: Any) -> tuple[Any, Any]:
         cos, sin = (t.transpose(1, 2) for t in _half_angles(sinusoidal_pos))
@@ -159,6 +158,22 @@ def other_layout(_heads: Any) -> Rotate:
         def one(x: Any) -> Any:
             y = x.transpose(1, 2)
             return (y * cos + _rotate_half(y) * sin).transpose(1, 2)
+
+        return one(q), one(k)
+
+    return apply
+
+
+def merged_heads(_heads: Any) -> Rotate:
+    """Rotate-half over the whole merged width [B, S, H·d]: pairs that cross heads."""
+
+    def apply(sinusoidal_pos: Any, q: Any, k: Any) -> tuple[Any, Any]:
+        cos, sin = (t[0, 0].repeat(1, HEADS) for t in _half_angles(sinusoidal_pos))
+
+        def one(x: Any) -> Any:
+            b, h, s, d = x.shape
+            y = x.transpose(1, 2).reshape(b, s, h * d)
+            return (y * cos + _rotate_half(y) * sin).reshape(b, s, h, d).transpose(1, 2)
 
         return one(q), one(k)
 
@@ -270,7 +285,8 @@ def test_token_skimming_refuses_rotary_layers(tmp_path: Path) -> None:
     (per_head, {}, ["k", "q"]),
     (None, {"rotary_value": True}, ["k", "q", "v"]),
     (partial, {}, ["k", "q"]),
-], ids=["rotate-half", "per-head-cos-sin", "rotary-value", "partial-rotary"])
+    (other_layout, {}, ["k", "q"]),
+], ids=["rotate-half", "per-head-cos-sin", "rotary-value", "partial-rotary", "seq-major"])
 def test_variant_neutral_exact_and_pruned_matches_torch(
         rotate: Rotate | None, config: dict[str, Any], roles: list[str], tmp_path: Path) -> None:
     wrapper, path = _variant(rotate, tmp_path / "model.onnx", **config)
@@ -292,13 +308,14 @@ def test_variant_neutral_exact_and_pruned_matches_torch(
 
 
 def test_rotary_in_another_layout_is_refused_by_node(tmp_path: Path) -> None:
-    _, path = _variant(other_layout, tmp_path / "model.onnx")
+    _, path = _variant(merged_heads, tmp_path / "model.onnx")
     with pytest.raises(UnsupportedModelError) as info:
         read_model(path)
     message = str(info.value)
+    # Pairs across heads on [B, S, H·d]: the rotation's Add is named where Q was expected.
     assert "Softmax node '" in message and "Add node '" in message
-    assert "applies rotary position embeddings outside the (batch, heads, seq, head size)" \
-        in message
+    assert "rotary position embeddings rotate Q/K pairs there in a form planer does not " \
+        "read" in message
 
 
 def test_recovery_mirror_refuses_rotary_attention() -> None:
