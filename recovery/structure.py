@@ -108,7 +108,8 @@ class Stream:
 
     Attributes:
         entry: the value the stream starts from (computed in ORT).
-        aux: values the steps read but the stream does not compute (masks; ORT).
+        aux: values the steps read but the stream does not compute (masks, rotary
+            cos/sin; ORT).
         end: the model's hidden-state output, which the last step writes.
         steps: every step, in graph order.
         layer_outputs: each layer's output value, in order (None where the layers cannot
@@ -533,7 +534,7 @@ def describe(stream: Stream) -> dict[str, object]:
                      "steps": counts, "norm": stream.norm,
                      "layers": len(stream.layer_outputs or [])},
         "frozen_in_ort": {"before": f"everything computing {stream.entry.name} "
-                          "(embeddings) and the attention masks",
+                          "(embeddings) and the attention masks (and rotary cos/sin)",
                           "aux": [str(v.name) for v in stream.aux],
                           "outputs_not_trained": stream.other_outputs},
     }
