@@ -3,19 +3,29 @@
 Dimensions: B batch, S sequence, D model width, H heads, d head size, F FFN width.
 
     entry_BSD, aux (ORT) ─ Mirror ─ end_BSD (+ each layer's output)
-      attn:  x ─ Linear(q/k/v) ─ [B,H,S,d] ─ q·kᵀ·scale ─ score ops replayed (mask Add,
-             Where...) ─ Softmax ─ ·v ─ NaN guard ─ [B,S,H·d] ─ Linear(o)
-      ffn:   x ─ Linear(w1) ─ gelu | gelu_tanh | relu | silu ─ Linear(w2)
+      attn:  x ─ Linear(q/k/v) ─ [B,H,S,d] ─ rotary (where the graph has one) ─ q·kᵀ·scale
+             ─ score ops replayed (mask Add, Where...) ─ Softmax ─ ·v ─ NaN guard
+             ─ [B,S,H·d] ─ Linear(o)
+      rotary: y = x·cos + rotate(x)·sin on q, k (and v where rotated), over each head's
+             first r dims for a partial one; rotate "half" (-x₂, x₁) or "interleaved"
+             (-x₂ᵢ₊₁, x₂ᵢ); cos/sin as the graph reads them: aux values ORT computes from
+             the positions per batch, or constants; one row per kept head or broadcast
+      ffn:   x ─ Linear(w1) ─ gelu | gelu_tanh | relu | silu ─ Linear(w2), or gated
+             (SwiGLU/GeGLU): Linear(w2)(act(Linear(gate)(x)) · Linear(w1)(x))
       moe:   recovery.moe (router, hard top-k / tau selection, experts)
       skim:  recovery.skim (predictor, the graph's keep rule, straight-through; later
              layers run full length with skimmed keys masked, skimmed rows forwarded)
-      Add / Sum / LayerNormalization / Identity between blocks, replayed as is
+      stream ops between blocks, replayed op by op (recovery.stream_ops): Add / Sum,
+             LayerNormalization, a decomposed RMSNorm (Cast, Pow, ReduceMean, Add, Sqrt,
+             Div | Reciprocal, Mul), Reshape, Identity, an LM head's MatMul (frozen)
 
 Every tensor a module reads is a graph initializer looked up by its name in one
 `WeightStore`; the trained ones are Parameters, written back under the same names with
 the same shapes and dtypes (`write_back`), so the trained model is the emitted graph with
 new weights. An initializer another part of the graph also reads (the embeddings, say)
 stays frozen, because training it here would change what the frozen ORT part computes.
+So does an LM head's MatMul after the layers: like a classification head (recovery.head),
+it is not what planer rewrote. Rotary cos/sin are never trained.
 `check_mirror` compares the mirror with the emitted model in ORT before any training.
 """
 
@@ -34,8 +44,9 @@ from torch.nn import functional as F
 
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
-from planer.compiler.spec import AttentionSpec, FfnSpec, Linear
+from planer.compiler.spec import AttentionSpec, FfnSpec, Linear, Rotary
 from planer.recovery.fakequant import Simulation, dynamic_int8
+from planer.recovery.stream_ops import StreamFn, fn_for
 from planer.recovery.structure import MoeBlock, SkimBlock, Step, Stream, unsupported_steps
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -123,33 +134,22 @@ class AttentionMirror(nn.Module):
     def __init__(self, store: WeightStore, spec: AttentionSpec, trainable: set[str],
                  aux: set[str]):
         super().__init__()
-        if spec.rotary:
-            # Training a mirror without the rotation would fit another function than the
-            # graph computes.
-            raise UnsupportedModelError(f"{spec.block}: rotary position embeddings are not "
-                                        "mirrored yet, so recovery cannot train this layer; "
-                                        "compile without --recover.")
         self.store = [store]  # a list, so the shared store is not registered per block
         self.q, self.k, self.v, self.o = (_linear(store, lin, trainable)
                                           for lin in (spec.q, spec.k, spec.v, spec.o))
         self.heads, self.head_size = spec.heads, spec.head_size
         self.scale = float(spec.scale)
         self.nan_guard = spec.nan_guard
+        self.rotary = {role: RotaryRef.read(rotary, store, aux, spec.block, spec.head_size)
+                       for role, rotary in spec.rotary.items()}
         self.score_ops: list[tuple[str, list[Operand], dict[str, Any]]] = []
         for op in spec.score_ops:
             if op.op_type not in _SCORE_FNS:
                 raise UnsupportedModelError(f"{spec.block}: score op {op.op_type} is not mirrored.")
-            operands: list[Operand] = []
-            for i, value in enumerate(op.inputs):
-                if i == op.scores_index:
-                    operands.append(("scores", None))
-                elif value is not None and str(value.name) in aux:
-                    operands.append(("aux", str(value.name)))
-                elif value is not None and const_array(value) is not None:
-                    operands.append(("const", store.add(value, trainable=False)))
-                else:
-                    raise UnsupportedModelError(f"{spec.block}: a score op reads "
-                                                f"{value.name if value else None}, unknown here.")
+            operands: list[Operand] = [
+                ("scores", None) if i == op.scores_index
+                else _operand(value, store, aux, f"{spec.block}: a score op")
+                for i, value in enumerate(op.inputs)]
             self.score_ops.append((op.op_type, operands, op.attributes))
 
     def forward(self, x: torch.Tensor, aux: Mapping[str, torch.Tensor],
@@ -158,20 +158,80 @@ class AttentionMirror(nn.Module):
         store = self.store[0]
         b, s, _ = x.shape
         h, d = self.heads, self.head_size
-        q = self.q(store, x).reshape(b, s, h, d).transpose(1, 2)
-        k = self.k(store, x).reshape(b, s, h, d).permute(0, 2, 3, 1)
-        v = self.v(store, x).reshape(b, s, h, d).transpose(1, 2)
-        scores = (q @ k) * self.scale
+        q, k, v = (self._heads(role, lin(store, x).reshape(b, s, h, d).transpose(1, 2), aux)
+                   for role, lin in (("q", self.q), ("k", self.k), ("v", self.v)))
+        scores = (q @ k.transpose(-1, -2)) * self.scale
         for op_type, operands, _ in self.score_ops:
-            args = [scores if kind == "scores" else aux[ref] if kind == "aux" else store.get(ref)
-                    for kind, ref in operands]
-            scores = _SCORE_FNS[op_type](*args)
+            scores = _SCORE_FNS[op_type](*(_read(o, scores, aux, store) for o in operands))
         if key_mask is not None:
             scores = scores + key_mask
         ctx = torch.softmax(scores, dim=-1) @ v
         if self.nan_guard:
             ctx = torch.where(torch.isnan(ctx), torch.zeros_like(ctx), ctx)
         return self.o(store, ctx.transpose(1, 2).reshape(b, s, h * d))
+
+    def _heads(self, role: str, x: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Applies the rotary on `role` (q/k/v) to x [B, H, S, d], if the graph has one."""
+        rotary = self.rotary.get(role)
+        if rotary is None:
+            return x
+        store = self.store[0]
+        return rotary(x, _read(rotary.cos, x, aux, store), _read(rotary.sin, x, aux, store))
+
+
+def _operand(value: ir.Value | None, store: WeightStore, aux: set[str], what: str) -> Operand:
+    """Says where a value a block reads comes from: ORT's aux values or a constant."""
+    if value is not None and str(value.name) in aux:
+        return ("aux", str(value.name))
+    if value is not None and const_array(value) is not None:
+        return ("const", store.add(value, trainable=False))
+    raise UnsupportedModelError(f"{what} reads {value.name if value else None}, unknown here.")
+
+
+def _read(operand: Operand, scores: torch.Tensor, aux: Mapping[str, torch.Tensor],
+          store: WeightStore) -> torch.Tensor:
+    kind, ref = operand
+    return scores if kind == "scores" else aux[ref] if kind == "aux" else store.get(ref)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryRef:
+    """A rotary on q, k or v [B, H, S, d]: y = x·cos + rotate(x)·sin (compiler.rotary).
+
+    `span` is r for a partial rotary (the first r dims rotate, the rest pass through).
+    cos/sin broadcast as the graph broadcasts them, per-head rows [.., H, S, d] included
+    (head pruning gathered those to the kept heads before the stream).
+    """
+
+    style: str
+    cos: Operand
+    sin: Operand
+    span: int | None
+
+    @staticmethod
+    def read(rotary: Rotary, store: WeightStore, aux: set[str], block: str,
+             head_size: int) -> RotaryRef:
+        span = rotary.partial
+        covered = head_size if span is None else span
+        if rotary.style not in ("half", "interleaved") or rotary.width not in (None, covered):
+            raise UnsupportedModelError(f"{block}: a {rotary.style} rotary over {rotary.width} "
+                                        f"of {covered} dims is not mirrored.")
+        what = f"{block}: the rotary"
+        return RotaryRef(rotary.style, _operand(rotary.cos, store, aux, what),
+                         _operand(rotary.sin, store, aux, what), span)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        whole = x
+        if self.span is not None:
+            x = whole[..., :self.span]
+        if self.style == "half":  # (x₁, x₂) → (-x₂, x₁), halves of the rotated dims
+            half = x.shape[-1] // 2
+            turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        else:  # each pair (x₂ᵢ, x₂ᵢ₊₁) → (-x₂ᵢ₊₁, x₂ᵢ)
+            pairs = x.reshape(*x.shape[:-1], -1, 2)
+            turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).reshape(x.shape)
+        y = x * cos + turned * sin
+        return y if self.span is None else torch.cat((y, whole[..., self.span:]), dim=-1)
 
 
 _SCORE_FNS: dict[str, Callable[..., torch.Tensor]] = {
@@ -254,6 +314,7 @@ class Mirror(nn.Module):
         self.frozen_shared: list[str] = []
         trainable = self._trainable(stream)
         self.blocks = nn.ModuleDict()
+        self.stream_fns: dict[str, StreamFn] = {}  # stream ops by step key (stream_ops)
         self.program: list[tuple[str, str, list[str], str]] = []  # kind, key, inputs, output
         for i, step in enumerate(stream.steps):
             key = f"s{i}"
@@ -303,6 +364,8 @@ class Mirror(nn.Module):
                     self.store.add(value, trainable=str(value.name) in trainable)
             if step.kind == "LayerNormalization":
                 self.blocks[key] = _LayerNorm(self.store, node)
+            elif step.kind not in ("Add", "Sum"):
+                self.stream_fns[key] = fn_for(node)
 
     def forward(self, entry: torch.Tensor, aux: Mapping[str, torch.Tensor],
                 mask: torch.Tensor | None = None) -> MirrorOutput:
@@ -334,10 +397,8 @@ class Mirror(nn.Module):
                 for name in inputs[1:]:
                     total = total + self._operand(env, name)
                 env[output] = total
-            elif kind == "Reshape":
-                env[output] = _reshape(env[inputs[0]], self._operand(env, inputs[1]))
-            else:  # Identity
-                env[output] = env[inputs[0]]
+            else:  # an elementwise op, a reduction, Reshape, MatMul (stream_ops)
+                env[output] = self.stream_fns[key](*(self._operand(env, n) for n in inputs))
             if skim is not None and output in self.layer_names:
                 shown[output] = skim.mix(env[output])
         layers = [shown.get(name, env[name]) for name in self.layer_names]
@@ -352,12 +413,6 @@ class Mirror(nn.Module):
     def trained(self) -> dict[str, torch.Tensor]:
         """Returns the trained tensors by initializer name."""
         return self.store.trained()
-
-
-def _reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """Reshapes as ONNX does (allowzero=0): a 0 copies the input's dim, a -1 is inferred."""
-    dims = [int(d) for d in shape.reshape(-1).tolist()]
-    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(dims)])
 
 
 class _LayerNorm(nn.Module):
@@ -392,6 +447,8 @@ def _initializers(step: Step) -> list[ir.Value]:
     else:
         if isinstance(block, SkimBlock):
             return block.weights
+        if isinstance(block, ir.Node) and block.op_type == "MatMul":
+            return []  # an LM head after the layers: frozen, like a classification head
         nodes = block.nodes if isinstance(block, MoeBlock) else [block]
         return [v for n in nodes for v in n.inputs
                 if v is not None and v.const_value is not None

@@ -2,14 +2,16 @@
 
 Dimensions: B batch, S sequence, D model width.
 
-    graph inputs ─ embeddings, mask plumbing (ORT, frozen) ─┬─ entry x_BSD ─────────────┐
-                                                            └─ aux: score masks ─────┐   │
-    entry ─ [attn ─ residual Add ─ (LN) ─ FFN/MoE ─ residual Add ─ (LN)] × L ─ (final LN) ─ end
-             └── blocks (planer's finder) ──┘  └── stream ops: Add/Sum, LayerNormalization ──┘
+    graph inputs ─ embeddings, mask and position plumbing (ORT, frozen) ─┬─ entry x_BSD ───┐
+                                          aux: score masks, rotary cos/sin ─┘               │
+    entry ─ [(norm) ─ attn ─ residual Add ─ (norm) ─ FFN/MoE ─ residual Add] × L ─ (norm) ─ end
+               └── blocks (planer's finder) ──┘     └── stream ops (STREAM_OPS) ──┘
 
-The region between `entry` (the first layer's input; for pre-LN models the value the
-first LayerNorm reads) and `end` (the model's hidden-state output) is described as an
-ordered list of steps: attention and FFN blocks as the finder describes them
+The region between `entry` (the first layer's input; for pre-norm models the value the
+first norm reads: a LayerNormalization's input, or the x of a spelled-out RMSNorm
+x·γ/√(mean(x²)+ε), found by walking its elementwise ops back to the one value they
+start from) and `end` (the model's main output: hidden states, or an LM's logits) is
+described as an ordered list of steps: attention and FFN blocks as the finder describes them
 (`compiler.blocks`), MoE blocks as planer's FFN→MoE pass emitted them, token-skim
 points (`layer2/skim`: predictor, keep rule, gather; kind "skim") and their write-back
 (`skim/write_back`: skimmed rows scattered back; kind "skim_out"), and the few
@@ -17,8 +19,11 @@ residual-stream ops between them. A sub-block a plan dropped is a residual Add o
 constant bias (`layer3/attn/dropped_bias`), so the steps stay in the graph's own order
 and the layer outputs are found by counting FFN residuals, not by assuming pairs.
 
-Values the region reads but does not compute (attention masks) are `aux`: ORT computes
-them per batch with the entry. Nothing here imports torch.
+Values the region reads but does not compute (attention masks, and rotary cos/sin
+computed from positions) are `aux`: ORT computes them per batch with the entry. The
+stream ops are the residual Adds and every other node of the region outside a block
+(norms as LayerNormalization or spelled out, Reshape, an LM head's MatMul); those not in
+STREAM_OPS are named by `unsupported_steps`. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ from planer.compiler.irutil import SHAPE_READERS, const_array, region_between
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import AttentionSpec, FfnSpec
 
-STREAM_OPS = {"Add", "Sum", "LayerNormalization", "Identity", "Reshape"}
+# Replayed by the mirror (recovery.stream_ops): residual sums, norms as LayerNormalization
+# or decomposed (RMSNorm: Cast, Pow, ReduceMean, Add, Sqrt, Div | Reciprocal, Mul), plumbing
+# and an LM head's MatMul.
+STREAM_OPS = frozenset({"Add", "Sum", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg",
+                        "Cast", "ReduceMean", "MatMul", "LayerNormalization", "Identity",
+                        "Reshape"})
+# The ops a decomposed norm (RMSNorm, a LayerNorm spelled out) is made of.
+_NORM_OPS = frozenset({"Cast", "Pow", "ReduceMean", "Add", "Sub", "Sqrt", "Div", "Reciprocal",
+                       "Mul", "Neg"})
+_NORM_MAX_NODES = 16
 
 
 @dataclasses.dataclass
@@ -94,7 +108,8 @@ class Stream:
 
     Attributes:
         entry: the value the stream starts from (computed in ORT).
-        aux: values the steps read but the stream does not compute (masks; ORT).
+        aux: values the steps read but the stream does not compute (masks, rotary
+            cos/sin; ORT).
         end: the model's hidden-state output, which the last step writes.
         steps: every step, in graph order.
         layer_outputs: each layer's output value, in order (None where the layers cannot
@@ -131,7 +146,7 @@ def read_stream(model: ir.Model) -> Stream:
     if not found:
         raise UnsupportedModelError("no attention or FFN blocks were found to mirror.")
     first = min(found, key=lambda b: order[id(b.x.producer())] if b.x.producer() else -1)
-    entry = _entry(first.x)
+    entry = _entry(first.x, order)
     end = _end_value(graph)
     region = region_between(entry, end)
     if id(end.producer()) not in region:
@@ -296,19 +311,22 @@ def _skim_write_back(graph: ir.Graph, nodes: list[ir.Node]) -> SkimBlock:
 # ---------------------------------------------------------------- region
 
 
-def _entry(x: ir.Value) -> ir.Value:
+def _entry(x: ir.Value, order: dict[int, int]) -> ir.Value:
     """Returns the stream's first value, walking back from the first block's input x.
 
-    Back over a LayerNorm whose input a residual Add also reads (pre-LN), over the
-    residual Adds of sub-blocks a plan dropped before the first block that remains, and
-    over a skim point before layer 0 (its gathered rows are not where the stream starts).
+    Back over a norm (a LayerNormalization node, or one spelled out like RMSNorm) whose
+    input a residual Add also reads (pre-norm), over the residual Adds of sub-blocks a plan
+    dropped before the first block that remains, and over a skim point before layer 0 (its
+    gathered rows are not where the stream starts).
     """
     value = x
     while (producer := value.producer()) is not None:
-        source = producer.inputs[0] if producer.inputs else None
-        if producer.op_type == "LayerNormalization" and source is not None:
+        source = _norm_source(value, order)
+        if source is not None:
             upstream = source.producer()
-            read_by_residual = any(u.op_type in ("Add", "Sum") for u in source.consumers())
+            own = region_between(source, value)  # the norm's nodes
+            read_by_residual = any(u.op_type in ("Add", "Sum") and id(u) not in own
+                                   for u in source.consumers())
             if not read_by_residual and (upstream is None or _dropped_bias(upstream) is None):
                 break
             value = source
@@ -319,6 +337,36 @@ def _entry(x: ir.Value) -> ir.Value:
         else:
             break
     return value
+
+
+def _norm_source(value: ir.Value, order: dict[int, int]) -> ir.Value | None:
+    """Returns the value a norm computing `value` normalises, if `value` is a norm's output.
+
+    A LayerNormalization node's input; or the one value s that a short chain of
+    elementwise ops and a ReduceMean computes `value` from (with constants): walking back
+    from `value`, the open inputs collapse to s once the ReduceMean has been passed
+    (RMSNorm: x·γ/√(mean(x²)+ε) collapses to x).
+    """
+    producer = value.producer()
+    if producer is not None and producer.op_type == "LayerNormalization":
+        return producer.inputs[0] if producer.inputs else None
+    frontier = {id(value): value}
+    reduced, walked = False, 0
+    while walked < _NORM_MAX_NODES:
+        latest = max(frontier.values(), key=lambda v: order.get(id(v.producer()), -1))
+        if len(frontier) == 1 and reduced:
+            return latest
+        node = latest.producer()
+        if node is None or node.op_type not in _NORM_OPS or node.domain not in ("", "ai.onnx"):
+            return None
+        del frontier[id(latest)]
+        walked += 1
+        reduced = reduced or node.op_type == "ReduceMean"
+        frontier.update((id(v), v) for v in node.inputs
+                        if v is not None and const_array(v) is None)
+        if not frontier:
+            return None
+    return None
 
 
 def _skim_point_input(node: ir.Node) -> ir.Value | None:
@@ -387,6 +435,9 @@ def _aux_values(steps: list[Step], entry: ir.Value, region: set[int]) -> list[ir
         if isinstance(step.block, AttentionSpec):
             reads.extend(v for op in step.block.score_ops for i, v in enumerate(op.inputs)
                          if i != op.scores_index and v is not None)
+            # cos/sin of a rotary: computed from positions before the stream (or constant).
+            reads.extend(v for rotary in step.block.rotary.values()
+                         for v in (rotary.cos, rotary.sin))
         elif step.kind not in ("ffn", "moe", "attn"):
             reads.extend(step.inputs)
     aux: dict[int, ir.Value] = {}
@@ -483,7 +534,7 @@ def describe(stream: Stream) -> dict[str, object]:
                      "steps": counts, "norm": stream.norm,
                      "layers": len(stream.layer_outputs or [])},
         "frozen_in_ort": {"before": f"everything computing {stream.entry.name} "
-                          "(embeddings) and the attention masks",
+                          "(embeddings) and the attention masks (and rotary cos/sin)",
                           "aux": [str(v.name) for v in stream.aux],
                           "outputs_not_trained": stream.other_outputs},
     }
