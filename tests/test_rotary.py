@@ -318,14 +318,6 @@ def test_rotary_in_another_layout_is_refused_by_node(tmp_path: Path) -> None:
         "read" in message
 
 
-def test_recovery_mirror_refuses_rotary_attention() -> None:
-    from planer.recovery.mirror import AttentionMirror, WeightStore
-
-    _, spec = read_model(fixture_path("roformer", "dynamo"))
-    with pytest.raises(UnsupportedModelError, match="rotary position embeddings are not mirrored"):
-        AttentionMirror(WeightStore(), spec.layers[0].attention, set(), set())
-
-
 def test_pruned_rotary_attention_golden(golden: Callable[[str, str], None]) -> None:
     # What head pruning emits around the rotation (interleaved pairs, kept heads 0 and 2).
     from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
