@@ -160,6 +160,11 @@ def test_search_tightens_without_collapsing_to_the_floor(
     assert result.report["measured_ms"] <= 0.7 * 4.0
     assert len(compiled) >= 2  # the first plan missed by 5% and was tightened
     assert all(plan != floor_plan(spec) for plan in compiled)
+    phases = result.report["phases"]  # where the compile's time went, by phase
+    assert {"calibration", "activations", "quality_model", "rounds_compile",
+            "rounds_measure", "other", "total"} <= set(phases)
+    assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(
+        phases["total"], abs=0.05)
 
 
 def _stored_and_true(dense: Plan):

@@ -10,6 +10,10 @@ busy machine, which slows both models alike, does not move the verdict. The loop
 the slowest candidate that meets the target (the least pruned, so the best quality) and
 stops when one lands within 5% under the target or after `max_rounds`. When none meets
 it, the fastest model found is written under a name that says so and the CLI exits 3.
+
+report.json's `phases` gives the wall seconds of each phase (report.PhaseClock): the
+stored block curves, the anchors compiled and timed, calibration, activations, the
+quality model and the plans compiled for it, the rounds' compiles and measurements.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from planer.compiler.driver.pipeline import (
     read_model,
     report_pages,
 )
-from planer.compiler.driver.planning import latency_quality
-from planer.compiler.driver.report import search_section
+from planer.compiler.driver.planning import activations, latency_quality
+from planer.compiler.driver.report import PhaseClock, search_section
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.gated_ffn import require_gated_support
 from planer.compiler.loading import check_sequence_length, load_model
@@ -92,7 +96,7 @@ class Round:
 def profile_model(
     model_path: Path, *, batch: int, seq_len: int, threads: int, refresh: bool = False,
     ort_kernels: str = "auto", progress: Progress | None = None,
-    kernels: KernelTimings | None = None,
+    kernels: KernelTimings | None = None, clock: PhaseClock | None = None,
 ) -> tuple[LatencyModel, dict[str, Any]]:
     """Profiles the model's block variants and fits its latency model; returns both.
 
@@ -103,18 +107,23 @@ def profile_model(
     overhead is embeddings, LayerNorms and everything else outside the blocks.
     """
     say = progress or (lambda _msg: None)
-    _, spec = read_model(model_path)
-    measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
-                                            threads=threads, refresh=refresh, progress=progress)
+    clock = clock or PhaseClock()
+    with clock.phase("block_profile"):
+        _, spec = read_model(model_path)
+        measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
+                                              threads=threads, refresh=refresh,
+                                              progress=progress)
     plans = anchor_plans(spec, int8)
     say(f"{len(plans)} anchor plans (float and INT8; all, fewer heads, narrower; compiled "
         "once, cached)")
-    paths = compile_anchors(model_path, plans, hidden=spec.hidden, batch=batch,
-                            seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                            kernels=kernels or KernelTimings())
+    with clock.phase("anchors_compile"):
+        paths = compile_anchors(model_path, plans, hidden=spec.hidden, batch=batch,
+                                seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                                kernels=kernels or KernelTimings())
     say("timing the dense model and the anchor plans")
-    timings = _time_models({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
-                           threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
+    with clock.phase("anchors_timing"):
+        timings = _time_models({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
+                               threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
     # Per-round ratios to the original times its median, as every round's verdict is
     # measured: a burst of load that hits part of the rounds divides out.
     times = {name: ratio * timings["dense"].median_ms
@@ -236,9 +245,10 @@ def _compile_to_latency(
         raise BadInputError("--recover distils the original model on calibration text; pass "
                             "--calibration.")
     kernels = KernelTimings()  # every compile below times each kernel shape once
+    clock = PhaseClock()  # report.json's `phases`
     latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
                                      refresh=refresh, ort_kernels=ort_kernels, progress=say,
-                                     kernels=kernels)
+                                     kernels=kernels, clock=clock)
     if target_ms is None:
         target_ms = amount * profile["dense_ms"]
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
@@ -249,7 +259,9 @@ def _compile_to_latency(
     # One fitting for every round: each round compiles another plan of the same model.
     options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
                              seq_len=seq_len)
-    fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0), say)
+    with clock.phase("calibration"):
+        fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0),
+                               say)
     assert fitting is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside OUT and named after this process, so a killed search is cleaned up by the
@@ -257,20 +269,29 @@ def _compile_to_latency(
     scratch = outdir.staging_folder(out_dir, kind="search")
     rounds: list[Round] = []
     dense_ms = profile["dense_ms"]
+    # Plans the quality model compiled, which a round asking for the same plan reuses (a
+    # round compiles as they do when there is calibration data: on the same fitting).
+    compiled: dict[Plan, CompileResult] = {}
 
     def measure_plan(plan: Plan) -> Path:  # the quality model's whole-plan measurements
         folder = scratch / f"quality{len(list(scratch.glob('quality*')))}"
-        return compile_plan(model_path, folder, plan_data=plan.to_dict(),
-                            calibration=calibration, tokenizer=tokenizer, batch=batch,
-                            seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                            fitting=fitting, kernels=kernels).model_path
+        with clock.phase("quality_plans_compile"):
+            compiled[plan] = compile_plan(
+                model_path, folder, plan_data=plan.to_dict(), calibration=calibration,
+                tokenizer=tokenizer, batch=batch, seq_len=seq_len, threads=threads,
+                ort_kernels=ort_kernels, fitting=fitting, kernels=kernels)
+        return compiled[plan].model_path
 
     def predict(plan: Plan) -> float:  # MoE layers and skim points included
         return variants.predict(latency, spec, plan)
 
     try:
-        fit = latency_quality(model, spec, fitting, latency, target_ms=target_ms, batch=batch,
-                              passes=passes, measure_plan=measure_plan, progress=say)
+        with clock.phase("activations"):
+            activations(fitting, model, spec, say)
+        with clock.phase("quality_model"):
+            fit = latency_quality(model, spec, fitting, latency, target_ms=target_ms,
+                                  batch=batch, passes=passes, measure_plan=measure_plan,
+                                  progress=say)
         scores = fit.quality
         budget = target_ms
         if predict(floor_plan(spec)) > target_ms:
@@ -287,14 +308,22 @@ def _compile_to_latency(
                 break
             say(f"round {k + 1}: compiling a plan predicted at {predict(plan):.1f} ms")
             folder = scratch / f"round{k}"
-            result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
-                                  calibration=calibration, tokenizer=tokenizer, batch=batch,
-                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                  fitting=fitting if calibration is not None else None,
-                                  kernels=kernels)
+            with clock.phase("rounds_compile"):
+                if calibration is not None and plan in compiled:
+                    result = compiled[plan]
+                    folder = result.model_path.parent
+                else:
+                    result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
+                                          calibration=calibration, tokenizer=tokenizer,
+                                          batch=batch, seq_len=seq_len, threads=threads,
+                                          ort_kernels=ort_kernels,
+                                          fitting=fitting if calibration is not None else None,
+                                          kernels=kernels)
             say(f"round {k + 1}: measuring against the dense model")
-            ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
-                                       seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
+            with clock.phase("rounds_measure"):
+                ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
+                                           seq_len=seq_len, threads=threads,
+                                           vocab=spec.vocab_size)
             # Interleaved ratio x the dense reference: a busy machine slows both alike.
             measured = ratio * dense_ms
             rounds.append(Round(budget, predict(plan), measured, plan, folder, result,
@@ -316,12 +345,14 @@ def _compile_to_latency(
             # Once, on the plan the rounds settled on: training changes weights only, so
             # the latency measured for that plan still holds.
             best = _chosen(rounds, target_ms)
-            result = compile_plan(model_path, scratch / "recovered", plan_data=best.plan.to_dict(),
-                                  calibration=calibration, tokenizer=tokenizer, batch=batch,
-                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                  fitting=fitting if calibration is not None else None,
-                                  recover_seconds=recover_seconds, recover_steps=recover_steps,
-                                  progress=say, kernels=kernels)
+            with clock.phase("recover"):
+                result = compile_plan(
+                    model_path, scratch / "recovered", plan_data=best.plan.to_dict(),
+                    calibration=calibration, tokenizer=tokenizer, batch=batch,
+                    seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                    fitting=fitting if calibration is not None else None,
+                    recover_seconds=recover_seconds, recover_steps=recover_steps,
+                    progress=say, kernels=kernels)
             rounds[rounds.index(best)] = dataclasses.replace(
                 best, folder=scratch / "recovered", result=result)
         settled = _chosen(rounds, target_ms)
@@ -329,7 +360,7 @@ def _compile_to_latency(
             spec, scores, latency, search(spec, scores, latency, settled.budget_ms, kinds=passes),
             kinds=passes, corrections=fit.corrections)
         return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path,
-                       extra={"search": section})
+                       extra={"search": section, "phases": clock.to_dict()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
