@@ -307,3 +307,22 @@ def test_profile_report_scores_whole_mixed_plans(monkeypatch: pytest.MonkeyPatch
     assert code == 0, printed
     assert "held-out MAPE on 2 whole compiled models (latency ratios to the original)" in printed
     assert printed.count("predicted ") == 2 and "measured " in printed
+
+
+def test_next_budget_steps_between_a_plan_that_missed_and_one_too_fast() -> None:
+    from planer.compiler.driver.latency import CLOSE_ENOUGH, Round, next_budget
+
+    def measured(budget: float, predicted: float, ms: float) -> Round:
+        return Round(budget, predicted, ms, Plan(()), Path("."), None, {})  # type: ignore[arg-type]
+
+    missed = measured(41.7, 41.66, 45.4)
+    assert next_budget([missed], 41.7) == pytest.approx(41.7 * 41.7 / 45.4)  # last round alone
+    fast = measured(38.3, 38.1, 38.3)
+    # From the fast round alone the budget would climb back to 41.6, next to the plan that
+    # missed; between the two it aims at the middle of the window a round stops in.
+    aim = (1 + CLOSE_ENOUGH) / 2 * 41.7
+    between = next_budget([missed, fast], 41.7)
+    assert 38.1 < between < 41.66
+    assert between == pytest.approx(38.1 + (aim - 38.3) / (45.4 - 38.3) * (41.66 - 38.1))
+    floor = measured(0.0, 30.0, 20.0)  # the floor far under the target: come back up
+    assert next_budget([floor], 41.7) == pytest.approx(30.0 * 41.7 / 20.0)

@@ -335,11 +335,7 @@ def _compile_to_latency(
                 break
             if measured > target_ms and plan == floor_plan(spec):
                 break
-            # Relax or tighten from what this plan was predicted at: after a budget of 0 (the
-            # floor predicted above the target) a floor measured far under the target means
-            # the latency model runs slow here (stored block timings from a quieter or busier
-            # machine than now), and the search must come back up rather than stop there.
-            budget = max(budget, predict(plan)) * target_ms / measured
+            budget = next_budget(rounds, target_ms)
         rounds_bar.close()
         if recover_seconds or recover_steps:
             # Once, on the plan the rounds settled on: training changes weights only, so
@@ -363,6 +359,34 @@ def _compile_to_latency(
                        extra={"search": section, "phases": clock.to_dict()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def next_budget(rounds: list[Round], target_ms: float) -> float:
+    """Returns the next round's budget: relaxed or tightened from what was measured.
+
+    From the last round alone, its budget (or its prediction, if higher) times target /
+    measured: after a budget of 0 (the floor predicted above the target) a floor measured
+    far under the target means the latency model runs slow here (stored block timings
+    from a quieter or busier machine than now), and the search must come back up rather
+    than stop there. Once one plan has missed the target and another met it with more
+    than the 5% to spare, the answer lies between their predictions: the next budget is
+    where the line through their (predicted, measured) points reaches the middle of the
+    window a round stops in (regula falsi). The rule from the last round alone can step
+    back next to a plan that already missed, a round measured for nothing.
+    """
+    last = rounds[-1]
+    budget = max(last.budget_ms, last.predicted_ms) * target_ms / last.measured_ms
+    missed = [r for r in rounds if r.measured_ms > target_ms]
+    fast = [r for r in rounds if r.measured_ms < CLOSE_ENOUGH * target_ms]
+    if not missed or not fast:
+        return budget
+    hi = min(missed, key=lambda r: r.predicted_ms)
+    lo = max(fast, key=lambda r: r.predicted_ms)
+    if not (lo.predicted_ms < hi.predicted_ms and lo.measured_ms < hi.measured_ms):
+        return budget  # the measurements contradict the predictions' order
+    aim = (1 + CLOSE_ENOUGH) / 2 * target_ms
+    share = (aim - lo.measured_ms) / (hi.measured_ms - lo.measured_ms)
+    return lo.predicted_ms + share * (hi.predicted_ms - lo.predicted_ms)
 
 
 def measure_ratio(
