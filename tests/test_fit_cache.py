@@ -1,18 +1,19 @@
-"""What a second compile reads back (fit_cache) and the compile's phase clock (no timing)."""
+"""What a second compile reads back (fit_cache, round_cache) and its phase clock (no timing)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from planer.compiler.calibration import CalibrationSet, build_calibration, model_input_infos
-from planer.compiler.driver import fit_cache, report
+from planer.compiler.driver import fit_cache, report, round_cache
 from planer.compiler.driver.compilation import Fitting
-from planer.compiler.driver.pipeline import compile_plan, read_model
+from planer.compiler.driver.pipeline import CompileResult, compile_plan, read_model
 from planer.compiler.driver.planning import activations, measure_quality
-from planer.compiler.plan import LayerPlan, Plan
+from planer.compiler.plan import LayerPlan, MoePlan, Plan
 from planer.fixtures.build import fixture_path
 from planer.passes.prune_fit import capture_layers
 
@@ -105,3 +106,51 @@ def test_phases_nest_without_counting_twice(monkeypatch: pytest.MonkeyPatch) -> 
     with clock.phase("inner"):  # 12 .. 13, added to the first
         pass
     assert clock.to_dict() == {"outer": 5.0, "inner": 5.0, "other": 10.0, "total": 20.0}
+
+
+def _fake_compile(calls: list[Path]):
+    def compile_into(folder: Path) -> CompileResult:
+        calls.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"model")
+        (folder / "report.json").write_text(json.dumps({"n": len(calls)}))
+        return CompileResult(folder / "model.onnx", Plan(()), {"n": len(calls)})
+
+    return compile_into
+
+
+def test_round_plans_are_compiled_once_per_key_and_copied_after(tmp_path: Path) -> None:
+    calls: list[Path] = []
+    plan = Plan((LayerPlan(heads=2, ffn=64),))
+    key = {"model": "m", "calibration": "c", "spelling": True}
+    first, cached = round_cache.compile_round(plan, tmp_path / "r0", key=key,
+                                              compile_into=_fake_compile(calls))
+    assert not cached and calls == [tmp_path / "r0"]
+    again, cached = round_cache.compile_round(plan, tmp_path / "r1", key=key,
+                                              compile_into=_fake_compile(calls))
+    assert cached and len(calls) == 1
+    assert again.model_path == tmp_path / "r1" / "model.onnx"
+    assert again.model_path.read_bytes() == b"model" and again.report == {"n": 1}
+    for other in ({**key, "calibration": "d"}, {**key, "spelling": False}):
+        round_cache.compile_round(plan, tmp_path / f"o{len(calls)}", key=other,
+                                  compile_into=_fake_compile(calls))
+    round_cache.compile_round(Plan((LayerPlan(heads=1, ffn=64),)), tmp_path / "p", key=key,
+                              compile_into=_fake_compile(calls))
+    assert len(calls) == 4  # other calibration, other spelling, other plan
+
+
+def test_moe_plans_are_not_kept_and_old_rounds_are_evicted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    moe = Plan((LayerPlan(heads=2, ffn=64, moe=MoePlan(8, top_k=2)),))
+    for k in range(2):
+        _, cached = round_cache.compile_round(moe, tmp_path / f"m{k}", key={},
+                                              compile_into=_fake_compile(calls))
+        assert not cached
+    assert len(calls) == 2
+    monkeypatch.setattr(round_cache, "ROUNDS_KEPT", 2)
+    for heads in (1, 2, 3):
+        round_cache.compile_round(Plan((LayerPlan(heads=heads, ffn=64),)),
+                                  tmp_path / f"h{heads}", key={},
+                                  compile_into=_fake_compile(calls))
+    assert len(list((tmp_path / "cache" / "rounds").iterdir())) == 2

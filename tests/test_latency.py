@@ -326,3 +326,42 @@ def test_next_budget_steps_between_a_plan_that_missed_and_one_too_fast() -> None
     assert between == pytest.approx(38.1 + (aim - 38.3) / (45.4 - 38.3) * (41.66 - 38.1))
     floor = measured(0.0, 30.0, 20.0)  # the floor far under the target: come back up
     assert next_budget([floor], 41.7) == pytest.approx(30.0 * 41.7 / 20.0)
+
+
+def test_a_second_compile_copies_its_rounds_and_reads_its_quality_fit_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver import latency as loop
+
+    src = fixture_path("bert", "dynamo")
+    _, spec = read_model(src)
+    model = fit_latency_model(_linear("attn", range(1, 5), 0.1, 0.1),
+                              _linear("ffn", range(8, 129, 8), 0.01, 0.05), 4.0,
+                              Plan.neutral(spec))
+    monkeypatch.setattr(loop, "profile_model", lambda *a, **k: (model, {
+        "dense_ms": 4.0, "overhead_ms": model.overhead_ms, "device": "fake"}))
+    monkeypatch.setattr(loop, "measure_ratio", lambda dense, path, **kw: (0.9, {}))
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(f"w{i % 5} w{i % 3}" for i in range(30)))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w0", "w1",
+                                              "w2", "w3", "w4"]) + "\n")
+    compiles: list[str] = []
+    real_compile = loop.compile_plan
+    monkeypatch.setattr(loop, "compile_plan", lambda *a, **k: compiles.append("c") or
+                        real_compile(*a, **k))
+
+    def compile_once(out: str) -> dict:
+        return loop.compile_to_latency(src, tmp_path / out, target_fraction=0.93,
+                                       calibration=calib, tokenizer=tok, batch=1,
+                                       seq_len=16, threads=1).report
+
+    first = compile_once("a")
+    assert compiles and "quality_plans_compile" in first["phases"]
+    compiles.clear()
+    second = compile_once("b")
+    assert compiles == []  # every plan was compiled by the first
+    assert [r["compiled_before"] for r in second["rounds"]] == [True] * len(second["rounds"])
+    assert second["plan"] == first["plan"]
+    assert second["search"]["corrections"] == first["search"]["corrections"]
+    assert json.loads((tmp_path / "b" / "plan.json").read_text()) == first["plan"]

@@ -69,10 +69,9 @@ def compile_anchors(
     `kernels` decides (and keeps, for the compile's later plans) the ORT-kernel spelling
     the anchors are compiled with, so they run as the search's plans will.
     """
-    spelling: Any = ort_kernels
-    if ort_kernels == "auto":
-        spelling = kernels.skip_layernorm(hidden, batch * seq_len, threads).unfuse
-    base = {"model": _model_digest(model_path), "emission": emit.EMISSION_VERSION,
+    spelling = kernel_spelling(ort_kernels, kernels, hidden=hidden, tokens=batch * seq_len,
+                               threads=threads)
+    base = {"model": model_digest(model_path), "emission": emit.EMISSION_VERSION,
             "batch": batch, "seq_len": seq_len, "threads": threads,
             "ort_kernels": ort_kernels, "spelling": spelling}
     paths = {}
@@ -85,6 +84,18 @@ def compile_anchors(
                           threads=threads, ort_kernels=ort_kernels, kernels=kernels)
         paths[name] = folder / emit.MODEL_NAME
     return paths
+
+
+def kernel_spelling(ort_kernels: str, kernels: KernelTimings, *, hidden: int, tokens: int,
+                    threads: int) -> Any:
+    """Returns the ORT-kernel spelling a compile emits.
+
+    `ort_kernels` itself, or under "auto" whether the residual LayerNorm is unfused
+    (timed once per shape by `kernels`).
+    """
+    if ort_kernels == "auto":
+        return kernels.skip_layernorm(hidden, tokens, threads).unfuse
+    return ort_kernels
 
 
 def _compile_into(folder: Path, model_path: Path, plan: Plan, *, batch: int, seq_len: int,
@@ -104,7 +115,7 @@ def _compile_into(folder: Path, model_path: Path, plan: Plan, *, batch: int, seq
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _model_digest(model_path: Path) -> str:
+def model_digest(model_path: Path) -> str:
     """Hashes the model file and names, sizes and times of the files beside it.
 
     The files beside it include its external data; a change to any of them compiles the

@@ -45,12 +45,23 @@ def data_digest(model: ir.Model, feeds: Iterable[Feed]) -> Any:
     """
     ir.external_data.load_to_model(model)
     digest = hashlib.sha256(ir.to_proto(model).SerializeToString())
+    _update(digest, feeds)
+    return digest
+
+
+def feeds_digest(feeds: Iterable[Feed]) -> str:
+    """Returns the sha256 (hex) of the feeds' names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    _update(digest, feeds)
+    return digest.hexdigest()
+
+
+def _update(digest: Any, feeds: Iterable[Feed]) -> None:
     for feed in feeds:
         for name in sorted(feed):
             array = np.ascontiguousarray(feed[name])
             digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
             digest.update(array.tobytes())
-    return digest
 
 
 def cached_activations(

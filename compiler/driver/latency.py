@@ -35,8 +35,14 @@ from planer.compiler.calibration import (
     ModelInputInfo,
     random_feeds,
 )
-from planer.compiler.driver.anchors import anchor_plans, compile_anchors
+from planer.compiler.driver.anchors import (
+    anchor_plans,
+    compile_anchors,
+    kernel_spelling,
+    model_digest,
+)
 from planer.compiler.driver.compilation import CompileOptions
+from planer.compiler.driver.fit_cache import feeds_digest
 from planer.compiler.driver.pipeline import (
     CompileResult,
     compile_plan,
@@ -46,6 +52,7 @@ from planer.compiler.driver.pipeline import (
 )
 from planer.compiler.driver.planning import activations, latency_quality
 from planer.compiler.driver.report import PhaseClock, search_section
+from planer.compiler.driver.round_cache import compile_round
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.gated_ffn import require_gated_support
 from planer.compiler.loading import check_sequence_length, load_model
@@ -91,6 +98,7 @@ class Round:
     folder: Path
     result: CompileResult
     raw_ms: dict[str, float]  # this round's medians (dense and compiled), before normalising
+    cached: bool = False  # compiled by an earlier compile (round_cache) or the quality fit
 
 
 def profile_model(
@@ -272,14 +280,28 @@ def _compile_to_latency(
     # Plans the quality model compiled, which a round asking for the same plan reuses (a
     # round compiles as they do when there is calibration data: on the same fitting).
     compiled: dict[Plan, CompileResult] = {}
+    # What decides a compiled plan besides the plan (round_cache): earlier compiles' plans
+    # are copied rather than compiled again.
+    compile_key = {"model": model_digest(model_path), "batch": batch, "seq_len": seq_len,
+               "threads": threads, "ort_kernels": ort_kernels,
+               "spelling": kernel_spelling(ort_kernels, kernels, hidden=spec.hidden,
+                                           tokens=batch * seq_len, threads=threads)}
+    fitted = feeds_digest([*fitting.calib.batches, *fitting.calib.holdout])
+
+    def compile_cached(plan: Plan, folder: Path, fit: Any) -> tuple[CompileResult, bool]:
+        def compile_into(into: Path) -> CompileResult:
+            return compile_plan(model_path, into, plan_data=plan.to_dict(),
+                                calibration=calibration, tokenizer=tokenizer, batch=batch,
+                                seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                                fitting=fit, kernels=kernels)
+
+        key = {**compile_key, "calibration": fitted if fit is not None else None}
+        return compile_round(plan, folder, key=key, compile_into=compile_into)
 
     def measure_plan(plan: Plan) -> Path:  # the quality model's whole-plan measurements
         folder = scratch / f"quality{len(list(scratch.glob('quality*')))}"
         with clock.phase("quality_plans_compile"):
-            compiled[plan] = compile_plan(
-                model_path, folder, plan_data=plan.to_dict(), calibration=calibration,
-                tokenizer=tokenizer, batch=batch, seq_len=seq_len, threads=threads,
-                ort_kernels=ort_kernels, fitting=fitting, kernels=kernels)
+            compiled[plan], _ = compile_cached(plan, folder, fitting)
         return compiled[plan].model_path
 
     def predict(plan: Plan) -> float:  # MoE layers and skim points included
@@ -310,15 +332,11 @@ def _compile_to_latency(
             folder = scratch / f"round{k}"
             with clock.phase("rounds_compile"):
                 if calibration is not None and plan in compiled:
-                    result = compiled[plan]
+                    result, cached = compiled[plan], True
                     folder = result.model_path.parent
                 else:
-                    result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
-                                          calibration=calibration, tokenizer=tokenizer,
-                                          batch=batch, seq_len=seq_len, threads=threads,
-                                          ort_kernels=ort_kernels,
-                                          fitting=fitting if calibration is not None else None,
-                                          kernels=kernels)
+                    result, cached = compile_cached(
+                        plan, folder, fitting if calibration is not None else None)
             say(f"round {k + 1}: measuring against the dense model")
             with clock.phase("rounds_measure"):
                 ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
@@ -327,7 +345,7 @@ def _compile_to_latency(
             # Interleaved ratio x the dense reference: a busy machine slows both alike.
             measured = ratio * dense_ms
             rounds.append(Round(budget, predict(plan), measured, plan, folder, result,
-                                raw))
+                                raw, cached))
             rounds_bar.advance(measured_ms=round(measured, 2), target_ms=round(target_ms, 2))
             logger.info("round %d: budget %.2f predicted %.2f measured %.2f (ratio %.3f)", k,
                         budget, predict(plan), measured, ratio)
@@ -425,6 +443,7 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
                     "measured_ms": round(r.measured_ms, 3),
                     "raw_medians_ms": {k: round(v, 3) for k, v in r.raw_ms.items()},
                     "predicted_loss": round(predicted_loss(spec, scores, r.plan), 5),
+                    "compiled_before": r.cached,
                     "pooled_cosine": r.result.report.get("fidelity", {}).get(
                         "pooled_cosine", {}).get("mean")} for r in rounds],
         **(extra or {}),
