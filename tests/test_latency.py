@@ -346,10 +346,14 @@ def test_a_second_compile_copies_its_rounds_and_reads_its_quality_fit_back(
     tok.mkdir()
     (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w0", "w1",
                                               "w2", "w3", "w4"]) + "\n")
-    compiles: list[str] = []
+    compiles: list[Path] = []
     real_compile = loop.compile_plan
-    monkeypatch.setattr(loop, "compile_plan", lambda *a, **k: compiles.append("c") or
-                        real_compile(*a, **k))
+
+    def counted(model_path: Path, out_dir: Path, **kwargs):
+        compiles.append(out_dir)
+        return real_compile(model_path, out_dir, **kwargs)
+
+    monkeypatch.setattr(loop, "compile_plan", counted)
 
     def compile_once(out: str) -> dict:
         return loop.compile_to_latency(src, tmp_path / out, target_fraction=0.93,
