@@ -369,3 +369,34 @@ def test_a_second_compile_copies_its_rounds_and_reads_its_quality_fit_back(
     assert second["plan"] == first["plan"]
     assert second["search"]["corrections"] == first["search"]["corrections"]
     assert json.loads((tmp_path / "b" / "plan.json").read_text()) == first["plan"]
+
+
+def test_anchor_timing_stops_early_only_when_every_ratio_is_settled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver import anchors
+    from planer.cost_model.timing import Timing
+
+    rng = np.random.default_rng(0)
+    noise = {"dense": 0.0, "steady": 0.001, "jumpy": 0.0}
+
+    def fake_timing(sessions, feeds, *, warmup, repeats, seed):
+        dense = 10 + 5 * rng.random(repeats)  # the machine's speed drifts: ratios divide it out
+
+        def samples(name: str) -> list[float]:
+            if name == "dense":
+                return list(dense)
+            return list(dense * (0.5 + noise[name] * rng.standard_normal(repeats)))
+
+        return {name: Timing.from_samples(name, samples(name)) for name in sessions}
+
+    monkeypatch.setattr(anchors, "open_sessions", lambda models, **kw: (dict(models), {}))
+    monkeypatch.setattr(anchors, "time_interleaved", fake_timing)
+    models = {"dense": Path("d"), "steady": Path("s")}
+    settled = anchors.time_anchors(models, batch=1, seq_len=8, threads=1, vocab=None)
+    assert len(settled["dense"].samples) == anchors.ANCHOR_ROUNDS[0]
+    noise["jumpy"] = 0.2
+    jumpy = anchors.time_anchors({**models, "jumpy": Path("j")}, batch=1, seq_len=8,
+                                 threads=1, vocab=None)
+    assert len(jumpy["dense"].samples) == anchors.ANCHOR_ROUNDS[1]
+    assert anchors.ratio_spread(jumpy, "dense") > anchors.ANCHOR_SPREAD
+    assert anchors.ratio_spread(settled, "dense") < anchors.ANCHOR_SPREAD

@@ -28,18 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from planer.compiler import emit, outdir
-from planer.compiler.calibration import (
-    ModelInputInfo,
-    random_feeds,
-)
 from planer.compiler.driver.anchors import (
     anchor_plans,
     compile_anchors,
     kernel_spelling,
     model_digest,
+    open_sessions,
+    time_anchors,
 )
 from planer.compiler.driver.compilation import CompileOptions
 from planer.compiler.driver.fit_cache import feeds_digest
@@ -73,9 +70,7 @@ from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, pro
 from planer.cost_model.profile_int8 import profile_int8_blocks
 from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss, search
 from planer.cost_model.timing import (
-    SessionOptions,
     Timing,
-    make_session,
     ratios,
     time_interleaved,
 )
@@ -84,7 +79,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 CLOSE_ENOUGH = 0.95  # a candidate this close under the target stops the search
-ANCHOR_ROUNDS = 40  # interleaved rounds timing the original and the anchor plans
 
 
 @dataclasses.dataclass
@@ -130,8 +124,8 @@ def profile_model(
                                 kernels=kernels or KernelTimings())
     say("timing the dense model and the anchor plans")
     with clock.phase("anchors_timing"):
-        timings = _time_models({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
-                               threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
+        timings = time_anchors({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
+                                threads=threads, vocab=spec.vocab_size)
     # Per-round ratios to the original times its median, as every round's verdict is
     # measured: a burst of load that hits part of the rounds divides out.
     times = {name: ratio * timings["dense"].median_ms
@@ -193,18 +187,9 @@ def _time_models(
     repeats: int,
 ) -> dict[str, Timing]:
     """Runs the models in interleaved rounds on one set of random inputs."""
-    opts = SessionOptions(threads=threads)
-    sessions = {name: make_session(path, opts) for name, path in models.items()}
-    infos = model_input_infos_from_session(sessions[next(iter(sessions))])
-    feeds = random_feeds(infos, batch=batch, seq_len=seq_len, vocab_size=vocab, seed=0)
+    sessions, feeds = open_sessions(models, batch=batch, seq_len=seq_len, threads=threads,
+                                    vocab=vocab)
     return time_interleaved(sessions, feeds, warmup=3, repeats=repeats)
-
-
-def model_input_infos_from_session(session: ort.InferenceSession) -> list[ModelInputInfo]:
-    """Describes a session's inputs for `random_feeds`."""
-    dtypes = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32"}
-    return [ModelInputInfo(i.name, np.dtype(dtypes.get(i.type, "float32")), tuple(i.shape))
-            for i in session.get_inputs()]
 
 
 def compile_to_latency(
