@@ -115,6 +115,10 @@ class PlanLosses:
         value = self._read().get(_plan_key(plan))
         return None if value is None else float(value)
 
+    def plans(self) -> list[dict[str, Any]]:
+        """The plans whose losses are stored, as their JSON."""
+        return [json.loads(key) for key in self._read()]
+
     def put(self, plan: Mapping[str, Any], loss: float) -> None:
         if self.path is None:
             return

@@ -40,8 +40,9 @@ from planer.compiler.driver.prune import (
 )
 from planer.compiler.emit import EMISSION_VERSION
 from planer.compiler.errors import BadInputError
-from planer.compiler.plan import MoePlan, Plan
+from planer.compiler.plan import MoePlan, Plan, parse_plan
 from planer.compiler.spec import ModelSpec
+from planer.cost_model import variants
 from planer.cost_model.int8_cost import int8_pays
 from planer.cost_model.latency import LatencyModel
 from planer.cost_model.quality import (
@@ -287,6 +288,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 CORRECTION_BUDGETS = (1.0, 0.85)  # shares of the target whose plans fit the weights
+CORRECTION_NEAR = 0.05  # a measured plan predicted this close to a share stands in for it
 
 
 def latency_quality(
@@ -297,14 +299,24 @@ def latency_quality(
     """Builds the latency search's quality model: measured, then corrected on whole plans.
 
     The correction plans are the uncorrected search's own answers at the target and a
-    little under it, so the weights are fitted where the search will choose.
+    little under it, so the weights are fitted where the search will choose. A plan an
+    earlier compile measured (fit.losses) whose prediction lies within CORRECTION_NEAR of
+    such a budget stands in for the search's answer there: the target moves with each
+    compile's dense timing, and compiling a plan a few milliseconds from one measured
+    before would cost a compile for the same information.
     """
     fit = measure_quality(model, spec, fitting, batch=batch, passes=passes,
                           int8=int8_pays(latency, spec), measure_plan=measure_plan,
                           progress=progress)
     plans: list[Plan] = []
+    known = [parse_plan(data, spec) for data in fit.losses.plans()]
     for share in CORRECTION_BUDGETS:
-        plan = search(spec, fit.quality, latency, share * target_ms, kinds=passes).plan
+        budget = share * target_ms
+        plan = search(spec, fit.quality, latency, budget, kinds=passes).plan
+        near = [p for p in known if p != Plan.neutral(spec)
+                and abs(variants.predict(latency, spec, p) - budget) <= CORRECTION_NEAR * budget]
+        if near and plan not in known:
+            plan = min(near, key=lambda p: abs(variants.predict(latency, spec, p) - budget))
         if plan not in plans and plan != Plan.neutral(spec):
             plans.append(plan)
     progress(f"fitting the quality model's interaction weights on {len(plans)} plans")
