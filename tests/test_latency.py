@@ -160,6 +160,11 @@ def test_search_tightens_without_collapsing_to_the_floor(
     assert result.report["measured_ms"] <= 0.7 * 4.0
     assert len(compiled) >= 2  # the first plan missed by 5% and was tightened
     assert all(plan != floor_plan(spec) for plan in compiled)
+    phases = result.report["phases"]  # where the compile's time went, by phase
+    assert {"calibration", "activations", "quality_model", "rounds_compile",
+            "rounds_measure", "other", "total"} <= set(phases)
+    assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(
+        phases["total"], abs=0.05)
 
 
 def _stored_and_true(dense: Plan):
@@ -324,3 +329,102 @@ def test_profile_report_scores_whole_mixed_plans(monkeypatch: pytest.MonkeyPatch
     assert code == 0, printed
     assert "held-out MAPE on 2 whole compiled models (latency ratios to the original)" in printed
     assert printed.count("predicted ") == 2 and "measured " in printed
+
+
+def test_next_budget_steps_between_a_plan_that_missed_and_one_too_fast() -> None:
+    from planer.compiler.driver.latency import CLOSE_ENOUGH, Round, next_budget
+
+    def measured(budget: float, predicted: float, ms: float) -> Round:
+        return Round(budget, predicted, ms, Plan(()), Path("."), None, {})  # type: ignore[arg-type]
+
+    missed = measured(41.7, 41.66, 45.4)
+    assert next_budget([missed], 41.7) == pytest.approx(41.7 * 41.7 / 45.4)  # last round alone
+    fast = measured(38.3, 38.1, 38.3)
+    # From the fast round alone the budget would climb back to 41.6, next to the plan that
+    # missed; between the two it aims at the middle of the window a round stops in.
+    aim = (1 + CLOSE_ENOUGH) / 2 * 41.7
+    between = next_budget([missed, fast], 41.7)
+    assert 38.1 < between < 41.66
+    assert between == pytest.approx(38.1 + (aim - 38.3) / (45.4 - 38.3) * (41.66 - 38.1))
+    floor = measured(0.0, 30.0, 20.0)  # the floor far under the target: come back up
+    assert next_budget([floor], 41.7) == pytest.approx(30.0 * 41.7 / 20.0)
+
+
+def test_a_second_compile_copies_its_rounds_and_reads_its_quality_fit_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver import latency as loop
+
+    src = fixture_path("bert", "dynamo")
+    _, spec = read_model(src)
+    model = fit_latency_model(_linear("attn", range(1, 5), 0.1, 0.1),
+                              _linear("ffn", range(8, 129, 8), 0.01, 0.05), 4.0,
+                              Plan.neutral(spec))
+    monkeypatch.setattr(loop, "profile_model", lambda *a, **k: (model, {
+        "dense_ms": 4.0, "overhead_ms": model.overhead_ms, "device": "fake"}))
+    monkeypatch.setattr(loop, "measure_ratio", lambda dense, path, **kw: (0.9, {}))
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(f"w{i % 5} w{i % 3}" for i in range(30)))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w0", "w1",
+                                              "w2", "w3", "w4"]) + "\n")
+    compiles: list[Path] = []
+    real_compile = loop.compile_plan
+
+    def counted(model_path: Path, out_dir: Path, **kwargs):
+        compiles.append(out_dir)
+        return real_compile(model_path, out_dir, **kwargs)
+
+    monkeypatch.setattr(loop, "compile_plan", counted)
+
+    def compile_once(out: str, fraction: float = 0.93) -> dict:
+        return loop.compile_to_latency(src, tmp_path / out, target_fraction=fraction,
+                                       calibration=calib, tokenizer=tok, batch=1,
+                                       seq_len=16, threads=1).report
+
+    first = compile_once("a")
+    assert compiles and "quality_plans_compile" in first["phases"]
+    compiles.clear()
+    second = compile_once("b")
+    assert compiles == []  # every plan was compiled by the first
+    assert [r["compiled_before"] for r in second["rounds"]] == [True] * len(second["rounds"])
+    assert second["plan"] == first["plan"]
+    assert second["search"]["corrections"] == first["search"]["corrections"]
+    assert json.loads((tmp_path / "b" / "plan.json").read_text()) == first["plan"]
+    # A target 2% lower (the dense timing moved): the plans measured for the quality
+    # model's weights are near enough to stand in, so none is compiled for it.
+    moved = compile_once("c", fraction=0.93 * 0.98)
+    assert "quality_plans_compile" not in moved["phases"]
+    assert [c["plan"] for c in moved["search"]["corrections"]] == \
+        [c["plan"] for c in first["search"]["corrections"]]
+
+
+def test_anchor_timing_stops_early_only_when_every_ratio_is_settled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from planer.compiler.driver import anchors
+    from planer.cost_model.timing import Timing
+
+    rng = np.random.default_rng(0)
+    noise = {"dense": 0.0, "steady": 0.001, "jumpy": 0.0}
+
+    def fake_timing(sessions, feeds, *, warmup, repeats, seed):
+        dense = 10 + 5 * rng.random(repeats)  # the machine's speed drifts: ratios divide it out
+
+        def samples(name: str) -> list[float]:
+            if name == "dense":
+                return list(dense)
+            return list(dense * (0.5 + noise[name] * rng.standard_normal(repeats)))
+
+        return {name: Timing.from_samples(name, samples(name)) for name in sessions}
+
+    monkeypatch.setattr(anchors, "open_sessions", lambda models, **kw: (dict(models), {}))
+    monkeypatch.setattr(anchors, "time_interleaved", fake_timing)
+    models = {"dense": Path("d"), "steady": Path("s")}
+    settled = anchors.time_anchors(models, batch=1, seq_len=8, threads=1, vocab=None)
+    assert len(settled["dense"].samples) == anchors.ANCHOR_ROUNDS[0]
+    noise["jumpy"] = 0.2
+    jumpy = anchors.time_anchors({**models, "jumpy": Path("j")}, batch=1, seq_len=8,
+                                 threads=1, vocab=None)
+    assert len(jumpy["dense"].samples) == anchors.ANCHOR_ROUNDS[1]
+    assert anchors.ratio_spread(jumpy, "dense") > anchors.ANCHOR_SPREAD
+    assert anchors.ratio_spread(settled, "dense") < anchors.ANCHOR_SPREAD

@@ -5,7 +5,8 @@
       ─ key: the model's bytes and its folder's files, the plan, planer's emission version,
              batch, sequence length, threads, and the ORT-kernel spelling this compile uses
       ─ compiled once per key into <cache>/anchors/<key>/ (atomically: a folder renamed in)
-      ─ timed afresh by every compile (compiler.driver.latency.profile_model)
+      ─ timed afresh by every compile, interleaved with the original (`time_anchors`:
+        20 rounds, then 10 more at a time while a ratio is uncertain, 40 at most)
 
 Compiling six whole plans takes minutes on a small shared machine, and what they compile
 to depends only on the key; how fast they run now does not, so only the models are kept.
@@ -22,16 +23,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
+
 from planer.compiler import emit
 from planer.compiler.cache import cache_dir
+from planer.compiler.calibration import ModelInputInfo, random_feeds
 from planer.compiler.driver.pipeline import compile_plan
 from planer.compiler.plan import Int8Plan, LayerPlan, Plan
 from planer.compiler.spec import ModelSpec
 from planer.cost_model.int8_cost import INT8_MODE
 from planer.cost_model.kernels import KernelTimings
 from planer.cost_model.profile_int8 import int8_kind
+from planer.cost_model.timing import SessionOptions, Timing, make_session, time_interleaved
 
 _CHUNK = 1 << 20
+
+# Interleaved rounds timing the original and the anchor plans: at least, at most. Past the
+# least, timing goes on in steps of ANCHOR_STEP rounds while some anchor's ratio to the
+# original is known to worse than ANCHOR_SPREAD (relative standard error of its median).
+ANCHOR_ROUNDS = (20, 40)
+ANCHOR_STEP = 10
+ANCHOR_SPREAD = 0.01
 
 
 def anchor_plans(spec: ModelSpec, int8: Mapping[str, Any]) -> dict[str, Plan]:
@@ -69,10 +82,9 @@ def compile_anchors(
     `kernels` decides (and keeps, for the compile's later plans) the ORT-kernel spelling
     the anchors are compiled with, so they run as the search's plans will.
     """
-    spelling: Any = ort_kernels
-    if ort_kernels == "auto":
-        spelling = kernels.skip_layernorm(hidden, batch * seq_len, threads).unfuse
-    base = {"model": _model_digest(model_path), "emission": emit.EMISSION_VERSION,
+    spelling = kernel_spelling(ort_kernels, kernels, hidden=hidden, tokens=batch * seq_len,
+                               threads=threads)
+    base = {"model": model_digest(model_path), "emission": emit.EMISSION_VERSION,
             "batch": batch, "seq_len": seq_len, "threads": threads,
             "ort_kernels": ort_kernels, "spelling": spelling}
     paths = {}
@@ -85,6 +97,18 @@ def compile_anchors(
                           threads=threads, ort_kernels=ort_kernels, kernels=kernels)
         paths[name] = folder / emit.MODEL_NAME
     return paths
+
+
+def kernel_spelling(ort_kernels: str, kernels: KernelTimings, *, hidden: int, tokens: int,
+                    threads: int) -> Any:
+    """Returns the ORT-kernel spelling a compile emits.
+
+    `ort_kernels` itself, or under "auto" whether the residual LayerNorm is unfused
+    (timed once per shape by `kernels`).
+    """
+    if ort_kernels == "auto":
+        return kernels.skip_layernorm(hidden, tokens, threads).unfuse
+    return ort_kernels
 
 
 def _compile_into(folder: Path, model_path: Path, plan: Plan, *, batch: int, seq_len: int,
@@ -104,7 +128,7 @@ def _compile_into(folder: Path, model_path: Path, plan: Plan, *, batch: int, seq
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _model_digest(model_path: Path) -> str:
+def model_digest(model_path: Path) -> str:
     """Hashes the model file and names, sizes and times of the files beside it.
 
     The files beside it include its external data; a change to any of them compiles the
@@ -119,3 +143,63 @@ def _model_digest(model_path: Path) -> str:
             stat = other.stat()
             digest.update(f"{other.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+def open_sessions(models: dict[str, Path], *, batch: int, seq_len: int, threads: int,
+              vocab: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Opens a session per model and draws one set of random inputs for all of them."""
+    opts = SessionOptions(threads=threads)
+    sessions = {name: make_session(path, opts) for name, path in models.items()}
+    infos = model_input_infos_from_session(sessions[next(iter(sessions))])
+    return sessions, random_feeds(infos, batch=batch, seq_len=seq_len, vocab_size=vocab, seed=0)
+
+
+def time_anchors(
+    models: dict[str, Path], *, batch: int, seq_len: int, threads: int, vocab: int | None,
+) -> dict[str, Timing]:
+    """Times the original ("dense") and the anchors interleaved, until their ratios settle.
+
+    ANCHOR_ROUNDS[0] rounds first, then ANCHOR_STEP more at a time (other round orders)
+    until every ratio's spread is under ANCHOR_SPREAD or ANCHOR_ROUNDS[1] rounds are in:
+    a quiet machine is done in half the rounds a busy one takes.
+    """
+    sessions, feeds = open_sessions(models, batch=batch, seq_len=seq_len, threads=threads,
+                                    vocab=vocab)
+    least, most = ANCHOR_ROUNDS
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    step = 0
+    while True:
+        chunk = time_interleaved(sessions, feeds, warmup=3 if step == 0 else 0,
+                                 repeats=least if step == 0 else ANCHOR_STEP, seed=step)
+        for name, timing in chunk.items():
+            samples[name].extend(timing.samples)
+        step += 1
+        timings = {name: Timing.from_samples(name, s) for name, s in samples.items()}
+        if len(samples["dense"]) >= most or ratio_spread(timings, "dense") <= ANCHOR_SPREAD:
+            return timings
+
+
+def ratio_spread(timings: Mapping[str, Timing], baseline: str) -> float:
+    """The largest relative standard error of a median per-round ratio to `baseline`.
+
+    Per session, the per-round ratios' median absolute deviation, scaled to a standard
+    deviation (1.4826) and to the standard error of a median (1.2533 / sqrt(rounds)),
+    over the median ratio.
+    """
+    base = np.asarray(timings[baseline].samples, np.float64)
+    worst = 0.0
+    for name, timing in timings.items():
+        if name == baseline:
+            continue
+        ratio = np.asarray(timing.samples, np.float64) / base
+        median = float(np.median(ratio))
+        mad = float(np.median(np.abs(ratio - median)))
+        worst = max(worst, 1.4826 * 1.2533 * mad / np.sqrt(ratio.size) / median)
+    return worst
+
+
+def model_input_infos_from_session(session: ort.InferenceSession) -> list[ModelInputInfo]:
+    """Describes a session's inputs for `random_feeds`."""
+    dtypes = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32"}
+    return [ModelInputInfo(i.name, np.dtype(dtypes.get(i.type, "float32")), tuple(i.shape))
+            for i in session.get_inputs()]

@@ -10,6 +10,10 @@ busy machine, which slows both models alike, does not move the verdict. The loop
 the slowest candidate that meets the target (the least pruned, so the best quality) and
 stops when one lands within 5% under the target or after `max_rounds`. When none meets
 it, the fastest model found is written under a name that says so and the CLI exits 3.
+
+report.json's `phases` gives the wall seconds of each phase (report.PhaseClock): the
+stored block curves, the anchors compiled and timed, calibration, activations, the
+quality model and the plans compiled for it, the rounds' compiles and measurements.
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from planer.compiler import emit, outdir
-from planer.compiler.calibration import (
-    ModelInputInfo,
-    random_feeds,
+from planer.compiler.driver.anchors import (
+    anchor_plans,
+    compile_anchors,
+    kernel_spelling,
+    model_digest,
+    open_sessions,
+    time_anchors,
 )
-from planer.compiler.driver.anchors import anchor_plans, compile_anchors
 from planer.compiler.driver.compilation import CompileOptions
+from planer.compiler.driver.fit_cache import feeds_digest
 from planer.compiler.driver.pipeline import (
     CompileResult,
     compile_plan,
@@ -40,8 +47,9 @@ from planer.compiler.driver.pipeline import (
     read_model,
     report_pages,
 )
-from planer.compiler.driver.planning import latency_quality
-from planer.compiler.driver.report import search_section
+from planer.compiler.driver.planning import activations, latency_quality
+from planer.compiler.driver.report import PhaseClock, search_section
+from planer.compiler.driver.round_cache import compile_round
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 from planer.compiler.gated_ffn import require_gated_support
 from planer.compiler.loading import check_sequence_length, load_model
@@ -62,9 +70,7 @@ from planer.cost_model.profile import BlockShape, Measurement, ProfileStore, pro
 from planer.cost_model.profile_int8 import profile_int8_blocks
 from planer.cost_model.search import floor_plan, plan_for_latency, predicted_loss, search
 from planer.cost_model.timing import (
-    SessionOptions,
     Timing,
-    make_session,
     ratios,
     time_interleaved,
 )
@@ -73,7 +79,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 CLOSE_ENOUGH = 0.95  # a candidate this close under the target stops the search
-ANCHOR_ROUNDS = 40  # interleaved rounds timing the original and the anchor plans
 
 
 @dataclasses.dataclass
@@ -87,12 +92,13 @@ class Round:
     folder: Path
     result: CompileResult
     raw_ms: dict[str, float]  # this round's medians (dense and compiled), before normalising
+    cached: bool = False  # compiled by an earlier compile (round_cache) or the quality fit
 
 
 def profile_model(
     model_path: Path, *, batch: int, seq_len: int, threads: int, refresh: bool = False,
     ort_kernels: str = "auto", progress: Progress | None = None,
-    kernels: KernelTimings | None = None,
+    kernels: KernelTimings | None = None, clock: PhaseClock | None = None,
 ) -> tuple[LatencyModel, dict[str, Any]]:
     """Profiles the model's block variants and fits its latency model; returns both.
 
@@ -103,18 +109,23 @@ def profile_model(
     overhead is embeddings, LayerNorms and everything else outside the blocks.
     """
     say = progress or (lambda _msg: None)
-    _, spec = read_model(model_path)
-    measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
-                                            threads=threads, refresh=refresh, progress=progress)
+    clock = clock or PhaseClock()
+    with clock.phase("block_profile"):
+        _, spec = read_model(model_path)
+        measured, int8, store = block_profile(spec, batch=batch, seq_len=seq_len,
+                                              threads=threads, refresh=refresh,
+                                              progress=progress)
     plans = anchor_plans(spec, int8)
     say(f"{len(plans)} anchor plans (float and INT8; all, fewer heads, narrower; compiled "
         "once, cached)")
-    paths = compile_anchors(model_path, plans, hidden=spec.hidden, batch=batch,
-                            seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                            kernels=kernels or KernelTimings())
+    with clock.phase("anchors_compile"):
+        paths = compile_anchors(model_path, plans, hidden=spec.hidden, batch=batch,
+                                seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                                kernels=kernels or KernelTimings())
     say("timing the dense model and the anchor plans")
-    timings = _time_models({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
-                           threads=threads, vocab=spec.vocab_size, repeats=ANCHOR_ROUNDS)
+    with clock.phase("anchors_timing"):
+        timings = time_anchors({"dense": model_path, **paths}, batch=batch, seq_len=seq_len,
+                                threads=threads, vocab=spec.vocab_size)
     # Per-round ratios to the original times its median, as every round's verdict is
     # measured: a burst of load that hits part of the rounds divides out.
     times = {name: ratio * timings["dense"].median_ms
@@ -176,18 +187,9 @@ def _time_models(
     repeats: int,
 ) -> dict[str, Timing]:
     """Runs the models in interleaved rounds on one set of random inputs."""
-    opts = SessionOptions(threads=threads)
-    sessions = {name: make_session(path, opts) for name, path in models.items()}
-    infos = model_input_infos_from_session(sessions[next(iter(sessions))])
-    feeds = random_feeds(infos, batch=batch, seq_len=seq_len, vocab_size=vocab, seed=0)
+    sessions, feeds = open_sessions(models, batch=batch, seq_len=seq_len, threads=threads,
+                                    vocab=vocab)
     return time_interleaved(sessions, feeds, warmup=3, repeats=repeats)
-
-
-def model_input_infos_from_session(session: ort.InferenceSession) -> list[ModelInputInfo]:
-    """Describes a session's inputs for `random_feeds`."""
-    dtypes = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32"}
-    return [ModelInputInfo(i.name, np.dtype(dtypes.get(i.type, "float32")), tuple(i.shape))
-            for i in session.get_inputs()]
 
 
 def compile_to_latency(
@@ -236,9 +238,10 @@ def _compile_to_latency(
         raise BadInputError("--recover distils the original model on calibration text; pass "
                             "--calibration.")
     kernels = KernelTimings()  # every compile below times each kernel shape once
+    clock = PhaseClock()  # report.json's `phases`
     latency, profile = profile_model(model_path, batch=batch, seq_len=seq_len, threads=threads,
                                      refresh=refresh, ort_kernels=ort_kernels, progress=say,
-                                     kernels=kernels)
+                                     kernels=kernels, clock=clock)
     if target_ms is None:
         target_ms = amount * profile["dense_ms"]
         say(f"target: {target_fraction:.0%} of the dense {profile['dense_ms']:.1f} ms = "
@@ -249,7 +252,9 @@ def _compile_to_latency(
     # One fitting for every round: each round compiles another plan of the same model.
     options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
                              seq_len=seq_len)
-    fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0), say)
+    with clock.phase("calibration"):
+        fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0),
+                               say)
     assert fitting is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside OUT and named after this process, so a killed search is cleaned up by the
@@ -257,20 +262,43 @@ def _compile_to_latency(
     scratch = outdir.staging_folder(out_dir, kind="search")
     rounds: list[Round] = []
     dense_ms = profile["dense_ms"]
+    # Plans the quality model compiled, which a round asking for the same plan reuses (a
+    # round compiles as they do when there is calibration data: on the same fitting).
+    compiled: dict[Plan, CompileResult] = {}
+    # What decides a compiled plan besides the plan (round_cache): earlier compiles' plans
+    # are copied rather than compiled again.
+    compile_key = {"model": model_digest(model_path), "batch": batch, "seq_len": seq_len,
+               "threads": threads, "ort_kernels": ort_kernels,
+               "spelling": kernel_spelling(ort_kernels, kernels, hidden=spec.hidden,
+                                           tokens=batch * seq_len, threads=threads)}
+    fitted = feeds_digest([*fitting.calib.batches, *fitting.calib.holdout])
+
+    def compile_cached(plan: Plan, folder: Path, fit: Any) -> tuple[CompileResult, bool]:
+        def compile_into(into: Path) -> CompileResult:
+            return compile_plan(model_path, into, plan_data=plan.to_dict(),
+                                calibration=calibration, tokenizer=tokenizer, batch=batch,
+                                seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                                fitting=fit, kernels=kernels)
+
+        key = {**compile_key, "calibration": fitted if fit is not None else None}
+        return compile_round(plan, folder, key=key, compile_into=compile_into)
 
     def measure_plan(plan: Plan) -> Path:  # the quality model's whole-plan measurements
         folder = scratch / f"quality{len(list(scratch.glob('quality*')))}"
-        return compile_plan(model_path, folder, plan_data=plan.to_dict(),
-                            calibration=calibration, tokenizer=tokenizer, batch=batch,
-                            seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                            fitting=fitting, kernels=kernels).model_path
+        with clock.phase("quality_plans_compile"):
+            compiled[plan], _ = compile_cached(plan, folder, fitting)
+        return compiled[plan].model_path
 
     def predict(plan: Plan) -> float:  # MoE layers and skim points included
         return variants.predict(latency, spec, plan)
 
     try:
-        fit = latency_quality(model, spec, fitting, latency, target_ms=target_ms, batch=batch,
-                              passes=passes, measure_plan=measure_plan, progress=say)
+        with clock.phase("activations"):
+            activations(fitting, model, spec, say)
+        with clock.phase("quality_model"):
+            fit = latency_quality(model, spec, fitting, latency, target_ms=target_ms,
+                                  batch=batch, passes=passes, measure_plan=measure_plan,
+                                  progress=say)
         scores = fit.quality
         budget = target_ms
         if predict(floor_plan(spec)) > target_ms:
@@ -287,18 +315,22 @@ def _compile_to_latency(
                 break
             say(f"round {k + 1}: compiling a plan predicted at {predict(plan):.1f} ms")
             folder = scratch / f"round{k}"
-            result = compile_plan(model_path, folder, plan_data=plan.to_dict(),
-                                  calibration=calibration, tokenizer=tokenizer, batch=batch,
-                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                  fitting=fitting if calibration is not None else None,
-                                  kernels=kernels)
+            with clock.phase("rounds_compile"):
+                if calibration is not None and plan in compiled:
+                    result, cached = compiled[plan], True
+                    folder = result.model_path.parent
+                else:
+                    result, cached = compile_cached(
+                        plan, folder, fitting if calibration is not None else None)
             say(f"round {k + 1}: measuring against the dense model")
-            ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
-                                       seq_len=seq_len, threads=threads, vocab=spec.vocab_size)
+            with clock.phase("rounds_measure"):
+                ratio, raw = measure_ratio(model_path, result.model_path, batch=batch,
+                                           seq_len=seq_len, threads=threads,
+                                           vocab=spec.vocab_size)
             # Interleaved ratio x the dense reference: a busy machine slows both alike.
             measured = ratio * dense_ms
             rounds.append(Round(budget, predict(plan), measured, plan, folder, result,
-                                raw))
+                                raw, cached))
             rounds_bar.advance(measured_ms=round(measured, 2), target_ms=round(target_ms, 2))
             logger.info("round %d: budget %.2f predicted %.2f measured %.2f (ratio %.3f)", k,
                         budget, predict(plan), measured, ratio)
@@ -306,22 +338,20 @@ def _compile_to_latency(
                 break
             if measured > target_ms and plan == floor_plan(spec):
                 break
-            # Relax or tighten from what this plan was predicted at: after a budget of 0 (the
-            # floor predicted above the target) a floor measured far under the target means
-            # the latency model runs slow here (stored block timings from a quieter or busier
-            # machine than now), and the search must come back up rather than stop there.
-            budget = max(budget, predict(plan)) * target_ms / measured
+            budget = next_budget(rounds, target_ms)
         rounds_bar.close()
         if recover_seconds or recover_steps:
             # Once, on the plan the rounds settled on: training changes weights only, so
             # the latency measured for that plan still holds.
             best = _chosen(rounds, target_ms)
-            result = compile_plan(model_path, scratch / "recovered", plan_data=best.plan.to_dict(),
-                                  calibration=calibration, tokenizer=tokenizer, batch=batch,
-                                  seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                  fitting=fitting if calibration is not None else None,
-                                  recover_seconds=recover_seconds, recover_steps=recover_steps,
-                                  progress=say, kernels=kernels)
+            with clock.phase("recover"):
+                result = compile_plan(
+                    model_path, scratch / "recovered", plan_data=best.plan.to_dict(),
+                    calibration=calibration, tokenizer=tokenizer, batch=batch,
+                    seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
+                    fitting=fitting if calibration is not None else None,
+                    recover_seconds=recover_seconds, recover_steps=recover_steps,
+                    progress=say, kernels=kernels)
             rounds[rounds.index(best)] = dataclasses.replace(
                 best, folder=scratch / "recovered", result=result)
         settled = _chosen(rounds, target_ms)
@@ -329,9 +359,37 @@ def _compile_to_latency(
             spec, scores, latency, search(spec, scores, latency, settled.budget_ms, kinds=passes),
             kinds=passes, corrections=fit.corrections)
         return _finish(rounds, out_dir, target_ms, profile, spec, scores, model_path,
-                       extra={"search": section})
+                       extra={"search": section, "phases": clock.to_dict()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def next_budget(rounds: list[Round], target_ms: float) -> float:
+    """Returns the next round's budget: relaxed or tightened from what was measured.
+
+    From the last round alone, its budget (or its prediction, if higher) times target /
+    measured: after a budget of 0 (the floor predicted above the target) a floor measured
+    far under the target means the latency model runs slow here (stored block timings
+    from a quieter or busier machine than now), and the search must come back up rather
+    than stop there. Once one plan has missed the target and another met it with more
+    than the 5% to spare, the answer lies between their predictions: the next budget is
+    where the line through their (predicted, measured) points reaches the middle of the
+    window a round stops in (regula falsi). The rule from the last round alone can step
+    back next to a plan that already missed, a round measured for nothing.
+    """
+    last = rounds[-1]
+    budget = max(last.budget_ms, last.predicted_ms) * target_ms / last.measured_ms
+    missed = [r for r in rounds if r.measured_ms > target_ms]
+    fast = [r for r in rounds if r.measured_ms < CLOSE_ENOUGH * target_ms]
+    if not missed or not fast:
+        return budget
+    hi = min(missed, key=lambda r: r.predicted_ms)
+    lo = max(fast, key=lambda r: r.predicted_ms)
+    if not (lo.predicted_ms < hi.predicted_ms and lo.measured_ms < hi.measured_ms):
+        return budget  # the measurements contradict the predictions' order
+    aim = (1 + CLOSE_ENOUGH) / 2 * target_ms
+    share = (aim - lo.measured_ms) / (hi.measured_ms - lo.measured_ms)
+    return lo.predicted_ms + share * (hi.predicted_ms - lo.predicted_ms)
 
 
 def measure_ratio(
@@ -370,6 +428,7 @@ def _finish(rounds: list[Round], out_dir: Path, target_ms: float, profile: dict[
                     "measured_ms": round(r.measured_ms, 3),
                     "raw_medians_ms": {k: round(v, 3) for k, v in r.raw_ms.items()},
                     "predicted_loss": round(predicted_loss(spec, scores, r.plan), 5),
+                    "compiled_before": r.cached,
                     "pooled_cosine": r.result.report.get("fidelity", {}).get(
                         "pooled_cosine", {}).get("mean")} for r in rounds],
         **(extra or {}),

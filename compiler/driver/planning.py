@@ -5,7 +5,8 @@
     --passes moe --target-flops ─▶ fit experts ─▶ pick ─┘          (calibrated or magnitude)
 
 Calibration activations are captured once per source model (`Fitting.acts`) and reused
-by every compile that shares the Fitting, such as the latency search's rounds.
+by every compile that shares the Fitting, such as the latency search's rounds; they are
+stored in the planer cache too (fit_cache), as are the quality model's measurements.
 
 The latency search's quality model is built here too (`latency_quality`):
 
@@ -30,6 +31,7 @@ import onnx_ir as ir
 
 from planer.compiler.cache import cache_dir
 from planer.compiler.calibration import CalibrationSet
+from planer.compiler.driver.fit_cache import PlanLosses, cached_activations
 from planer.compiler.driver.prune import (
     Selection,
     calibrated_selection,
@@ -38,8 +40,9 @@ from planer.compiler.driver.prune import (
 )
 from planer.compiler.emit import EMISSION_VERSION
 from planer.compiler.errors import BadInputError
-from planer.compiler.plan import MoePlan, Plan
+from planer.compiler.plan import MoePlan, Plan, parse_plan
 from planer.compiler.spec import ModelSpec
+from planer.cost_model import variants
 from planer.cost_model.int8_cost import int8_pays
 from planer.cost_model.latency import LatencyModel
 from planer.cost_model.quality import (
@@ -87,10 +90,15 @@ def choose_units(c: Compilation) -> tuple[Plan, Selection, list[dict[str, Any]]]
 
 
 def activations(fitting: Fitting, model: ir.Model, spec: ModelSpec, progress: Any) -> Any:
-    """Returns the calibration activations of the source model, captured on first use."""
+    """Returns the calibration activations of the source model, captured on first use.
+
+    Stored in the planer cache (fit_cache) by the model's bytes and the calibration feeds,
+    so a second compile of the same model on the same text reads them back.
+    """
     if fitting.acts is None:
-        progress("capturing calibration activations")
-        fitting.acts = capture_layers(model, spec, fitting.calib.batches)
+        batches = fitting.calib.batches
+        fitting.acts = cached_activations(
+            model, batches, lambda: capture_layers(model, spec, batches), progress=progress)
     return fitting.acts
 
 
@@ -173,17 +181,24 @@ PROBE_SEQUENCES = 8
 class QualityFit:
     """The search's measured quality model and the probe that measured it.
 
-    `measure_plan` compiles a plan (sharing the compile's fitting) and returns its model.
+    `measure_plan` compiles a plan (sharing the compile's fitting) and returns its model;
+    `losses` keeps whole plans' measured losses across compiles (fit_cache.PlanLosses).
     """
 
     quality: MeasuredQuality
     probe: Probe
     measure_plan: Callable[[Plan], Path]
     corrections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    losses: PlanLosses = dataclasses.field(default_factory=lambda: PlanLosses(None))
 
     def measured_loss(self, plan: Plan) -> float:
-        """Compiles `plan` and measures its loss on the probe sequences."""
-        return self.probe.model_loss(self.measure_plan(plan))
+        """Compiles `plan` and measures its loss on the probe sequences (or reads it back)."""
+        known = self.losses.get(plan.to_dict())
+        if known is not None:
+            return known
+        loss = self.probe.model_loss(self.measure_plan(plan))
+        self.losses.put(plan.to_dict(), loss)
+        return loss
 
     def correct(self, plans: list[Plan], spec: ModelSpec) -> MeasuredQuality:
         """Fits the per-kind interaction weights on whole plans compiled and measured."""
@@ -224,8 +239,9 @@ def measure_quality(
     Heads and widths always; INT8 when `int8`; MoE (8 experts, top-2 and top-4) with
     "moe" in `passes` for layers whose width 8 divides; skim placements (skim_points),
     each compiled alone, with "skim". The measurements are cached per model, calibration
-    data and settings (under the planer cache, `quality/`), so a second compile of the
-    same model on the same text measures nothing again.
+    data and settings (under the planer cache, `quality/`), as are the whole plans'
+    losses its interaction weights are fitted on, so a second compile of the same model on
+    the same text measures nothing again.
     """
     acts = activations(fitting, model, spec, progress)
     scores = importance(spec, acts)
@@ -236,12 +252,13 @@ def measure_quality(
     probe = Probe(model, spec, probe_feeds(held, sequences), threads=threads)
     cached = _quality_cache(model, fitting, batch=batch, passes=passes, int8=int8,
                             sequences=sequences)
+    losses = PlanLosses(cached.with_name(f"{cached.stem}.plans.json"))
     if cached.exists():
         progress("reusing the quality model's measurements (cached)")
         data = json.loads(cached.read_text())
         skim = {(int(i), float(r)): float(v) for i, r, v in data["skim"]}
         return QualityFit(MeasuredQuality(scores, tuple(layers_from_json(data["layers"])), skim),
-                          probe, measure_plan)
+                          probe, measure_plan, losses=losses)
     fits = None
     if "moe" in passes:
         progress("fitting experts and routers for the MoE variants")
@@ -258,7 +275,8 @@ def measure_quality(
             skim[(i, keep)] = probe.model_loss(measure_plan(plan))
     _write_atomic(cached, json.dumps({"layers": layers_to_json(layers),
                                       "skim": [[i, r, v] for (i, r), v in skim.items()]}))
-    return QualityFit(MeasuredQuality(scores, tuple(layers), skim), probe, measure_plan)
+    return QualityFit(MeasuredQuality(scores, tuple(layers), skim), probe, measure_plan,
+                      losses=losses)
 
 
 QUALITY_CACHE_VERSION = 2  # bump when what measure_quality measures changes
@@ -286,6 +304,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 CORRECTION_BUDGETS = (1.0, 0.85)  # shares of the target whose plans fit the weights
+CORRECTION_NEAR = 0.05  # a measured plan predicted this close to a share stands in for it
 
 
 def latency_quality(
@@ -297,14 +316,24 @@ def latency_quality(
 
     The correction plans are the uncorrected search's own answers at the target and a
     little under it, so the weights are fitted where the search will choose. INT8 costs
-    are measured only with "int8" in `passes` and where INT8 pays on this machine.
+    are measured only with "int8" in `passes` and where INT8 pays on this machine. A plan
+    an earlier compile measured (fit.losses) whose prediction lies within CORRECTION_NEAR
+    of such a budget stands in for the search's answer there: the target moves with each
+    compile's dense timing, and compiling a plan a few milliseconds from one measured
+    before would cost a compile for the same information.
     """
     int8 = "int8" in passes and int8_pays(latency, spec)
     fit = measure_quality(model, spec, fitting, batch=batch, passes=passes, int8=int8,
                           measure_plan=measure_plan, progress=progress)
     plans: list[Plan] = []
+    known = [parse_plan(data, spec) for data in fit.losses.plans()]
     for share in CORRECTION_BUDGETS:
-        plan = search(spec, fit.quality, latency, share * target_ms, kinds=passes).plan
+        budget = share * target_ms
+        plan = search(spec, fit.quality, latency, budget, kinds=passes).plan
+        near = [p for p in known if p != Plan.neutral(spec)
+                and abs(variants.predict(latency, spec, p) - budget) <= CORRECTION_NEAR * budget]
+        if near and plan not in known:
+            plan = min(near, key=lambda p: abs(variants.predict(latency, spec, p) - budget))
         if plan not in plans and plan != Plan.neutral(spec):
             plans.append(plan)
     progress(f"fitting the quality model's interaction weights on {len(plans)} plans")

@@ -4,6 +4,9 @@ The static part is the plan as applied, parameters and FLOPs; `search` says per 
 the variant chosen, the alternatives beside it with their predicted latency and loss,
 and the losses measured for the layer.
 
+`PhaseClock` times a compile's phases for report.json's `phases` (wall seconds), so a
+user sees where a compile spends its time and what a second compile reused.
+
 The FLOPs after the rewrite are counted from the plan and the spec, the same way
 `inspect` and the search count them (compiler.spec); tests check them against MatMul
 shapes read off the emitted graph.
@@ -11,6 +14,9 @@ shapes read off the emitted graph.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import planer
@@ -115,3 +121,38 @@ def search_section(
 def _variant(v: Variant) -> dict[str, Any]:
     return {"variant": v.choice.to_dict(), "predicted_ms": round(v.ms, 4),
             "predicted_loss": round(v.loss, 6)}
+
+
+class PhaseClock:
+    """Wall seconds per phase of a compile, for report.json's `phases`.
+
+    A phase entered again (each latency round's compile) adds to its total. Phases nest:
+    a phase's seconds exclude those of the phases inside it, so the phases add up to the
+    total. `to_dict` lists them in the order first entered, then `other` (time outside
+    every phase) and `total` (since the clock was made).
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase: seconds spent in phases inside it
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Times the `with` block under `name` (less the phases opened inside it)."""
+        start = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            inner = self._inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent - inner
+            if self._inner:
+                self._inner[-1] += spent
+
+    def to_dict(self) -> dict[str, float]:
+        total = time.perf_counter() - self.started
+        phases = {name: round(s, 2) for name, s in self.seconds.items()}
+        return {**phases, "other": round(max(0.0, total - sum(self.seconds.values())), 2),
+                "total": round(total, 2)}
