@@ -154,3 +154,18 @@ def test_moe_plans_are_not_kept_and_old_rounds_are_evicted(
                                   tmp_path / f"h{heads}", key={},
                                   compile_into=_fake_compile(calls))
     assert len(list((tmp_path / "cache" / "rounds").iterdir())) == 2
+
+
+def test_old_rounds_past_the_byte_budget_are_evicted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    for heads in (1, 2, 3):
+        round_cache.compile_round(Plan((LayerPlan(heads=heads, ffn=64),)),
+                                  tmp_path / f"h{heads}", key={},
+                                  compile_into=_fake_compile(calls))
+    rounds = tmp_path / "cache" / "rounds"
+    one = round_cache._size(next(rounds.iterdir()))
+    monkeypatch.setattr(round_cache, "ROUNDS_BYTES", one + one // 2)  # room for one and a half
+    round_cache.compile_round(Plan((LayerPlan(heads=4, ffn=64),)), tmp_path / "h4", key={},
+                              compile_into=_fake_compile(calls))
+    assert len(list(rounds.iterdir())) == 1  # the newest stays

@@ -34,6 +34,7 @@ from planer.compiler.driver.pipeline import CompileResult
 from planer.compiler.plan import Plan
 
 ROUNDS_KEPT = 12  # compiled plans kept (each a whole model: ~65 MB for MiniLM)
+ROUNDS_BYTES = 2 << 30  # and at most this many bytes of them, however large the model
 
 
 def compile_round(
@@ -58,7 +59,7 @@ def compile_round(
             shutil.rmtree(folder, ignore_errors=True)
     result = compile_into(folder)
     _store(folder, stored)
-    _evict(stored.parent, ROUNDS_KEPT)
+    _evict(stored.parent, ROUNDS_KEPT, ROUNDS_BYTES)
     return result, False
 
 
@@ -80,8 +81,9 @@ def _store(folder: Path, stored: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _evict(root: Path, keep: int) -> None:
-    """Deletes all but the `keep` entries used last."""
+def _evict(root: Path, keep: int, max_bytes: int | None = None) -> None:
+    """Deletes all but the `keep` entries used last, and the older ones past `max_bytes`
+    (the newest entry stays whatever its size)."""
     def used(path: Path) -> float:
         try:
             return path.stat().st_mtime
@@ -90,5 +92,15 @@ def _evict(root: Path, keep: int) -> None:
 
     entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     entries.sort(key=used, reverse=True)
-    for old in entries[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    total = 0
+    for i, entry in enumerate(entries):
+        total += _size(entry)
+        if i >= keep or (i > 0 and max_bytes is not None and total > max_bytes):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _size(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    except OSError:  # evicted by another planer meanwhile
+        return 0
