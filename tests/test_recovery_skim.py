@@ -33,7 +33,7 @@ POINT = "layer1/skim"
 NOISE = {"layer0/attn/o/weight": 0.1, "layer1/attn/v/weight": 0.1, "layer1/attn/o/weight": 0.1}
 B2 = f"{POINT}/const/predictor/b2"
 FORWARD = (f"{POINT}/forward/w", f"{POINT}/forward/b")  # the fitted forwarding map
-SHIFT = 1.5  # σ(s + 1.5): a soft keep ratio near 0.8 where the plan keeps 0.5
+SHIFT = 2.5  # σ(s + 2.5): a soft keep ratio near 0.8 where the plan keeps 0.5
 CONFIG = RecoveryConfig(lr=1e-3, batch_size=16, eval_every=10, threads=1)
 
 
@@ -219,9 +219,17 @@ def test_recovery_with_skim_lowers_the_loss_and_pulls_the_keep_ratio_to_plan(
         assert not np.array_equal(_array(recovered.before, name), _array(recovered.after, name))
 
 
-def test_without_the_skim_loss_the_keep_ratio_stays_off_plan(recovered: _Recovered) -> None:
+def test_without_the_skim_loss_the_keep_ratio_is_left_to_distillation(
+        recovered: _Recovered) -> None:
+    # With a forwarding map the straight-through gradient of distillation alone moves σ(s)
+    # from its start (0.84 here) toward and past the plan (measured 0.48 without the skim
+    # loss, 0.52 with it); before the maps it stayed above 0.65. The skim loss is what
+    # pins the ratio; without it the ratio is whatever distillation leaves.
     model = recovered.again(dataclasses.replace(CONFIG, skim_weight=0.0))
-    assert _soft_keep(model, recovered.calib) > 0.5 + 0.15
+    start, end = _soft_keep(recovered.before, recovered.calib), _soft_keep(model, recovered.calib)
+    assert start > 0.7 and end < start - 0.2
+    assert not np.array_equal(_array(model, f"{POINT}/predictor/w2"),
+                              _array(recovered.after, f"{POINT}/predictor/w2"))
 
 
 def test_gumbel_estimator_trains_and_writes_back(recovered: _Recovered) -> None:
