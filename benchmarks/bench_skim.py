@@ -3,6 +3,8 @@
     python benchmarks/bench_skim.py latency --keep 2:0.5 --threads 1
     python benchmarks/bench_skim.py probe --keep 2:0.5 --batch 1 --batch 8
     python benchmarks/bench_skim.py compare --keep 2:0.5        # fitted vs training-free
+    python -m benchmarks.bench_skim score OUT [OUT ...]         # compiled folders: latency
+        (60 interleaved rounds vs the original, batch 1, 128 tokens) and benchmarks.quality
 
 Variants of the skim model (same kept-token count, only the choice differs):
   attention      training-free: attention received in the previous layer
@@ -190,11 +192,37 @@ def variants(source: Path, keep: dict[int, float], which: list[str],
     return paths
 
 
+def score(outs: list[Path], threads: int, repeats: int = 60) -> list[dict[str, object]]:
+    """Scores compiled OUT folders: latency ratio to the original, then quality."""
+    from benchmarks.quality import evaluate
+    from planer.compiler.driver.latency import measure_ratio
+    from planer.compiler.driver.pipeline import read_model
+    from planer.fixtures.build import minilm_path, minilm_tokenizer_dir
+
+    dense = minilm_path("dynamo")
+    _, spec = read_model(dense)
+    rows: list[dict[str, object]] = []
+    for out in outs:
+        ratio, medians = measure_ratio(dense, out / "model.onnx", batch=1, seq_len=128,
+                                       threads=threads, vocab=spec.vocab_size,
+                                       repeats=repeats)
+        rows.append({"out": str(out), "latency_ratio": round(ratio, 4),
+                     "median_ms": {k: round(v, 3) for k, v in medians.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    scores = evaluate(dense, [out / "model.onnx" for out in outs], minilm_tokenizer_dir())
+    print(f"original STS-B dev {scores[0]['stsb_dev']}")
+    for row, result in zip(rows, scores[1:], strict=True):
+        row.update({k: v for k, v in result.items() if k != "model"})
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from planer.fixtures.build import minilm_path
 
     parser = argparse.ArgumentParser(prog="bench_skim")
-    parser.add_argument("what", choices=["latency", "probe", "compare"])
+    parser.add_argument("what", choices=["latency", "probe", "compare", "score"])
+    parser.add_argument("outs", nargs="*", type=Path, help="compiled OUT folders (score)")
     parser.add_argument("--keep", default="2:0.5", help="layer:ratio,... (default 2:0.5)")
     parser.add_argument("--variant", action="append", help="skim variants (default attention)")
     parser.add_argument("--lowering", default="ort", choices=["ort", "tensorrt"])
@@ -202,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
+    if args.what == "score":
+        score(args.outs, args.threads)
+        return 0
     keep = parse_keep(args.keep)
     source = minilm_path("dynamo")
     which = args.variant or ["attention"]

@@ -15,6 +15,13 @@ Targets (no labels):
   "drift"      log ||y_L - x_i|| / mean over the sequence: how far the token's final
                state moves from the state it would be forwarded with. For outputs read
                at every position (mean pooling) this is the forwarding error itself.
+  "residual"   the same with the point's forwarding map: log ||y_L - A_i(x_i)|| / mean,
+               the error a skimmed token would leave in the output (needs the maps).
+
+Forwarding maps (`skim_forward`): per point, ridge regression from the layer input x_i
+to the dense model's last-layer rows y over the real tokens but the always-kept first
+(closed form, centred; the ridge strength is the one of `RIDGES` with the least error on
+the holdout share, never on the fitting rows).
 
 The log of the relative attention keeps sequences of different lengths on one scale
 (uniform attention is 0 whatever n is) and tames the heavy tail of [SEP]/punctuation.
@@ -33,13 +40,16 @@ import onnx_ir as ir
 from planer.compiler.capture import ActivationReader
 from planer.compiler.errors import require_torch
 from planer.compiler.spec import ModelSpec, layer_flops, model_flops
-from planer.passes.token_skim import Predictor, active_masks, keep_count, stream_in
+from planer.passes.skim_forward import ForwardMap
+from planer.passes.token_skim import Predictor, active_masks, keep_count, stream_in, stream_out
 
 logger = logging.getLogger(__name__)
 
 Feed = Mapping[str, np.ndarray]
-TARGETS = ("attention", "future", "drift")
+TARGETS = ("attention", "future", "drift", "residual")
 _TINY = 1e-2  # relative-attention floor inside the log
+# Ridge strengths tried, relative to the mean eigenvalue of the centred Gram matrix.
+RIDGES = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0)
 
 
 @dataclasses.dataclass
@@ -59,11 +69,13 @@ def received_attention(probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def capture_skim_data(
     model: ir.Model, spec: ModelSpec, layers: Sequence[int], batches: Iterable[Feed],
-    *, target: str = "attention",
+    *, target: str = "attention", forward: Mapping[int, ForwardMap] | None = None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Returns layer -> (x [N, D], target [N]) over the real tokens of `batches`."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    if target == "residual" and not (forward and set(layers) <= set(forward)):
+        raise ValueError("the residual target needs a forwarding map for every skim layer")
     probs = [layer.attention.nodes[0].outputs[0] for layer in spec.layers]
     inputs = [stream_in(spec.layers[i]) for i in layers]
     reader = ActivationReader(model, [*inputs, *probs])
@@ -78,8 +90,9 @@ def capture_skim_data(
         n = mask.sum(1, keepdims=True)
         final = out[reader.main_output]
         for i, name in zip(layers, input_names, strict=True):
-            if target == "drift":
-                drift = np.linalg.norm(final - out[name], axis=-1) + 1e-6
+            if target in ("drift", "residual"):
+                moved = out[name] if target == "drift" else forward[i].apply(out[name])
+                drift = np.linalg.norm(final - moved, axis=-1) + 1e-6
                 mean = (drift * mask).sum(1, keepdims=True) / n
                 rows[i].append((out[name][real].astype(np.float32),
                                 np.log(drift / mean)[real]))
@@ -146,9 +159,10 @@ def fit_predictor(
 def fit_predictors(
     model: ir.Model, spec: ModelSpec, layers: Sequence[int], batches: Iterable[Feed],
     *, target: str = "attention", hidden: int = 64, steps: int = 400, seed: int = 0,
+    forward: Mapping[int, ForwardMap] | None = None,
 ) -> FitResult:
     """Fits one predictor per skim layer on the dense (canonical) model's activations."""
-    data = capture_skim_data(model, spec, layers, batches, target=target)
+    data = capture_skim_data(model, spec, layers, batches, target=target, forward=forward)
     result = FitResult({}, {}, {})
     for i, (x, y) in data.items():
         p, losses, hold = fit_predictor(x, y, hidden=hidden, steps=steps, seed=seed)
@@ -156,6 +170,70 @@ def fit_predictors(
         logger.info("layer%d skim predictor (%s): mse %.3f -> %.3f, holdout %.3f",
                     i, target, losses[0], losses[1], hold)
     return result
+
+
+# ---------------------------------------------------------------- forwarding maps
+
+
+def capture_forward_data(model: ir.Model, spec: ModelSpec, layers: Sequence[int],
+                         batches: Iterable[Feed]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Returns layer -> (x_i [N, D], y [N, D]) over real tokens but the first of each row."""
+    values = [stream_in(spec.layers[i]) for i in layers] + [stream_out(spec.layers[-1])]
+    reader = ActivationReader(model, values)
+    rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
+    for feed in batches:
+        out = reader.run(feed)
+        y = out[reader.names[-1]]
+        real = np.asarray(feed.get("attention_mask", np.ones(y.shape[:2]))).astype(bool)
+        real[:, 0] = False  # always kept: never forwarded
+        for i, name in zip(layers, reader.names, strict=False):
+            rows[i].append((out[name][real], y[real]))
+    return {i: (np.concatenate([r[0] for r in parts]).astype(np.float64),
+                np.concatenate([r[1] for r in parts]).astype(np.float64))
+            for i, parts in rows.items()}
+
+
+def fit_forward_map(x: np.ndarray, y: np.ndarray, hold_x: np.ndarray, hold_y: np.ndarray,
+                    ) -> tuple[ForwardMap, dict[str, float]]:
+    """Fits y ≈ x·W + b by ridge regression; returns the map and its relative errors.
+
+    The record holds, on the holdout rows, ||y - x||² / ||y - ȳ||² (forwarding as is),
+    the same for the fitted map, and the chosen ridge strength.
+    """
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram, cross = xc.T @ xc, xc.T @ yc
+    scale = np.trace(gram) / len(gram)
+    spread = float(((hold_y - hold_y.mean(0)) ** 2).sum())
+
+    def error(w: np.ndarray, b: np.ndarray) -> float:
+        return float(((hold_x @ w + b - hold_y) ** 2).sum()) / spread
+
+    best = None
+    for ridge in RIDGES:
+        w = np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), cross)
+        b = my - mx @ w
+        e = error(w, b)
+        if best is None or e < best[0]:
+            best = (e, ridge, w, b)
+    assert best is not None
+    e, ridge, w, b = best
+    record = {"identity_error": round(error(np.eye(len(gram)), np.zeros(len(gram))), 4),
+              "linear_error": round(e, 4), "ridge": ridge}
+    return ForwardMap(w.astype(np.float32), b.astype(np.float32)), record
+
+
+def fit_forward(model: ir.Model, spec: ModelSpec, layers: Sequence[int], batches: Iterable[Feed],
+                holdout: Iterable[Feed]) -> tuple[dict[int, ForwardMap], dict[int, dict]]:
+    """Fits each skim point's forwarding map on `batches`, chooses and checks on `holdout`."""
+    fit = capture_forward_data(model, spec, layers, batches)
+    hold = capture_forward_data(model, spec, layers, holdout)
+    maps, records = {}, {}
+    for i in layers:
+        maps[i], records[i] = fit_forward_map(*fit[i], *hold[i])
+        logger.info("layer%d forwarding map: holdout error %.3f (as is %.3f), ridge %g", i,
+                    records[i]["linear_error"], records[i]["identity_error"], records[i]["ridge"])
+    return maps, records
 
 
 # ---------------------------------------------------------------- ratios for a FLOPs target

@@ -6,7 +6,8 @@ predictor width.
 Before:  x_BSD ─ layer i ─ ... ─ layer L-1 ─ y_BSD
 After:   x_BSD ─ score_BS ─ keep: first token + top-(k_b - 1) real tokens, k_b = ceil(r·n_b)
          ─ Gather ─ x_BKD ─ layer i ─ ... (mask [B,1,1,K] from the kept mask) ─ y_BKD
-         ─ write back ─ y_BSD (skimmed positions hold x_BSD, their state where they left)
+         ─ write back ─ y_BSD (skimmed positions hold x_BSD, their state where they left,
+           or A(x_BSD) = x·W + b where the point has a forwarding map: `skim_forward`)
 
 Scores (higher = keep): the attention each token receives in layer i-1 (mean over heads
 and real queries; training-free), the [CLS] row of that attention, or a fitted predictor
@@ -51,6 +52,7 @@ from planer.compiler.irutil import NodeBuilder, is_dead, remove_dead_producers
 from planer.compiler.loading import default_opset
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import LayerSpec, ModelSpec
+from planer.passes.skim_forward import ForwardMap, emit_forward
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class TokenSkimConfig:
         predictors: layer index -> fitted Predictor, used instead of `score` there.
         lowering: "ort" or "tensorrt" (see the module docstring).
         always_keep: original positions kept at every skim point ([CLS] by default).
+        forward: layer index -> ForwardMap applied to the rows that point lets go
+            (`skim_forward`); points without one forward the state as is.
     """
 
     keep: Mapping[int, float]
@@ -115,6 +119,7 @@ class TokenSkimConfig:
     predictors: Mapping[int, Predictor] = dataclasses.field(default_factory=dict)
     lowering: str = "ort"
     always_keep: tuple[int, ...] = (0,)
+    forward: Mapping[int, ForwardMap] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
@@ -233,6 +238,10 @@ def _check(model: ir.Model, spec: ModelSpec, config: TokenSkimConfig, points: li
                 "follow token positions; token skimming does not yet gather them with the "
                 "kept tokens, so it cannot skim before or through this layer."
             )
+    for index, fmap in config.forward.items():
+        if index not in config.keep or fmap.b.shape[0] != spec.hidden:
+            raise PreconditionError(f"the forwarding map of layer {index} fits no skim point "
+                                    f"of width {spec.hidden}.")
     if default_opset(model) < 13:
         raise PreconditionError("token skimming needs opset 13 or later.")
 
@@ -518,9 +527,9 @@ def _write_back(graph: ir.Graph, spec: ModelSpec, stages: list[_Stage], final: _
     assert producer is not None
     b = NodeBuilder(graph, producer, pass_name=PASS_NAME, block=f"{STATE_BLOCK}/write_back")
     if config.lowering == "ort":
-        full = _write_back_scatter(b, stages, final, y, opset)
+        full = _write_back_scatter(b, stages, final, y, config)
     else:
-        full = _write_back_permute(b, stages, final, y)
+        full = _write_back_permute(b, stages, final, y, config)
     graph.remove(b.nodes)  # built before the producer; they read y, so move them after it
     graph.insert_after(producer, b.nodes)
     for use in uses:
@@ -535,17 +544,23 @@ def _write_back(graph: ir.Graph, spec: ModelSpec, stages: list[_Stage], final: _
 
 
 def _write_back_scatter(b: NodeBuilder, stages: list[_Stage], final: _State, y: ir.Value,
-                        opset: int) -> ir.Value:
-    full = stages[0].h_in
+                        config: TokenSkimConfig) -> ir.Value:
+    first = _layer_of(stages[0])
+    full = emit_forward(b, stages[0].h_in, first, config.forward.get(first), "stage0")
     for i, stage in enumerate(stages[1:], start=1):
-        full = _scatter_rows(b, full, stage.leaving, stage.pos_in, stage.h_in, f"stage{i}")
+        layer = _layer_of(stage)
+        full = _scatter_rows(b, full, stage.leaving, stage.pos_in, stage.h_in, f"stage{i}",
+                             forward=(layer, config.forward.get(layer)))
     live = b.op("Greater", [final.active, _f32(b, "half", 0.5)], "final_live")
     return _scatter_rows(b, full, live, final.pos, y, "final")
 
 
 def _scatter_rows(b: NodeBuilder, full: ir.Value, which: ir.Value, pos: ir.Value, rows: ir.Value,
-                  name: str) -> ir.Value:
-    """Sets full[b, pos[b, t]] = rows[b, t] where which[b, t] (ScatterND, unique indices)."""
+                  name: str, *, forward: tuple[int, ForwardMap | None] = (-1, None)) -> ir.Value:
+    """Sets full[b, pos[b, t]] = A(rows[b, t]) where which[b, t] (ScatterND, unique indices).
+
+    A is `forward`'s map of that point (only the scattered rows are mapped), else none.
+    """
     nz = b.op("Transpose", [b.op("NonZero", [which], f"{name}/NonZero")], f"{name}/slots_N2",
               {"perm": [1, 0]})
     target = b.op("GatherND", [pos, nz], f"{name}/positions_N")
@@ -554,23 +569,26 @@ def _scatter_rows(b: NodeBuilder, full: ir.Value, which: ir.Value, pos: ir.Value
     index = b.op("Concat", [b.op("Unsqueeze", [batch, axis], f"{name}/batch_N1"),
                             b.op("Unsqueeze", [target, axis], f"{name}/positions_N1")],
                  f"{name}/index_N2", {"axis": 1})
-    values = b.op("GatherND", [rows, nz], f"{name}/rows_ND")
+    values = emit_forward(b, b.op("GatherND", [rows, nz], f"{name}/rows_ND"), *forward, name)
     return b.op("ScatterND", [full, index, values], f"{name}/ScatterND")
 
 
 def _write_back_permute(b: NodeBuilder, stages: list[_Stage], final: _State,
-                        y: ir.Value) -> ir.Value:
+                        y: ir.Value, config: TokenSkimConfig) -> ir.Value:
     out = y
     active = final.active
     for i in range(len(stages) - 1, -1, -1):
         stage = stages[i]
         assert stage.h_all is not None
+        layer = _layer_of(stage)
+        # Every row not taken from `out` left here (skimmed, or a filler slot): mapped.
+        h_all = emit_forward(b, stage.h_all, layer, config.forward.get(layer), f"stage{i}")
         live = b.op("Greater", [active, _f32(b, "half", 0.5)], f"stage{i}/live_BK")
         live = b.op("Unsqueeze", [live, _i64(b, "axis_two", [2])], f"stage{i}/live_BK1")
-        kept_in = b.op("Slice", [stage.h_all, _i64(b, "zero", [0]), stage.slots,
+        kept_in = b.op("Slice", [h_all, _i64(b, "zero", [0]), stage.slots,
                                  _i64(b, "one", [1])], f"stage{i}/rows_kept_in")
         merged = b.op("Where", [live, out, kept_in], f"stage{i}/merged")
-        rest = b.op("Slice", [stage.h_all, stage.slots, _i64(b, "max", [2**62]),
+        rest = b.op("Slice", [h_all, stage.slots, _i64(b, "max", [2**62]),
                               _i64(b, "one", [1])], f"stage{i}/rows_skimmed")
         ordered = b.op("Concat", [merged, rest], f"stage{i}/rows_perm", {"axis": 1})
         shape_h = b.op("Shape", [stage.h_in], f"stage{i}/shape_BKD")
@@ -585,6 +603,10 @@ def _write_back_permute(b: NodeBuilder, stages: list[_Stage], final: _State,
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def _layer_of(stage: _Stage) -> int:
+    return BlockId.parse(stage.block).layer
 
 
 def _forget_shapes(graph: ir.Graph, start: ir.Node) -> None:

@@ -15,15 +15,19 @@ D model width, Hp predictor width.
     later layers run on all S rows with the skimmed keys masked (additive float32 min on
     [B, 1, 1, S]), so a kept row gets exactly the graph's value and a skimmed row the
     state it would have had as a query (what the gradient through m compares)
-    out   = c_J·y + Σ_j (c_{j−1} − c_j)·x_j        skimmed rows hold their state where
-            they left (the graph's write-back); the layer outputs the loss reads likewise
+    out   = c_J·y + Σ_j (c_{j−1} − c_j)·A_j(x_j)   skimmed rows hold their state where
+            they left, through the point's forwarding map A_j(x) = x·W_j + b_j where the
+            graph has one (layer2/skim/forward/{w, b}; else A_j(x) = x), as the graph's
+            write-back does; the layer outputs the loss reads likewise
     skim loss (Transkimmer): mean over points of (mean over live tokens of p, forced
             ones counting 1, − r)²: keeps σ(s) calibrated to the planned keep ratio, so the
             straight-through gradient acts near the decision boundary
 
 With the hard decision in the forward pass the mirror equals the emitted graph (the check
 holds it to 1e-4 before training); the predictor's trained weights are written back under
-the same names (`mirror.write_back`), so the graph's structure never changes.
+the same names (`mirror.write_back`), so the graph's structure never changes. A forwarding
+map trains with the predictor (its weights are read only by the write-back, which the
+mirror replaces) and is written back by name the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from torch.nn import functional as F
 
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
+from planer.compiler.names import PROVENANCE_PASS, PassName
+from planer.passes.skim_forward import BIAS, WEIGHT
 from planer.recovery.mirror import Mirror, WeightStore
 from planer.recovery.structure import SkimBlock
 
@@ -56,7 +62,7 @@ class SkimState:
     Attributes:
         present: c_j [B, S] (0/1 in value, straight-through gradient to the predictors).
         active: the hard decision [B, S] bool (the keys later layers may attend to).
-        stages: per point (its input x [B, S, D], c before, c after).
+        stages: per point (its forwarded rows A(x) [B, S, D], c before, c after).
         losses: per point, the skim loss.
         keep: per point, the soft keep ratio (mean p over live tokens; forced count 1).
     """
@@ -130,6 +136,20 @@ class SkimMirror(nn.Module):
         self.always_keep = sorted(int(m.group(1)) for name in consts
                                   if (m := _ALWAYS.search(name)) is not None)
         self.estimator = "straight_through"
+        self.forward_map: tuple[str, str] | None = None
+        w, b = consts.get(prefix + WEIGHT), consts.get(prefix + BIAS)
+        if w is not None and b is not None:
+            # Read by the write-back alone (the mirror replaces it): trained unless shared.
+            train = all(u.metadata_props.get(PROVENANCE_PASS) == PassName.TOKEN_SKIM
+                        for v in (w, b) for u in v.consumers())
+            self.forward_map = (store.add(w, trainable=train), store.add(b, trainable=train))
+
+    def forwarded(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the rows a skimmed token carries to the output: A(x), or x itself."""
+        if self.forward_map is None:
+            return x
+        store = self.store[0]
+        return x @ store.get(self.forward_map[0]) + store.get(self.forward_map[1])
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the predictor's keep scores s [B, S] (higher = keep)."""
@@ -157,7 +177,7 @@ class SkimMirror(nn.Module):
         free = (live & ~forced).to(p.dtype)
         m = hard.to(p.dtype) + (p - p.detach()) * free
         present = state.present * m
-        state.stages.append((x, state.present, present))
+        state.stages.append((self.forwarded(x), state.present, present))
         state.present, state.active = present, hard
         live_f = live.to(p.dtype)
         soft = torch.where(forced, torch.ones_like(p), p)

@@ -36,7 +36,7 @@ from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
 from planer.passes.moe_fit import fit_layers
 from planer.passes.mux import MuxConfig, apply_mux
 from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
-from planer.passes.skim_fit import fit_predictors
+from planer.passes.skim_fit import fit_forward, fit_predictors
 from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 
 logger = logging.getLogger(__name__)
@@ -378,16 +378,23 @@ def apply_skim(c: Compilation, *, lowering: str) -> dict[str, Any]:
     """
     layers = skim_layers(c.plan)
     predictors: dict[int, Any] = {}
+    forward: dict[int, Any] = {}
     records: dict[str, Any] = {}
     if c.calib is not None:
-        fit = fit_predictors(c.model, c.spec, layers, c.calib.batches)
+        # Skimmed rows reach the output through a fitted map (passes/skim_forward.py); the
+        # predictor keeps the tokens that map would forward worst ("residual").
+        forward, maps = fit_forward(c.model, c.spec, layers, c.calib.batches, c.calib.holdout)
+        fit = fit_predictors(c.model, c.spec, layers, c.calib.batches, target="residual",
+                             forward=forward)
         predictors = dict(fit.predictors)
         records = {f"layer{i}": {"mse_before": round(fit.train_loss[i][0], 4),
                                  "mse_after": round(fit.train_loss[i][1], 4),
-                                 "mse_holdout": round(fit.holdout_loss[i], 4)}
+                                 "mse_holdout": round(fit.holdout_loss[i], 4),
+                                 "forward": maps[i]}
                    for i in layers}
     config = TokenSkimConfig.from_plan([la.skim_keep for la in c.plan.layers],
-                                       predictors=predictors, lowering=lowering)
+                                       predictors=predictors, forward=forward,
+                                       lowering=lowering)
     apply_token_skim(c.model, c.spec, config)
     return {"predictors": records, "score": "fitted" if predictors else "attention",
             "lowering": lowering}
