@@ -73,7 +73,7 @@ class LayerActivations:
 
 @dataclasses.dataclass
 class Importance:
-    """Per-unit removal costs (relative to each token's residual energy), higher = more important."""
+    """Per-unit removal costs (relative to each token's residual), higher = more important."""
 
     heads: list[np.ndarray]  # per layer, [H]
     channels: list[np.ndarray]  # per layer, [F]
