@@ -24,9 +24,10 @@ least squares on a few whole plans compiled and run on the same probe sequences
 (relative error, pulled toward 1 where plans say little about a kind).
 
 A language model's output is judged token by token: each real token's next-token
-logits, centred over the vocabulary, against the source's. Summed over the sequence,
-the tokens' logits share one large common direction, so a pooled cosine hardly moves
-when the next-token predictions do.
+logits, centred over the vocabulary, against the source's, which is what perplexity
+reads. Summed over the sequence the tokens' logits share a common direction, and two
+tokens trading predictions leave the sum unchanged: on SmolLM2-135M's 50% FLOPs plan
+(perplexity 81.5 → 355 on tuning texts) the pooled cosine is 0.89, per token 0.83.
 
 Recovery (`--recover`) is not in the prediction: the search ranks plans by their loss
 before recovery. Measuring each variant after a short recovery would cost a training
