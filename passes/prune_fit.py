@@ -4,16 +4,14 @@ Importance (label-free). A head's or channel's contribution to its block output 
 exact and separable: attention out = Σ_h ctx_h·Wo_h + bo, FFN out = Σ_j a_j·w2_j + b2.
 Removing unit u and folding its mean into the bias (FLAP's bias compensation) changes
 the block output by c_u − E[c_u]. Its cost is that change relative to the residual
-stream r the block adds to, token by token: E_t[‖c_u,t − E[c_u]‖² / ‖r_t‖²]. That is the
-relative perturbation the next LayerNorm or RMSNorm sees, since it divides each token by
-its own norm, and it makes costs comparable across layers. Dividing the mean squared
-change by the mean squared residual instead, E‖c_u − E[c_u]‖² / E‖r‖², lets a few tokens
-decide: Llama-style decoders grow massive activations (a few channels on a few tokens,
-~1000x the rest) from some layer on, SmolLM2-135M's from layer 12, where E‖r‖² jumps
-~1000x. Every later unit then looked ~1000x cheaper, and a 50% FLOPs allocation gutted
-layers 12-29 (perplexity 79.7 → 1,932). Per token, a massive token's own perturbations
-count for little (its norm divides them away) and the other tokens count as before.
-Where every token's residual norm is alike (BERT-style encoders) the two rules agree.
+stream r the block adds to: E‖c_u − E[c_u]‖² / E‖r‖², the relative perturbation the
+next LayerNorm or RMSNorm sees, comparable across layers. Outlier tokens are taken
+apart (`token_weights`): Llama-style decoders grow massive activations (a few channels
+on a few tokens, ~1000x the rest) from some layer on, SmolLM2-135M's from layer 12,
+where E‖r‖² jumps ~1000x. Divided by that mean, every later unit looked ~1000x cheaper
+and a 50% FLOPs allocation gutted layers 12-29 (perplexity 79.7 → 1,932). A token more
+than OUTLIER medians above the others has its change taken relative to its own
+residual (the next norm divides it by its own norm) and its energy capped in the mean.
 A gated FFN's
 a_j = act(x·g_j)·(x·u_j) is W2's input as well (compiler.gated_ffn), so the same
 holds. Weight magnitude
@@ -73,7 +71,7 @@ class LayerActivations:
 
 @dataclasses.dataclass
 class Importance:
-    """Per-unit removal costs (relative to each token's residual), higher = more important."""
+    """Per-unit removal costs (relative to the residual energy), higher = more important."""
 
     heads: list[np.ndarray]  # per layer, [H]
     channels: list[np.ndarray]  # per layer, [F]
@@ -103,10 +101,10 @@ def residual_of(block_out: ir.Value, fallback: ir.Value) -> ir.Value:
 
 
 def importance(spec: ModelSpec, acts: list[LayerActivations]) -> Importance:
-    """Scores every head and channel by its bias-compensated removal cost, token-relative.
+    """Scores every head and channel by its bias-compensated removal cost.
 
-    A unit's cost is E_t[‖c_u,t − E[c_u]‖² / ‖r_t‖²] (module docstring): its centred
-    contribution to the block output on each token, relative to that token's residual.
+    A unit's cost is its centred contribution to the block output, relative to the
+    residual energy, outlier tokens relative to their own (`token_weights`).
     """
     heads, channels = [], []
     for layer, act in zip(spec.layers, acts, strict=True):
@@ -126,15 +124,25 @@ def importance(spec: ModelSpec, acts: list[LayerActivations]) -> Importance:
     return Importance(heads=heads, channels=channels)
 
 
-def token_weights(residual: np.ndarray) -> np.ndarray:
-    """Returns 1 / (N·‖r_t‖²) per token row: a mean over tokens, each relative to its own r.
+OUTLIER = 20.0  # a token whose residual energy exceeds this many medians is an outlier
 
-    A token whose residual is (nearly) zero is weighed as if its norm were 1e-6 of the
-    mean, so a zero row cannot divide by zero.
+
+def token_weights(residual: np.ndarray) -> np.ndarray:
+    """Returns per-token weights w_t: a unit's cost is Σ_t w_t ‖c_u,t − E[c_u]‖².
+
+    Energies e_t = ‖r_t‖² up to OUTLIER medians weigh alike, 1 / (N · mean e): the mean
+    squared change relative to the mean residual energy. A token above that cap, e_t =
+    x · cap, counts 1/x as much, and only the cap enters the mean: its own change is taken
+    relative to its own residual, as the next norm takes it, and it no longer sets the
+    scale for the others. Without such tokens (BERT-style encoders: MiniLM's largest is
+    5.5 medians) the weights are the plain mean's.
     """
     energy = np.sum(residual.astype(np.float64) ** 2, axis=1)
-    floor = 1e-6 * float(np.mean(energy)) or 1.0
-    return 1.0 / (energy.size * np.maximum(energy, floor))
+    cap = OUTLIER * float(np.median(energy))
+    if cap <= 0:
+        cap = float(np.max(energy)) or 1.0
+    excess = np.maximum(energy / cap, 1.0)
+    return 1.0 / (energy.size * excess * float(np.mean(energy / excess)))
 
 
 def _centered_energy(rows: np.ndarray, weights: np.ndarray) -> float:
