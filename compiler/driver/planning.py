@@ -279,7 +279,7 @@ def measure_quality(
                       losses=losses)
 
 
-QUALITY_CACHE_VERSION = 2  # bump when what measure_quality measures changes
+QUALITY_CACHE_VERSION = 3  # bump when what measure_quality measures changes
 
 
 def _quality_cache(model: ir.Model, fitting: Fitting, **settings: Any) -> Path:
