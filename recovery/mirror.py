@@ -285,6 +285,8 @@ class MirrorOutput:
     aux_loss: torch.Tensor | None = None
     skim_loss: torch.Tensor | None = None  # Transkimmer's, toward the planned keep ratios
     skim_keep: list[float] = dataclasses.field(default_factory=list)  # soft, per point
+    # Per layer, the rows [B, S] (0/1, no gradient) the graph computes there; empty: all.
+    layer_rows: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
 
 
 class Mirror(nn.Module):
@@ -373,7 +375,8 @@ class Mirror(nn.Module):
         env: dict[str, torch.Tensor] = {self.entry: entry, **aux}
         extra: list[torch.Tensor] = []
         skim: Any = None  # recovery.skim.SkimState from the first skim point on
-        shown: dict[str, torch.Tensor] = {}  # layer outputs with skimmed rows forwarded
+        shown: dict[str, torch.Tensor] = {}  # the last layer's output, skimmed rows forwarded
+        rows: dict[str, torch.Tensor] = {}  # earlier layers: the rows still running there
         for kind, key, inputs, output in self.program:
             if kind == "attn":
                 env[output] = self.blocks[key](env[inputs[0]], env,
@@ -400,12 +403,20 @@ class Mirror(nn.Module):
             else:  # an elementwise op, a reduction, Reshape, MatMul (stream_ops)
                 env[output] = self.stream_fns[key](*(self._operand(env, n) for n in inputs))
             if skim is not None and output in self.layer_names:
-                shown[output] = skim.mix(env[output])
+                # The last layer's skimmed rows are what the write-back forwards (mapped
+                # toward the final rows). An earlier layer never computes them in the graph,
+                # and a map fitted to the final rows is no target for its states: those rows
+                # leave its loss (hard mask: no gradient pulls predictors toward skimming).
+                if output == self.layer_names[-1]:
+                    shown[output] = skim.mix(env[output])
+                else:
+                    rows[output] = skim.active.to(env[output].dtype)
         layers = [shown.get(name, env[name]) for name in self.layer_names]
         aux_loss = torch.stack(extra).sum() if extra else None
         if skim is None:
             return MirrorOutput(env[self.end], layers, aux_loss)
-        return MirrorOutput(env[self.end], layers, aux_loss, skim.loss(), skim.keep_ratios())
+        return MirrorOutput(env[self.end], layers, aux_loss, skim.loss(), skim.keep_ratios(),
+                            [rows.get(name) for name in self.layer_names])
 
     def _operand(self, env: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         return env[name] if name in env else self.store.get(name)

@@ -313,8 +313,9 @@ def distill_loss(out: MirrorOutput, teacher: TeacherOutput, mask: torch.Tensor,
     m = mask[..., None]
     layer = torch.zeros(())
     if scales is not None and out.layers:
-        for s, t, scale in zip(out.layers, teacher.layers, scales, strict=True):
-            diff = (s - torch.from_numpy(t)) ** 2 * m
+        rows = out.layer_rows or [None] * len(out.layers)
+        for s, t, scale, r in zip(out.layers, teacher.layers, scales, rows, strict=True):
+            diff = (s - torch.from_numpy(t)) ** 2 * (m if r is None else m * r[..., None])
             layer = layer + diff.sum() / (tokens * s.shape[-1] * max(scale, 1e-12))
         layer = layer / len(out.layers)
     cos = F.cosine_similarity(pooled(out.end, mask), pooled(torch.from_numpy(teacher.end), mask),

@@ -256,3 +256,30 @@ def _structure(model: ir.Model) -> list[tuple[Any, ...]]:
     inits = [(name, tuple(v.const_value.shape.numpy()), v.const_value.dtype)  # type: ignore
              for name, v in sorted(model.graph.initializers.items())]
     return [*nodes, *inits]
+
+
+def test_earlier_layers_leave_skimmed_rows_out_of_their_loss(tmp_path: Path) -> None:
+    # Skim before layer 0: layer 0 never computes the skimmed rows in the graph, and the
+    # forwarding map is fitted to the final rows, so neither is a target for its states.
+    from planer.recovery.runtime import TeacherOutput
+    from planer.recovery.train import distill_loss
+
+    text, vocab = write_word_calibration(tmp_path)
+    path = compile_plan(fixture_path("bert", "dynamo"), tmp_path / "out",
+                        plan_data={"layers": [{"skim_keep": 0.5}, {}]}, calibration=text,
+                        tokenizer=vocab, seq_len=16).model_path
+    student = _student(path)
+    entry, aux, mask = student.inputs(_feed("bert"))
+    with torch.no_grad():
+        out = student.mirror(entry, aux, mask)
+    first, last = out.layer_rows
+    assert last is None and first is not None and not first.requires_grad
+    skimmed = (mask > 0) & (first == 0)
+    assert skimmed.any() and ((first == 1) | skimmed | (mask == 0)).all()
+    teacher = TeacherOutput([t.numpy() for t in out.layers], out.end.numpy())
+    moved = dataclasses.replace(out, layers=[out.layers[0] + 5 * skimmed[..., None],
+                                             out.layers[1]])
+    config = RecoveryConfig()
+    loss = distill_loss(moved, teacher, mask, config, [1.0, 1.0], tokens=float(mask.sum()),
+                        sequences=float(mask.shape[0]))
+    assert loss.distill == pytest.approx(0.0, abs=1e-6)  # the skim loss aside
