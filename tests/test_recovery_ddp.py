@@ -54,7 +54,8 @@ def test_two_processes_match_one(tmp_path: Path, word_calibration: tuple[Path, P
         b = distributed.graph.initializers[name].const_value.numpy()  # type: ignore[union-attr]
         o = start.graph.initializers[name].const_value.numpy()  # type: ignore[union-attr]
         diff, moved = max(diff, float(np.abs(a - b).max())), max(moved, float(np.abs(a - o).max()))
-    # Measured: the weights move by ~6e-3 and the two runs differ by < 1e-6 (summation
-    # order); with both ranks reading the same shard they differed by 8.5e-3.
+    # Measured: the weights move by ~6e-3 and the two runs differ by summation order
+    # only: < 1e-6 on an Intel Xeon, 1.9e-5 on an AMD EPYC (both AVX-512); with both ranks
+    # reading the same shard they differed by 8.5e-3, which this bound still catches.
     assert moved > 1e-3
-    assert diff < 1e-5
+    assert diff < 1e-4
