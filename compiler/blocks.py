@@ -678,7 +678,7 @@ def _norm_style(attn: AttentionSpec) -> str:
             # adds its input back, but its sum goes on unnormalised as the next residual.
             sum_readers = {c.op_type for c in use.outputs[0].consumers()}
             return "pre" if sum_readers - {"LayerNormalization"} else "post"
-        if _derives_from(attn.x, residual):
+        if residual is not None and _derives_from(attn.x, residual):
             return "pre"  # a norm (LayerNormalization, or RMSNorm's Pow ... Mul) between
     return "post"
 

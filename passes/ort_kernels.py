@@ -86,15 +86,24 @@ class ResidualAddToSum(PlanerRule):
         return feeds_norm and _is_residual(add)
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        b = self.builder(op, self.root.name or "residual",
-                         {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: _block(self.root, "residual")})
+        block = _block(self.root, "residual")
+        b = self.builder(op, _base(self.root, block),
+                         {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
         return b.op("Sum", list(self.root.inputs), "Sum")
 
 
+def _base(root: ir.Node, block: str) -> str:
+    """Names a fused node `<block>/<root's name>`: under its block, unique as the root's name."""
+    name = (root.name or "").strip("/")
+    return f"{block}/{name}" if name and not name.startswith(f"{block}/") else (name or block)
+
+
 def _block(root: ir.Node, group: str) -> str:
-    """Returns the block a fused node belongs to: its root's, else the first block that
-    produces one of the root's inputs (the attention output a residual Add reads), else the
-    rule's group name (exporter nodes all the way). The root's name is only its prefix."""
+    """Returns the block a fused node belongs to.
+
+    That is the root's block, else the first block producing one of the root's inputs (the
+    attention output a residual Add reads), else the rule's group (exporter nodes only).
+    """
     producers = [v.producer() for v in root.inputs if v is not None]
     for node in [root, *(p for p in producers if p is not None)]:
         if node.metadata_props.get(PROVENANCE_BLOCK):
@@ -143,8 +152,9 @@ class ErfGeluToGelu(PlanerRule):
         return op.Mul(op.Mul(x, half), plus)
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        b = self.builder(op, self.root.name or "gelu",
-                         {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: _block(self.root, "gelu")})
+        block = _block(self.root, "gelu")
+        b = self.builder(op, _base(self.root, block),
+                         {PROVENANCE_PASS: PASS_NAME, PROVENANCE_BLOCK: block})
         return b.op("Gelu", [x], "Gelu", domain="com.microsoft")
 
 
@@ -166,7 +176,7 @@ class BiasGeluFusion(PlanerRule):
             (h.shape is None or h.shape[-1] == array.shape[0])
 
     def rewrite(self, op: Any, h: ir.Value, bias: ir.Value, **_: Any) -> ir.Value:
-        base = self.root.name.removesuffix("/Gelu")  # the name ErfGeluToGelu gave it
+        base = (self.root.name or "").removesuffix("/Gelu")  # ErfGeluToGelu's name
         b = self.builder(op, base, {PROVENANCE_PASS: PASS_NAME,
                                     PROVENANCE_BLOCK: self.root.metadata_props[PROVENANCE_BLOCK]})
         return b.op("BiasGelu", [h, bias], "BiasGelu", domain="com.microsoft")

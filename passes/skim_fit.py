@@ -91,7 +91,11 @@ def capture_skim_data(
         final = out[reader.main_output]
         for i, name in zip(layers, input_names, strict=True):
             if target in ("drift", "residual"):
-                moved = out[name] if target == "drift" else forward[i].apply(out[name])
+                if target == "drift":
+                    moved = out[name]
+                else:
+                    assert forward is not None, "the residual target scores through the maps"
+                    moved = forward[i].apply(out[name])
                 drift = np.linalg.norm(final - moved, axis=-1) + 1e-6
                 mean = (drift * mask).sum(1, keepdims=True) / n
                 rows[i].append((out[name][real].astype(np.float32),

@@ -153,8 +153,8 @@ def inspect(model: PathLike | None = None, *, batch: int = 1, seq_len: int = 128
     _positive(batch=batch, seq_len=seq_len)
     path = _model_path(model)
     with quiet_libraries():
-        model, spec = read_model(path)
-        mark_causal(path, model, spec)
+        graph, spec = read_model(path)
+        mark_causal(path, graph, spec)
     data = spec.to_dict(batch=batch, seq_len=seq_len)
     data["model"] = str(path)
     support = analyze(spec)  # the analysis compile runs before fitting, as `inspect` prints

@@ -17,6 +17,7 @@ types (LayerNormalization is `mirror._LayerNorm`, a module holding its scale and
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 import torch
@@ -70,7 +71,7 @@ _PLAIN: dict[str, StreamFn] = {
 }
 
 
-def _attr(node: ir.Node, name: str, default: object) -> object:
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
 

@@ -197,8 +197,8 @@ def test_residual_adds_before_layernorm_become_sums(tmp_path: Path) -> None:
     model, counts = _rewrite_and_compare(proto, OrtKernelsConfig(fuse_gelu=False), tmp_path)
     assert counts == {"residual_sum": 1, "gelu": 0}
     total = next(iter(model.graph))
-    assert (total.op_type, total.name) == ("Sum", "layer0/residual/Sum")
-    # An exporter's Add carries no block: the Sum gets the rule's group, and its name the Add's.
+    # An exporter's Add carries no block: the Sum gets the rule's group, named under it.
+    assert (total.op_type, total.name) == ("Sum", "residual/layer0/residual/Sum")
     assert dict(total.metadata_props) == {PROVENANCE_PASS: PassName.ORT_KERNELS,
                                           PROVENANCE_BLOCK: "residual"}
     assert [n.op_type for n in model.graph] == ["Sum", "LayerNormalization", "Add",

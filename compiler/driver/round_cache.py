@@ -82,8 +82,10 @@ def _store(folder: Path, stored: Path) -> None:
 
 
 def _evict(root: Path, keep: int, max_bytes: int | None = None) -> None:
-    """Deletes all but the `keep` entries used last, and the older ones past `max_bytes`
-    (the newest entry stays whatever its size)."""
+    """Deletes all but the `keep` entries used last, and older ones past `max_bytes`.
+
+    The newest entry stays whatever its size.
+    """
     def used(path: Path) -> float:
         try:
             return path.stat().st_mtime
