@@ -39,18 +39,9 @@ PRODUCT = "'/model/model/layers.0/mlp/Mul'"  # layer 0's gating Mul in the Torch
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny Llama (hidden 64, 4 heads, FFN 128, 2 layers) and its two exports."""
-    from planer.fixtures.decoders import export_lm, lm_wrapper
+    from planer.fixtures.decoders import export_lm, lm_wrapper, tiny_llama
 
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-        intermediate_size=WIDTH, num_hidden_layers=2, vocab_size=VOCAB,
-        max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # RMSNorm weights away from 1, so a lost norm would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model = tiny_llama(heads=HEADS, width=WIDTH, vocab=VOCAB)
     folder = tmp_path_factory.mktemp("llama")
     paths = {}
     for exporter in ("torchscript", "dynamo"):

@@ -42,18 +42,9 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/test_gated_ffn's tiny Llama (hidden 64, 4 heads, FFN 128, 2 layers), TorchScript."""
-    from planer.fixtures.decoders import export_lm, lm_wrapper
+    from planer.fixtures.decoders import export_lm, lm_wrapper, tiny_llama
 
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-        intermediate_size=128, num_hidden_layers=2, vocab_size=VOCAB,
-        max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # RMSNorm weights away from 1, so a lost norm would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model = tiny_llama(heads=HEADS, width=128, vocab=VOCAB)
     path = tmp_path_factory.mktemp("llama") / "llama_torchscript.onnx"
     export_lm(lm_wrapper(model), "torchscript", path)
     return path
