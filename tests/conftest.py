@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -142,3 +143,21 @@ def cnn_model(path: Path, seed: int = 0) -> Path:
     model.ir_version = 8
     onnx.save(model, path)
     return path
+
+
+def masked_token_feeds(seq: int = 20) -> dict[str, np.ndarray]:
+    """Two random token rows, the second padded over its last 6 positions."""
+    rng = np.random.default_rng(4)
+    mask = np.ones((2, seq), np.int64)
+    mask[1, seq - 6:] = 0
+    return {"input_ids": rng.integers(3, 1000, (2, seq)).astype(np.int64),
+            "attention_mask": mask}
+
+
+def run_torch_wrapper(wrapper: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Runs an export wrapper taking (input_ids, attention_mask) on numpy feeds."""
+    import torch
+
+    with torch.no_grad():
+        return wrapper(*(torch.from_numpy(feeds[n]) for n in ("input_ids", "attention_mask")))\
+            .numpy()

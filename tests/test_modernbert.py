@@ -26,7 +26,7 @@ from planer.compiler.driver.pipeline import compile_plan, read_model
 from planer.compiler.errors import UnsupportedModelError
 from planer.fixtures.build import build_torch_model, fixture_path
 from planer.passes.importance import magnitude_channel_scores, top_indices
-from tests.conftest import run_ort
+from tests.conftest import masked_token_feeds, run_ort, run_torch_wrapper
 
 torch = pytest.importorskip("torch")
 
@@ -34,18 +34,6 @@ HEADS, HEAD_SIZE, HIDDEN, WIDTH = 4, 16, 64, 128
 PLAN = {"layers": [{"heads": 2, "ffn": 48}, {"heads": 3, "ffn": 80}]}
 
 
-def _feeds(seq: int = 20) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(4)
-    mask = np.ones((2, seq), np.int64)
-    mask[1, seq - 6:] = 0
-    return {"input_ids": rng.integers(3, 1000, (2, seq)).astype(np.int64),
-            "attention_mask": mask}
-
-
-def _torch_run(wrapper: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return wrapper(*(torch.from_numpy(feeds[n]) for n in ("input_ids", "attention_mask")))\
-            .numpy()
 
 
 def _linear(weight: Any, bias: Any) -> Any:
@@ -92,11 +80,11 @@ def _assert_pruned_matches_torch(path: Path, wrapper: Any, tmp_path: Path) -> Pa
     result = compile_plan(path, tmp_path / "pruned", plan_data=PLAN)
     heads = [la["heads"]["kept"] for la in result.report["layers"]]
     assert [len(k) for k in heads] == [2, 3]
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     got = run_ort(result.model_path, feeds)[0]
-    want = _torch_run(_sliced_torch(wrapper, heads, [list(c) for c in channels]), feeds)
+    want = run_torch_wrapper(_sliced_torch(wrapper, heads, [list(c) for c in channels]), feeds)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-    assert np.abs(got - _torch_run(wrapper, feeds)).max() > 1e-3  # it pruned
+    assert np.abs(got - run_torch_wrapper(wrapper, feeds)).max() > 1e-3  # it pruned
     return result.model_path
 
 
@@ -134,7 +122,7 @@ def test_packed_qkv_and_fused_glu_are_column_ranges(exporter: str) -> None:
 def test_neutral_plan_is_exact(exporter: str, tmp_path: Path) -> None:
     path = fixture_path("modernbert", exporter)
     result = compile_plan(path, tmp_path / "out", ort_kernels="on")
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     np.testing.assert_allclose(run_ort(result.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
 
@@ -151,7 +139,7 @@ def test_pruned_heads_and_channels_match_a_sliced_torch_model(
              la.ffn.gate is not None and la.ffn.gate.matmul is la.ffn.w1.matmul)
             for la in back.layers] == [(2, 48, ["k", "q"], True), (3, 80, ["k", "q"], True)]
     again = compile_plan(path, tmp_path / "again", ort_kernels="on")
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     np.testing.assert_allclose(run_ort(again.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
 
@@ -180,7 +168,7 @@ def test_ort_optimized_form_is_read_pruned_and_verified(modernbert_torch: Any,
     assert [(la.attention.heads, la.attention.head_size, la.ffn.width, la.attention.q.in_features,
              sorted(la.attention.rotary), la.ffn.gated) for la in spec.layers] == \
         [(HEADS, HEAD_SIZE, WIDTH, HIDDEN, ["k", "q"], True)] * 2
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     neutral = compile_plan(path, tmp_path / "neutral", ort_kernels="on")
     np.testing.assert_allclose(run_ort(neutral.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
@@ -223,7 +211,7 @@ def test_biased_variant_slices_packed_biases(tmp_path: Path) -> None:
     assert all(la.attention.q.bias is not None and la.ffn.gate is not None
                and la.ffn.gate.bias is la.ffn.w1.bias is not None for la in spec.layers)
     neutral = compile_plan(path, tmp_path / "neutral", ort_kernels="on")
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     np.testing.assert_allclose(run_ort(neutral.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
     _assert_pruned_matches_torch(path, wrapper, tmp_path)
@@ -281,5 +269,5 @@ def test_layer_dropped_to_nothing_runs(tmp_path: Path) -> None:
     result = compile_plan(fixture_path("modernbert", "dynamo"), tmp_path / "out",
                           plan_data=plan)
     assert result.report["flops_ratio"] < 0.4
-    (out,) = run_ort(result.model_path, _feeds(), optimize=True)
+    (out,) = run_ort(result.model_path, masked_token_feeds(), optimize=True)
     assert np.isfinite(out).all()

@@ -26,7 +26,7 @@ from planer.compiler.driver.cli import main
 from planer.compiler.driver.pipeline import compile_plan, read_model
 from planer.compiler.errors import PreconditionError, UnsupportedModelError
 from planer.fixtures.build import build_torch_model, fixture_path
-from tests.conftest import run_ort
+from tests.conftest import masked_token_feeds, run_ort, run_torch_wrapper
 
 torch = pytest.importorskip("torch")
 
@@ -34,18 +34,6 @@ HEADS, HEAD_SIZE = 4, 16
 Rotate = Callable[..., Any]
 
 
-def _feeds(seq: int = 20) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(4)
-    mask = np.ones((2, seq), np.int64)
-    mask[1, seq - 6:] = 0
-    return {"input_ids": rng.integers(3, 1000, (2, seq)).astype(np.int64),
-            "attention_mask": mask}
-
-
-def _torch_run(wrapper: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return wrapper(*(torch.from_numpy(feeds[n]) for n in ("input_ids", "attention_mask")))\
-            .numpy()
 
 
 def _attentions(wrapper: Any) -> list[Any]:
@@ -217,7 +205,7 @@ def test_inspect_reads_rotary_layers(exporter: str, capsys: pytest.CaptureFixtur
 def test_neutral_plan_is_exact(exporter: str, tmp_path: Path) -> None:
     path = fixture_path("roformer", exporter)
     result = compile_plan(path, tmp_path / "out", ort_kernels="on")
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     np.testing.assert_allclose(run_ort(result.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
 
@@ -229,8 +217,8 @@ def test_pruned_heads_match_a_sliced_torch_model(exporter: str, roformer_torch: 
     result = compile_plan(fixture_path("roformer", exporter), tmp_path / "out", plan_data=plan)
     kept = [la["heads"]["kept"] for la in result.report["layers"]]
     assert [len(k) for k in kept] == [2, 3]
-    feeds = _feeds()
-    want = _torch_run(_sliced_torch(roformer_torch, kept), feeds)
+    feeds = masked_token_feeds()
+    want = run_torch_wrapper(_sliced_torch(roformer_torch, kept), feeds)
     np.testing.assert_allclose(run_ort(result.model_path, feeds)[0], want, rtol=0, atol=1e-4)
     # The compiled model reads back as rotary attention (planer's own spelling) and
     # recompiles exactly.
@@ -252,14 +240,14 @@ def test_ort_optimized_form_is_read_and_pruned(exporter: str, roformer_torch: An
     _, spec = read_model(path)
     assert [(la.attention.heads, sorted(la.attention.rotary)) for la in spec.layers] == \
         [(HEADS, ["k", "q"])] * 2
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     neutral = compile_plan(path, tmp_path / "neutral", ort_kernels="on")
     np.testing.assert_allclose(run_ort(neutral.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
     pruned = compile_plan(path, tmp_path / "pruned",
                           plan_data={"layers": [{"heads": 3}, {"heads": 2}]})
     kept = [la["heads"]["kept"] for la in pruned.report["layers"]]
-    want = _torch_run(_sliced_torch(roformer_torch, kept), feeds)
+    want = run_torch_wrapper(_sliced_torch(roformer_torch, kept), feeds)
     np.testing.assert_allclose(run_ort(pruned.model_path, feeds)[0], want, rtol=0, atol=1e-4)
 
 
@@ -292,14 +280,14 @@ def test_variant_neutral_exact_and_pruned_matches_torch(
     wrapper, path = _variant(rotate, tmp_path / "model.onnx", **config)
     _, spec = read_model(path)
     assert [sorted(la.attention.rotary) for la in spec.layers] == [roles] * 2
-    feeds = _feeds()
+    feeds = masked_token_feeds()
     neutral = compile_plan(path, tmp_path / "neutral", ort_kernels="on")
     np.testing.assert_allclose(run_ort(neutral.model_path, feeds)[0], run_ort(path, feeds)[0],
                                rtol=0, atol=1e-4)
     pruned = compile_plan(path, tmp_path / "pruned",
                           plan_data={"layers": [{"heads": 1}, {"heads": 3}]})
     kept = [la["heads"]["kept"] for la in pruned.report["layers"]]
-    want = _torch_run(_sliced_torch(wrapper, kept, rotate), feeds)
+    want = run_torch_wrapper(_sliced_torch(wrapper, kept, rotate), feeds)
     np.testing.assert_allclose(run_ort(pruned.model_path, feeds)[0], want, rtol=0, atol=1e-4)
     _, back = read_model(pruned.model_path)  # planer's own spelling reads back the same
     assert [(sorted(la.attention.rotary), {r.partial for r in la.attention.rotary.values()})
