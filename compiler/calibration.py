@@ -38,6 +38,7 @@ Feed = dict[str, np.ndarray]
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 DEFAULT_SEQ_LEN = 128  # random fallback when neither --seq-len nor the model fixes one
+DEFAULT_SAMPLES = 256  # samples read (a quarter held out) unless --calibration-samples
 DEFAULT_MAX_LEN = 512  # bucketing cap when the tokenizer configures no truncation
 _IMAGE_SIDE = 224  # symbolic height/width of pixel_values in the random fallback
 _HEADER_NAMES = frozenset(
@@ -45,7 +46,7 @@ _HEADER_NAMES = frozenset(
     + ["question", "body", "input", "title", "premise"]
 )
 _PAD_TOKENS = ("[PAD]", "<pad>")
-MAX_TEXT_BYTES = 512 * files.MIB  # calibration samples 256 texts; a larger file is a mistake
+MAX_TEXT_BYTES = 512 * files.MIB  # compile samples a few hundred texts; a larger file is a mistake
 MAX_NPZ_BYTES = 4 * files.GIB
 MAX_TOKENIZER_BYTES = 256 * files.MIB
 
@@ -206,7 +207,7 @@ def build_calibration(
     vocab_size: int | None = None,
     seq_len: int | None = None,
     batch_size: int = 8,
-    max_samples: int = 256,
+    max_samples: int = DEFAULT_SAMPLES,
     holdout_fraction: float = 0.25,
     seed: int = 0,
 ) -> CalibrationSet:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from planer.compiler.calibration import DEFAULT_SAMPLES
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
     plan: PathLike | Mapping[str, Any] | None = None, calibration: PathLike | None = None,
     tokenizer: PathLike | None = None, batch: int = 1, seq_len: int = 128, threads: int = 1,
     passes: Iterable[str] = ("prune", "int8"), target_runtime: str = "ort",
-    ort_kernels: str = "auto",
+    ort_kernels: str = "auto", calibration_samples: int = DEFAULT_SAMPLES,
     refit: bool = True, selection: str = "calibrated", refresh: bool = False,
     progress: bool | Callable[[str], None] | NullProgress | None = None,
 ) -> CompileResult:
@@ -193,6 +194,8 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
         calibration: unlabelled inputs (.txt, .tsv/.csv, .jsonl, .npz); defaults to the
             bundled English sentences when a plan is fitted and a tokenizer is known.
         tokenizer: tokenizer folder or tokenizer.json; defaults to the bundled model's.
+        calibration_samples: samples read from `calibration` for fitting, a quarter of
+            them held out for verification (the CLI's --calibration-samples).
         batch: deployment batch size (FLOPs, profiling, latency).
         seq_len: deployment sequence length; calibration text is padded/cut to it.
         threads: intra-op threads of ONNX Runtime when measuring.
@@ -231,7 +234,7 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
             say(CALIBRATION_NOTE)
         run: dict[str, Any] = dict(calibration=calib, tokenizer=tok, batch=batch,
                                    seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                   progress=say)
+                                   progress=say, calibration_samples=calibration_samples)
         try:
             if latency is not None:
                 from planer.compiler.driver.latency import compile_to_latency

@@ -133,3 +133,28 @@ def test_recompile_into_own_output_replaces_it(tiny_torchscript: Path, tmp_path:
     assert main(["compile", str(tiny_torchscript), "-o", str(out)]) == 0
     assert (out / "notes.txt").read_text() == "keep me"
     assert not [p for p in out.iterdir() if p.name.startswith(".planer-tmp")]
+
+
+@pytest.mark.parametrize("target", [["--target-flops", "0.5"], ["--target-latency", "50%"]])
+def test_calibration_samples_too_few(target: list[str], tiny_torchscript: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused before any profiling or fitting: one sample leaves nothing held out.
+    _fails(["compile", str(tiny_torchscript), *target, "--calibration-samples", "1",
+            "-o", str(tmp_path / "out")], capsys, contains="--calibration-samples must be at least 2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_samples_read(tiny_torchscript: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from planer.compiler.calibration import model_input_infos, random_feeds
+    from planer.compiler.loading import load_model
+
+    feeds = random_feeds(model_input_infos(load_model(tiny_torchscript)), batch=40, seq_len=16,
+                         vocab_size=100, seed=0)
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_torchscript), "--target-flops", "0.7", "--calibration",
+                 str(tmp_path / "inputs.npz"), "--calibration-samples", "12", "--seq-len", "16", "-o", str(out)]) == 0
+    calibration = json.loads((out / "report.json").read_text())["calibration"]
+    assert (calibration["fit_samples"], calibration["holdout_samples"]) == (9, 3)

@@ -28,6 +28,7 @@ from planer.compiler.argtypes import (
     positive_int,
     throughput_target,
 )
+from planer.compiler.calibration import DEFAULT_SAMPLES
 from planer.compiler.driver import diff_cli
 from planer.compiler.driver.defaults import (
     CALIBRATION_NOTE,
@@ -158,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
                                "on this machine first (default auto)")
     compile_.add_argument("--calibration", type=Path, metavar="FILE",
                           help="unlabelled inputs: .txt, .tsv/.csv (first column), .jsonl, .npz")
+    compile_.add_argument("--calibration-samples", type=positive_int, default=DEFAULT_SAMPLES,
+                          metavar="N",
+                          help="calibration samples read for fitting, a quarter of them held "
+                               f"out for verification (default {DEFAULT_SAMPLES}; more fits "
+                               "skim maps and refits better and takes longer)")
     compile_.add_argument("--tokenizer", type=Path, metavar="DIR",
                           help="Hugging Face tokenizer folder or tokenizer.json for text input")
     compile_.add_argument("--recover", type=duration, metavar="TIME", dest="recover_seconds",
@@ -301,8 +307,8 @@ def run_compile(args: argparse.Namespace) -> int:
                 passes=frozenset(passes), target_runtime=args.target_runtime,
                 threads=args.threads, ort_kernels=args.ort_kernels, progress=progress,
                 recover_seconds=args.recover_seconds, recover_steps=args.recover_steps,
-                mux=args.mux,
-                moe_activation=args.moe_activation,
+                mux=args.mux, moe_activation=args.moe_activation,
+                calibration_samples=args.calibration_samples,
             )
     _print_summary(result.report, time.perf_counter() - started, args.output)
     return EXIT_OK
@@ -349,6 +355,7 @@ def _compile_latency(args: argparse.Namespace, path: Path, tokenizer: Path | Non
                 threads=args.threads, refresh=args.refresh, ort_kernels=args.ort_kernels,
                 progress=progress, recover_seconds=args.recover_seconds,
                 recover_steps=args.recover_steps,
+                calibration_samples=args.calibration_samples,
                 passes=frozenset(p.strip() for p in args.passes.split(",") if p.strip()))
     except TargetUnreachableError as exc:
         if isinstance(exc.result, CompileResult):

@@ -21,7 +21,7 @@ from typing import Any
 import onnx_ir as ir
 
 from planer.compiler.blocks import find_blocks
-from planer.compiler.calibration import CalibrationSet
+from planer.compiler.calibration import DEFAULT_SAMPLES, CalibrationSet
 from planer.compiler.errors import BadInputError
 from planer.compiler.plan import Plan
 from planer.compiler.spec import ModelSpec
@@ -37,6 +37,13 @@ MUX_NEEDS_RECOVERY = ("mux mixes several inputs into one row and only a trained 
                       "separate them (untrained, its outputs are garbage); add --recover TIME.")
 
 
+def check_calibration_samples(samples: int) -> None:
+    """Refuses a calibration sample count that leaves nothing to fit or nothing held out."""
+    if samples < 2:
+        raise BadInputError(f"--calibration-samples must be at least 2 (one to fit, one held "
+                            f"out), not {samples}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """What the user asked for: everything a compile reads besides the model and its data."""
@@ -44,6 +51,7 @@ class CompileOptions:
     plan_data: dict[str, Any] | None = None
     target_flops: float | None = None
     calibration: Path | None = None
+    calibration_samples: int = DEFAULT_SAMPLES  # read from `calibration`, a quarter held out
     tokenizer: Path | None = None
     batch: int = 1
     seq_len: int = 128
@@ -78,6 +86,7 @@ class CompileOptions:
             raise BadInputError(f"--mux must be 1, 2 or 4, not {self.mux}.")
         if self.mux > 1 and not self.recovers:
             raise BadInputError(MUX_NEEDS_RECOVERY)
+        check_calibration_samples(self.calibration_samples)
         if self.moe_activation not in (None, "relu"):
             raise BadInputError(f"--moe-activation must be relu, not {self.moe_activation!r}.")
         if self.moe_activation and self.plan_data is None and "moe" not in self.passes:

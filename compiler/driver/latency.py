@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from planer.compiler import emit, outdir
+from planer.compiler.calibration import DEFAULT_SAMPLES
 from planer.compiler.driver.anchors import (
     anchor_plans,
     compile_anchors,
@@ -38,7 +39,7 @@ from planer.compiler.driver.anchors import (
     open_sessions,
     time_anchors,
 )
-from planer.compiler.driver.compilation import CompileOptions
+from planer.compiler.driver.compilation import CompileOptions, check_calibration_samples
 from planer.compiler.driver.fit_cache import feeds_digest
 from planer.compiler.driver.pipeline import (
     CompileResult,
@@ -199,6 +200,7 @@ def compile_to_latency(
     max_rounds: int = 4, ort_kernels: str = "auto", progress: Progress | None = None,
     recover_seconds: float | None = None, recover_steps: int | None = None,
     passes: frozenset[str] = frozenset({"prune", "int8"}),
+    calibration_samples: int = DEFAULT_SAMPLES,
 ) -> CompileResult:
     """Compiles the model so its measured median latency meets the target.
 
@@ -216,6 +218,7 @@ def compile_to_latency(
         raise BadInputError("--target-latency must be a positive time, or a fraction in "
                             "(0, 1] of the dense latency.")
     # Before profiling or calibrating: a --seq-len past the position table is refused now.
+    check_calibration_samples(calibration_samples)
     check_sequence_length(load_model(model_path), seq_len)
     with emit.claim_output(model_path, out_dir):
         return _compile_to_latency(
@@ -223,7 +226,8 @@ def compile_to_latency(
             target_fraction=target_fraction, calibration=calibration, tokenizer=tokenizer,
             batch=batch, seq_len=seq_len, threads=threads, refresh=refresh,
             max_rounds=max_rounds, ort_kernels=ort_kernels, say=say,
-            recover_seconds=recover_seconds, recover_steps=recover_steps, passes=passes)
+            recover_seconds=recover_seconds, recover_steps=recover_steps, passes=passes,
+            calibration_samples=calibration_samples)
 
 
 def _compile_to_latency(
@@ -231,7 +235,7 @@ def _compile_to_latency(
     target_fraction: float | None, calibration: Path | None, tokenizer: Path | None,
     batch: int, seq_len: int, threads: int, refresh: bool, max_rounds: int, ort_kernels: str,
     say: Progress, recover_seconds: float | None, recover_steps: int | None,
-    passes: frozenset[str],
+    passes: frozenset[str], calibration_samples: int,
 ) -> CompileResult:
     progress = say
     if (recover_seconds or recover_steps) and calibration is None:
@@ -251,7 +255,7 @@ def _compile_to_latency(
     require_gated_support(spec, passes=passes)
     # One fitting for every round: each round compiles another plan of the same model.
     options = CompileOptions(calibration=calibration, tokenizer=tokenizer, batch=batch,
-                             seq_len=seq_len)
+                             seq_len=seq_len, calibration_samples=calibration_samples)
     with clock.phase("calibration"):
         fitting = load_fitting(model, spec, dataclasses.replace(options, target_flops=1.0),
                                say)
@@ -278,7 +282,8 @@ def _compile_to_latency(
             return compile_plan(model_path, into, plan_data=plan.to_dict(),
                                 calibration=calibration, tokenizer=tokenizer, batch=batch,
                                 seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
-                                fitting=fit, kernels=kernels)
+                                fitting=fit, kernels=kernels,
+                                calibration_samples=calibration_samples)
 
         key = {**compile_key, "calibration": fitted if fit is not None else None}
         return compile_round(plan, folder, key=key, compile_into=compile_into)
@@ -351,7 +356,7 @@ def _compile_to_latency(
                     seq_len=seq_len, threads=threads, ort_kernels=ort_kernels,
                     fitting=fitting if calibration is not None else None,
                     recover_seconds=recover_seconds, recover_steps=recover_steps,
-                    progress=say, kernels=kernels)
+                    progress=say, kernels=kernels, calibration_samples=calibration_samples)
             rounds[rounds.index(best)] = dataclasses.replace(
                 best, folder=scratch / "recovered", result=result)
         settled = _chosen(rounds, target_ms)

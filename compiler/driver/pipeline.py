@@ -19,7 +19,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from planer.compiler import emit
 from planer.compiler.blocks import find_blocks
-from planer.compiler.calibration import build_calibration, model_input_infos, random_feeds
+from planer.compiler.calibration import (
+    DEFAULT_SAMPLES,
+    build_calibration,
+    model_input_infos,
+    random_feeds,
+)
 from planer.compiler.canonicalize import canonicalize
 from planer.compiler.driver.compilation import (
     Compilation,
@@ -141,6 +146,7 @@ def compile_plan(
     batch: int = 1,
     seq_len: int = 128,
     reconstruct: bool = True,
+    calibration_samples: int = DEFAULT_SAMPLES,
     method: str = "calibrated",
     passes: frozenset[str] = frozenset({"prune"}),
     target_runtime: str = "ort",
@@ -165,8 +171,7 @@ def compile_plan(
         tokenizer=tokenizer, batch=batch, seq_len=seq_len, reconstruct=reconstruct,
         method=method, passes=passes, target_runtime=target_runtime, threads=threads,
         ort_kernels=ort_kernels, recover_seconds=recover_seconds, recover_steps=recover_steps,
-        mux=mux,
-        moe_activation=moe_activation)
+        mux=mux, moe_activation=moe_activation, calibration_samples=calibration_samples)
     return compile_with(model_path, out_dir, options, progress=progress, fitting=fitting,
                         kernels=kernels)
 
@@ -217,7 +222,7 @@ def load_fitting(model: ir.Model, spec: ModelSpec, options: CompileOptions,
     say("tokenizing calibration data")
     calib = build_calibration(options.calibration, model_input_infos(model),
                               tokenizer=options.tokenizer, vocab_size=spec.vocab_size,
-                              seq_len=options.seq_len)
+                              seq_len=options.seq_len, max_samples=options.calibration_samples)
     return Fitting(calib)
 
 
