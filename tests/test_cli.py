@@ -140,7 +140,8 @@ def test_calibration_samples_too_few(target: list[str], tiny_torchscript: Path, 
                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Refused before any profiling or fitting: one sample leaves nothing held out.
     _fails(["compile", str(tiny_torchscript), *target, "--calibration-samples", "1",
-            "-o", str(tmp_path / "out")], capsys, contains="--calibration-samples must be at least 2")
+            "-o", str(tmp_path / "out")], capsys,
+           contains="--calibration-samples must be at least 2")
     assert not (tmp_path / "out").exists()
 
 
@@ -155,6 +156,7 @@ def test_calibration_samples_read(tiny_torchscript: Path, tmp_path: Path) -> Non
     np.savez(tmp_path / "inputs.npz", **feeds)
     out = tmp_path / "out"
     assert main(["compile", str(tiny_torchscript), "--target-flops", "0.7", "--calibration",
-                 str(tmp_path / "inputs.npz"), "--calibration-samples", "12", "--seq-len", "16", "-o", str(out)]) == 0
+                 str(tmp_path / "inputs.npz"), "--calibration-samples", "12", "--seq-len", "16",
+                 "-o", str(out)]) == 0
     calibration = json.loads((out / "report.json").read_text())["calibration"]
     assert (calibration["fit_samples"], calibration["holdout_samples"]) == (9, 3)
