@@ -21,7 +21,11 @@ Targets (no labels):
 Forwarding maps (`skim_forward`): per point, ridge regression from the layer input x_i
 to the dense model's last-layer rows y over the real tokens but the always-kept first
 (closed form, centred; the ridge strength is the one of `RIDGES` with the least error on
-the holdout share, never on the fitting rows).
+the holdout share, never on the fitting rows). Then, with the predictors fitted on those
+maps' residuals, `fit_context` refits each map on the rows its predictor skims (the graph's
+keep rule, point after point), with the kept tokens' mean final row c as a second input:
+y ≈ x_i·W + c·V + b. The dense model's rows stand in for the skimmed model's; the context
+map is kept only where it beats the linear one on the holdout rows.
 
 The log of the relative attention keeps sequences of different lengths on one scale
 (uniform attention is 0 whatever n is) and tames the heavy tail of [SEP]/punctuation.
@@ -197,6 +201,16 @@ def capture_forward_data(model: ir.Model, spec: ModelSpec, layers: Sequence[int]
             for i, parts in rows.items()}
 
 
+def _ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (W, b) of y ≈ x·W + b, ridge relative to the centred Gram's mean eigenvalue."""
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    gram = xc.T @ xc
+    w = np.linalg.solve(gram + ridge * np.trace(gram) / len(gram) * np.eye(len(gram)),
+                        xc.T @ (y - my))
+    return w, my - mx @ w
+
+
 def fit_forward_map(x: np.ndarray, y: np.ndarray, hold_x: np.ndarray, hold_y: np.ndarray,
                     ) -> tuple[ForwardMap, dict[str, float]]:
     """Fits y ≈ x·W + b by ridge regression; returns the map and its relative errors.
@@ -204,10 +218,6 @@ def fit_forward_map(x: np.ndarray, y: np.ndarray, hold_x: np.ndarray, hold_y: np
     The record holds, on the holdout rows, ||y - x||² / ||y - ȳ||² (forwarding as is),
     the same for the fitted map, and the chosen ridge strength.
     """
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = x - mx, y - my
-    gram, cross = xc.T @ xc, xc.T @ yc
-    scale = np.trace(gram) / len(gram)
     spread = float(((hold_y - hold_y.mean(0)) ** 2).sum())
 
     def error(w: np.ndarray, b: np.ndarray) -> float:
@@ -215,14 +225,14 @@ def fit_forward_map(x: np.ndarray, y: np.ndarray, hold_x: np.ndarray, hold_y: np
 
     best = None
     for ridge in RIDGES:
-        w = np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), cross)
-        b = my - mx @ w
+        w, b = _ridge(x, y, ridge)
         e = error(w, b)
         if best is None or e < best[0]:
             best = (e, ridge, w, b)
     assert best is not None
     e, ridge, w, b = best
-    record = {"identity_error": round(error(np.eye(len(gram)), np.zeros(len(gram))), 4),
+    d = x.shape[1]
+    record = {"identity_error": round(error(np.eye(d), np.zeros(d)), 4),
               "linear_error": round(e, 4), "ridge": ridge}
     return ForwardMap(w.astype(np.float32), b.astype(np.float32)), record
 
@@ -237,6 +247,120 @@ def fit_forward(model: ir.Model, spec: ModelSpec, layers: Sequence[int], batches
         maps[i], records[i] = fit_forward_map(*fit[i], *hold[i])
         logger.info("layer%d forwarding map: holdout error %.3f (as is %.3f), ridge %g", i,
                     records[i]["linear_error"], records[i]["identity_error"], records[i]["ridge"])
+    return maps, records
+
+
+def skim_decisions(x: Mapping[int, np.ndarray], real: np.ndarray, keep: Mapping[int, float],
+                   predictors: Mapping[int, Predictor], always_keep: Sequence[int] = (0,),
+                   ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Applies the graph's keep rule point after point to dense layer inputs.
+
+    Args:
+        x: point -> its input rows [B, S, D].
+        real: [B, S] bool, padding False.
+        keep: point -> its keep ratio.
+        predictors: point -> its scorer.
+        always_keep: positions every point keeps (the graph's default: the first token).
+
+    Returns:
+        (point -> the tokens it skims [B, S] bool, the tokens kept to the end [B, S]).
+    """
+    live = real.copy()
+    skimmed = {}
+    forced = np.zeros_like(live)
+    forced[:, [p for p in always_keep if p < live.shape[1]]] = True
+    for i in sorted(keep):
+        score = np.where(forced, np.inf, np.where(live, predictors[i].score(x[i]), -np.inf))
+        kept = np.zeros_like(live)
+        for row in range(live.shape[0]):
+            k = keep_count(keep[i], int(live[row].sum()))
+            kept[row, np.argsort(-score[row], kind="stable")[:k]] = True
+        kept &= live | forced
+        skimmed[i], live = live & ~kept, kept
+    return skimmed, live
+
+
+def capture_context_data(
+    model: ir.Model, spec: ModelSpec, keep: Mapping[int, float],
+    predictors: Mapping[int, Predictor], batches: Iterable[Feed],
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Returns point -> (x_i, c, y) [N, D] over the rows the point skims.
+
+    c is the mean final row of the tokens kept to the end in the row's sequence.
+    """
+    layers = sorted(keep)
+    values = [stream_in(spec.layers[i]) for i in layers] + [stream_out(spec.layers[-1])]
+    reader = ActivationReader(model, values)
+    rows: dict[int, list[tuple[np.ndarray, ...]]] = {i: [] for i in layers}
+    for feed in batches:
+        out = reader.run(feed)
+        y = out[reader.names[-1]].astype(np.float64)
+        real = np.asarray(feed.get("attention_mask", np.ones(y.shape[:2]))).astype(bool)
+        x = {i: out[name].astype(np.float64) for i, name in zip(layers, reader.names,
+                                                                 strict=False)}
+        skimmed, final = skim_decisions(x, real, keep, predictors)
+        weights = final[..., None].astype(np.float64)
+        context = (y * weights).sum(1) / np.maximum(weights.sum(1), 1.0)  # [B, D]
+        for i in layers:
+            which = skimmed[i]
+            batch_of = np.nonzero(which)[0]
+            rows[i].append((x[i][which], context[batch_of], y[which]))
+    return {i: tuple(np.concatenate([r[k] for r in parts]) for k in range(3))  # type: ignore[misc]
+            for i, parts in rows.items()}
+
+
+def fit_context_map(fit: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    hold: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    ) -> tuple[ForwardMap, dict[str, float]]:
+    """Fits y ≈ x·W + c·V + b by ridge regression, or y ≈ x·W + b where that does better.
+
+    Both are chosen (map and ridge strength) by their relative error on the holdout rows;
+    the record holds both errors, forwarding as is, and which map was kept.
+    """
+    (x, c, y), (hx, hc, hy) = fit, hold
+    spread = float(((hy - hy.mean(0)) ** 2).sum())
+    d = x.shape[1]
+    best: dict[str, tuple[float, float, np.ndarray, np.ndarray]] = {}
+    for kind, feats, hold_feats in (("linear", x, hx), ("context", np.hstack([x, c]),
+                                                        np.hstack([hx, hc]))):
+        for ridge in RIDGES:
+            w, b = _ridge(feats, y, ridge)
+            e = float(((hold_feats @ w + b - hy) ** 2).sum()) / spread
+            if kind not in best or e < best[kind][0]:
+                best[kind] = (e, ridge, w, b)
+    kind = "context" if best["context"][0] < best["linear"][0] else "linear"
+    e, ridge, w, b = best[kind]
+    fmap = ForwardMap(w[:d].astype(np.float32), b.astype(np.float32),
+                      w[d:].astype(np.float32) if kind == "context" else None)
+    record = {"identity_error": round(float(((hx - hy) ** 2).sum()) / spread, 4),
+              "linear_error": round(best["linear"][0], 4),
+              "context_error": round(best["context"][0], 4), "kept": kind, "ridge": ridge,
+              "rows": len(x)}
+    return fmap, record
+
+
+def fit_context(model: ir.Model, spec: ModelSpec, keep: Mapping[int, float],
+                predictors: Mapping[int, Predictor], batches: Iterable[Feed],
+                holdout: Iterable[Feed]) -> tuple[dict[int, ForwardMap], dict[int, dict]]:
+    """Refits each point's map on the rows its predictor skims, with the context term.
+
+    Raises:
+        ValueError: a point has no predictor, or no row is skimmed in a share.
+    """
+    missing = sorted(set(keep) - set(predictors))
+    if missing:
+        raise ValueError(f"context maps follow the fitted predictors; layer(s) {missing} have "
+                         "none")
+    fit = capture_context_data(model, spec, keep, predictors, batches)
+    hold = capture_context_data(model, spec, keep, predictors, holdout)
+    maps, records = {}, {}
+    for i in sorted(keep):
+        if not len(fit[i][0]) or not len(hold[i][0]):
+            raise ValueError(f"skim point {i} skims no calibration token; nothing to fit on")
+        maps[i], records[i] = fit_context_map(fit[i], hold[i])
+        logger.info("layer%d forwarding map (%s): holdout error %.3f with context, %.3f linear",
+                    i, records[i]["kept"], records[i]["context_error"],
+                    records[i]["linear_error"])
     return maps, records
 
 

@@ -7,7 +7,8 @@ Before:  x_BSD ─ layer i ─ ... ─ layer L-1 ─ y_BSD
 After:   x_BSD ─ score_BS ─ keep: first token + top-(k_b - 1) real tokens, k_b = ceil(r·n_b)
          ─ Gather ─ x_BKD ─ layer i ─ ... (mask [B,1,1,K] from the kept mask) ─ y_BKD
          ─ write back ─ y_BSD (skimmed positions hold x_BSD, their state where they left,
-           or A(x_BSD) = x·W + b where the point has a forwarding map: `skim_forward`)
+           or A(x_BSD) = x·W + b where the point has a forwarding map, + c·V with c the
+           kept tokens' mean final row where the map has a context term: `skim_forward`)
 
 Scores (higher = keep): the attention each token receives in layer i-1 (mean over heads
 and real queries; training-free), the [CLS] row of that attention, or a fitted predictor
@@ -52,7 +53,13 @@ from planer.compiler.irutil import NodeBuilder, is_dead, remove_dead_producers
 from planer.compiler.loading import default_opset
 from planer.compiler.names import PROVENANCE_BLOCK, PROVENANCE_PASS, BlockId, PassName
 from planer.compiler.spec import LayerSpec, ModelSpec
-from planer.passes.skim_forward import ForwardMap, emit_forward
+from planer.passes.skim_forward import (
+    ForwardMap,
+    emit_context,
+    emit_context_term,
+    emit_forward,
+    has_context,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -546,20 +553,26 @@ def _write_back(graph: ir.Graph, spec: ModelSpec, stages: list[_Stage], final: _
 def _write_back_scatter(b: NodeBuilder, stages: list[_Stage], final: _State, y: ir.Value,
                         config: TokenSkimConfig) -> ir.Value:
     first = _layer_of(stages[0])
-    full = emit_forward(b, stages[0].h_in, first, config.forward.get(first), "stage0")
+    context = emit_context(b, y, final.active) if has_context(config.forward) else None
+    term = emit_context_term(b, context, first, config.forward.get(first), "stage0")
+    full = emit_forward(b, stages[0].h_in, first, config.forward.get(first), "stage0",
+                        context=None if term is None else _unsqueeze(
+                            b, term, [1], "stage0/forward/context_B1D", 13))
     for i, stage in enumerate(stages[1:], start=1):
         layer = _layer_of(stage)
         full = _scatter_rows(b, full, stage.leaving, stage.pos_in, stage.h_in, f"stage{i}",
-                             forward=(layer, config.forward.get(layer)))
+                             forward=(layer, config.forward.get(layer)), context=context)
     live = b.op("Greater", [final.active, _f32(b, "half", 0.5)], "final_live")
     return _scatter_rows(b, full, live, final.pos, y, "final")
 
 
 def _scatter_rows(b: NodeBuilder, full: ir.Value, which: ir.Value, pos: ir.Value, rows: ir.Value,
-                  name: str, *, forward: tuple[int, ForwardMap | None] = (-1, None)) -> ir.Value:
+                  name: str, *, forward: tuple[int, ForwardMap | None] = (-1, None),
+                  context: ir.Value | None = None) -> ir.Value:
     """Sets full[b, pos[b, t]] = A(rows[b, t]) where which[b, t] (ScatterND, unique indices).
 
-    A is `forward`'s map of that point (only the scattered rows are mapped), else none.
+    A is `forward`'s map of that point (only the scattered rows are mapped), else none;
+    `context` is c [B, D] for a map with a context term (each row reads its sequence's).
     """
     nz = b.op("Transpose", [b.op("NonZero", [which], f"{name}/NonZero")], f"{name}/slots_N2",
               {"perm": [1, 0]})
@@ -569,7 +582,11 @@ def _scatter_rows(b: NodeBuilder, full: ir.Value, which: ir.Value, pos: ir.Value
     index = b.op("Concat", [b.op("Unsqueeze", [batch, axis], f"{name}/batch_N1"),
                             b.op("Unsqueeze", [target, axis], f"{name}/positions_N1")],
                  f"{name}/index_N2", {"axis": 1})
-    values = emit_forward(b, b.op("GatherND", [rows, nz], f"{name}/rows_ND"), *forward, name)
+    term = emit_context_term(b, context, *forward, name)
+    if term is not None:  # c · v of each row's sequence: [B, D] gathered to [N, D]
+        term = b.op("Gather", [term, batch], f"{name}/forward/context_ND", {"axis": 0})
+    values = emit_forward(b, b.op("GatherND", [rows, nz], f"{name}/rows_ND"), *forward, name,
+                          context=term)
     return b.op("ScatterND", [full, index, values], f"{name}/ScatterND")
 
 
@@ -577,12 +594,16 @@ def _write_back_permute(b: NodeBuilder, stages: list[_Stage], final: _State,
                         y: ir.Value, config: TokenSkimConfig) -> ir.Value:
     out = y
     active = final.active
+    context = emit_context(b, y, final.active) if has_context(config.forward) else None
     for i in range(len(stages) - 1, -1, -1):
         stage = stages[i]
         assert stage.h_all is not None
         layer = _layer_of(stage)
         # Every row not taken from `out` left here (skimmed, or a filler slot): mapped.
-        h_all = emit_forward(b, stage.h_all, layer, config.forward.get(layer), f"stage{i}")
+        term = emit_context_term(b, context, layer, config.forward.get(layer), f"stage{i}")
+        h_all = emit_forward(b, stage.h_all, layer, config.forward.get(layer), f"stage{i}",
+                             context=None if term is None else _unsqueeze(
+                                 b, term, [1], f"stage{i}/forward/context_B1D", 13))
         live = b.op("Greater", [active, _f32(b, "half", 0.5)], f"stage{i}/live_BK")
         live = b.op("Unsqueeze", [live, _i64(b, "axis_two", [2])], f"stage{i}/live_BK1")
         kept_in = b.op("Slice", [h_all, _i64(b, "zero", [0]), stage.slots,

@@ -17,8 +17,10 @@ D model width, Hp predictor width.
     state it would have had as a query (what the gradient through m compares)
     out   = c_J·y + Σ_j (c_{j−1} − c_j)·A_j(x_j)   skimmed rows hold their state where
             they left, through the point's forwarding map A_j(x) = x·W_j + b_j where the
-            graph has one (layer2/skim/forward/{w, b}; else A_j(x) = x), as the graph's
-            write-back does; the layer outputs the loss reads likewise
+            graph has one (layer2/skim/forward/{w, b}; else A_j(x) = x), + k·V_j where the
+            map has a context term (layer2/skim/forward/v; k [B, D] the mean of y over the
+            tokens kept to the end), as the graph's write-back does; the layer outputs the
+            loss reads likewise
     skim loss (Transkimmer): mean over points of (mean over live tokens of p, forced
             ones counting 1, − r)²: keeps σ(s) calibrated to the planned keep ratio, so the
             straight-through gradient acts near the decision boundary
@@ -45,7 +47,7 @@ from torch.nn import functional as F
 from planer.compiler.errors import UnsupportedModelError
 from planer.compiler.irutil import const_array
 from planer.compiler.names import PROVENANCE_PASS, PassName
-from planer.passes.skim_forward import BIAS, WEIGHT
+from planer.passes.skim_forward import BIAS, CONTEXT, WEIGHT
 from planer.recovery.mirror import Mirror, WeightStore
 from planer.recovery.structure import SkimBlock
 
@@ -62,14 +64,15 @@ class SkimState:
     Attributes:
         present: c_j [B, S] (0/1 in value, straight-through gradient to the predictors).
         active: the hard decision [B, S] bool (the keys later layers may attend to).
-        stages: per point (its forwarded rows A(x) [B, S, D], c before, c after).
+        stages: per point (its forwarded rows A(x) [B, S, D], c before, c after, the
+            context weight V [D, D] or None).
         losses: per point, the skim loss.
         keep: per point, the soft keep ratio (mean p over live tokens; forced count 1).
     """
 
     present: torch.Tensor
     active: torch.Tensor
-    stages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    stages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
     losses: list[torch.Tensor]
     keep: list[torch.Tensor]
 
@@ -91,7 +94,13 @@ class SkimState:
         row's loss training only the keep decision) measured worse on MiniLM (README).
         """
         out = self.present[..., None] * y
-        for x, before, after in self.stages:
+        context = None
+        for x, before, after, v in self.stages:
+            if v is not None:
+                if context is None:  # the kept rows' mean, as the write-back computes it
+                    kept = self.active.to(y.dtype)[..., None]
+                    context = (kept * y).sum(1) / kept.sum(1).clamp_min(1.0)
+                x = x + (context @ v)[:, None, :]
             out = out + (before - after)[..., None] * x
         return out
 
@@ -137,12 +146,16 @@ class SkimMirror(nn.Module):
                                   if (m := _ALWAYS.search(name)) is not None)
         self.estimator = "straight_through"
         self.forward_map: tuple[str, str] | None = None
+        self.context_map: str | None = None
         w, b = consts.get(prefix + WEIGHT), consts.get(prefix + BIAS)
         if w is not None and b is not None:
             # Read by the write-back alone (the mirror replaces it): trained unless shared.
             train = all(u.metadata_props.get(PROVENANCE_PASS) == PassName.TOKEN_SKIM
                         for v in (w, b) for u in v.consumers())
             self.forward_map = (store.add(w, trainable=train), store.add(b, trainable=train))
+            v = consts.get(prefix + CONTEXT)
+            if v is not None:
+                self.context_map = store.add(v, trainable=train)
 
     def forwarded(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the rows a skimmed token carries to the output: A(x), or x itself."""
@@ -177,7 +190,8 @@ class SkimMirror(nn.Module):
         free = (live & ~forced).to(p.dtype)
         m = hard.to(p.dtype) + (p - p.detach()) * free
         present = state.present * m
-        state.stages.append((self.forwarded(x), state.present, present))
+        v = None if self.context_map is None else self.store[0].get(self.context_map)
+        state.stages.append((self.forwarded(x), state.present, present, v))
         state.present, state.active = present, hard
         live_f = live.to(p.dtype)
         soft = torch.where(forced, torch.ones_like(p), p)

@@ -120,7 +120,7 @@ def test_two_cumulative_skim_points(lowering: str, tmp_path: Path,
     assert student.check(load_model(path), feed) <= ATOL
 
     def last_stage_only(self: skim.SkimState, y: torch.Tensor) -> torch.Tensor:
-        x, before, after = self.stages[-1]
+        x, before, after, _ = self.stages[-1]
         return after[..., None] * y + (before - after)[..., None] * x
 
     monkeypatch.setattr(skim.SkimState, "mix", last_stage_only)
@@ -283,3 +283,28 @@ def test_earlier_layers_leave_skimmed_rows_out_of_their_loss(tmp_path: Path) -> 
     loss = distill_loss(moved, teacher, mask, config, [1.0, 1.0], tokens=float(mask.sum()),
                         sequences=float(mask.shape[0]))
     assert loss.distill == pytest.approx(0.0, abs=1e-6)  # the skim loss aside
+
+
+@pytest.mark.parametrize("lowering", ["ort", "tensorrt"])
+def test_context_maps_mirrored_and_trained(lowering: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Skimmed rows read the mean of the rows kept to the end (passes/skim_forward.py): the
+    # mirror computes it from its own output, and v is a trained weight like w and b.
+    from planer.passes.skim_forward import context_name
+    from tests.test_skim_forward import context_map
+
+    model, spec = read_canonical(fixture_path("bert", "dynamo"))
+    feeds = [example_inputs("bert", batch=4, seq=20, seed=s) for s in range(3)]
+    fit = fit_predictors(model, spec, [0, 1], feeds, steps=50)
+    maps = {0: context_map(1, v_scale=0.3), 1: context_map(2, v_scale=0.3)}
+    apply_token_skim(model, spec, TokenSkimConfig(keep={0: 0.7, 1: 0.5}, forward=maps,
+                                                  predictors=fit.predictors, lowering=lowering))
+    path = tmp_path / "context.onnx"
+    ir.save(model, path)
+    student = _student(path)
+    feed = example_inputs("bert", batch=3, seq=20, seed=7)
+    assert student.check(load_model(path), feed) <= ATOL
+    assert {context_name(0), context_name(1)} <= set(student.mirror.trained())
+    for point in (m for m in student.mirror.modules() if isinstance(m, skim.SkimMirror)):
+        monkeypatch.setattr(point, "context_map", None)
+    assert student.check(load_model(path), feed) > ATOL

@@ -8,11 +8,17 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from planer.compiler.capture import ActivationReader
 from planer.compiler.driver.pipeline import read_canonical
 from planer.compiler.errors import PreconditionError
-from planer.passes.skim_fit import capture_forward_data, fit_forward_map
-from planer.passes.skim_forward import ForwardMap, weight_names
-from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
+from planer.passes.skim_fit import (
+    capture_forward_data,
+    fit_context_map,
+    fit_forward_map,
+    skim_decisions,
+)
+from planer.passes.skim_forward import ForwardMap, context_name, weight_names
+from planer.passes.token_skim import TokenSkimConfig, apply_token_skim, stream_in
 from tests.conftest import run_ort
 from tests.test_token_skim import dense, padded_feeds, random_predictor, skimmed
 
@@ -124,3 +130,97 @@ def test_forward_data_pairs_layer_inputs_with_final_rows(bert: Path, tmp_path: P
     mask[:, 0] = False
     np.testing.assert_allclose(y, want[mask], atol=1e-5)
 
+
+
+# ---------------------------------------------------------------- context term
+
+
+def context_map(seed: int, *, v_scale: float = 1.0) -> ForwardMap:
+    """A map whose context weight is far from zero (a context read wrong shows everywhere)."""
+    base = random_map(seed)
+    v = np.random.default_rng(seed + 100).standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)
+    return ForwardMap(base.w, base.b, (v_scale * v).astype(np.float32))
+
+
+def kept_mean(out: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The context per sequence: the mean final row over the tokens kept to the end."""
+    weights = kept[..., None].astype(np.float64)
+    return (out.astype(np.float64) * weights).sum(1) / weights.sum(1)
+
+
+@pytest.mark.parametrize("lowering", ["ort", "tensorrt"])
+def test_skimmed_rows_read_their_own_sequences_kept_mean(bert: Path, tmp_path: Path,
+                                                         lowering: str) -> None:
+    fmap = context_map(9)
+    path = skimmed(bert, TokenSkimConfig(keep={1: 0.5}, forward={1: fmap}, lowering=lowering),
+                   tmp_path / "c.onnx", expose=[1])
+    feeds = padded_feeds([16, 9, 5], 16)
+    out, layer_in, kept = run_ort(path, feeds)
+    real = feeds["attention_mask"].astype(bool)
+    left = ~kept & real
+    context = kept_mean(out, kept)[np.nonzero(left)[0]]  # each row its own sequence's
+    np.testing.assert_allclose(out[left], fmap.apply(layer_in[left].astype(np.float64), context),
+                               atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="pass context"):
+        fmap.apply(layer_in[left])
+
+
+@pytest.mark.parametrize("lowering", ["ort", "tensorrt"])
+def test_a_zero_context_weight_is_the_linear_map(bert: Path, tmp_path: Path,
+                                                 lowering: str) -> None:
+    linear = random_map(10)
+    zero = context_map(10, v_scale=0.0)
+    feeds = padded_feeds([16, 12], 16, seed=3)
+    a, b = (run_ort(skimmed(bert, TokenSkimConfig(keep={1: 0.5}, forward={1: m},
+                                                  lowering=lowering), tmp_path / f"{i}.onnx"),
+                    feeds)[0] for i, m in enumerate((linear, zero)))
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_two_points_with_context_tensorrt_matches_ort(bert: Path, tmp_path: Path) -> None:
+    maps = {0: context_map(11), 1: context_map(12)}
+    paths = {low: skimmed(bert, TokenSkimConfig(keep={0: 0.7, 1: 0.5}, forward=maps,
+                                                 predictors={0: random_predictor(WIDTH)},
+                                                 lowering=low), tmp_path / f"{low}.onnx")
+             for low in ("ort", "tensorrt")}
+    feeds = padded_feeds([16, 10, 4], 16, seed=1)
+    real = feeds["attention_mask"].astype(bool)
+    a, b = (run_ort(paths[low], feeds) for low in ("ort", "tensorrt"))
+    np.testing.assert_allclose(a[0][real], b[0][real], atol=1e-4, rtol=0)
+    model = ir.load(paths["ort"])
+    for layer in (0, 1):
+        readers = model.graph.initializers[context_name(layer)].consumers()
+        assert [n.metadata_props["planer.pass"] for n in readers] == ["token_skim"]
+
+
+def test_numpy_keep_rule_is_the_graphs(bert: Path, tmp_path: Path) -> None:
+    # fit_context chooses its fitting rows with skim_decisions; they must be the graph's.
+    predictors = {0: random_predictor(WIDTH, seed=1), 1: random_predictor(WIDTH, seed=2)}
+    keep = {0: 0.7, 1: 0.5}
+    path = skimmed(bert, TokenSkimConfig(keep=keep, predictors=predictors), tmp_path / "k.onnx")
+    feeds = padded_feeds([16, 10, 4, 13], 16, seed=4)
+    kept = run_ort(path, feeds)[1:]
+    model, spec = read_canonical(bert)
+    reader = ActivationReader(model, [stream_in(spec.layers[0])])
+    x0 = reader.run(feeds)[reader.names[0]].astype(np.float64)
+    # Layer 1's input differs once tokens are gone; the first point's decision is exact.
+    skims, final = skim_decisions({0: x0, 1: x0}, feeds["attention_mask"].astype(bool),
+                                  {0: 0.7}, predictors)
+    np.testing.assert_array_equal(final, kept[0])
+    assert (skims[0] == (feeds["attention_mask"].astype(bool) & ~kept[0])).all()
+
+
+def test_context_fit_recovers_a_context_map_and_keeps_linear_when_context_adds_nothing() -> None:
+    rng = np.random.default_rng(0)
+    truth = context_map(13)
+    x, c = rng.standard_normal((5000, WIDTH)), rng.standard_normal((5000, WIDTH))
+    y = truth.apply(x, c) + 0.05 * rng.standard_normal((5000, WIDTH))
+    split = ((x[:4000], c[:4000], y[:4000]), (x[4000:], c[4000:], y[4000:]))
+    fmap, record = fit_context_map(*split)
+    assert record["kept"] == "context" and record["context_error"] < 0.01 < record["linear_error"]
+    assert fmap.v is not None
+    np.testing.assert_allclose(fmap.v, truth.v, atol=0.03)
+    # y independent of c: the context term can only fit noise, the linear map is kept.
+    y = random_map(14).apply(x)
+    _, record = fit_context_map((x[:4000], c[:4000], y[:4000]), (x[4000:], c[4000:], y[4000:]))
+    assert record["kept"] == "linear"

@@ -37,6 +37,19 @@ def test_plan_with_skim_reports_kept_tokens(tmp_path: Path,
     out = run_ort(tmp_path / "out" / "model.onnx",
                   text_feeds(batch=3, seq_len=16, vocab=44, pad_last=6))[0]
     assert out.shape == (3, 16, 64) and np.isfinite(out).all()
+    # The forwarding map the skimmed model measured best on held-out calibration is the
+    # one in the graph (passes/skim_forward.py: with or without the kept rows' mean).
+    refit = report["skim"]["predictors"]["layer1"]["forward_skimmed"]
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    initializers = {i.name for i in graph.initializer}
+    if refit["kept"] == "context":
+        choice = report["skim"]["forward_choice"]
+        scores = choice["holdout_pooled_cosine"]
+        assert choice["kept"] == max(scores, key=scores.get)
+        assert ("layer1/skim/forward/v" in initializers) == (choice["kept"] == "context")
+    else:
+        assert "forward_choice" not in report["skim"]
+        assert "layer1/skim/forward/v" not in initializers
 
 
 def test_target_flops_with_skim_only(tmp_path: Path, word_calibration: tuple[Path, Path]) -> None:
@@ -101,3 +114,39 @@ def test_skim_on_a_model_whose_first_output_is_not_the_hidden_states(tmp_path: P
     assert 0.0 < report["fidelity"]["pooled_cosine"]["mean"] <= 1.0
     assert "token_cosine" in report["fidelity"]
     assert report["skim"]["mean_kept_tokens_per_layer"][-1] < 16
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_context_maps_kept_only_where_the_skimmed_model_measures_them_better(
+        scale: float, tmp_path: Path, word_calibration: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiny fixture's refit keeps the linear map; context maps are forced in here: a
+    # zero context weight ties or wins (the refit on skimmed rows), a large random one loses.
+    import dataclasses
+
+    from planer.compiler.driver import stages
+    from planer.passes import skim_fit
+
+    def forced(*args: object, **kwargs: object) -> tuple[dict, dict]:
+        maps, records = skim_fit.fit_context(*args, **kwargs)
+        rng = np.random.default_rng(0)
+        maps = {i: dataclasses.replace(m, v=(scale * rng.standard_normal(m.w.shape) / 8)
+                                       .astype(np.float32)) for i, m in maps.items()}
+        return maps, {i: {**r, "kept": "context"} for i, r in records.items()}
+
+    monkeypatch.setattr(stages, "fit_context", forced)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [{}, {"skim_keep": 0.5}]}))
+    report = _compile(tmp_path, word_calibration, "--plan", str(plan))
+    choice = report["skim"]["forward_choice"]
+    scores = choice["holdout_pooled_cosine"]
+    assert set(scores) == {"linear", "context"}
+    assert choice["kept"] == max(scores, key=scores.get)
+    if scale:
+        assert choice["kept"] == "linear"
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    kept_v = "layer1/skim/forward/v" in {i.name for i in graph.initializer}
+    assert kept_v == (choice["kept"] == "context")
+    # The report's held-out pooled cosine is the kept candidate's own measurement.
+    assert report["fidelity"]["pooled_cosine"]["mean"] == pytest.approx(scores[choice["kept"]],
+                                                                         abs=1e-4)

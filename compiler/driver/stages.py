@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from planer.compiler.blocks import find_blocks
 from planer.compiler.calibration import read_texts
 from planer.compiler.driver.compilation import MUX_NEEDS_RECOVERY, Compilation
 from planer.compiler.driver.planning import choose_units, skim_layers
@@ -36,7 +37,8 @@ from planer.passes.head_pruning import HeadPruningConfig, apply_head_pruning
 from planer.passes.moe_fit import fit_layers
 from planer.passes.mux import MuxConfig, apply_mux
 from planer.passes.ort_kernels import OrtKernelsConfig, apply_ort_kernels
-from planer.passes.skim_fit import fit_forward, fit_predictors
+from planer.passes.skim_fit import fit_context, fit_forward, fit_predictors, skim_report
+from planer.passes.skim_forward import has_context
 from planer.passes.token_skim import TokenSkimConfig, apply_token_skim
 
 logger = logging.getLogger(__name__)
@@ -377,24 +379,56 @@ def apply_skim(c: Compilation, *, lowering: str) -> dict[str, Any]:
     Runs after pruning (it reads the re-emitted attention). Returns predictor fit records.
     """
     layers = skim_layers(c.plan)
+    skim_keep = [la.skim_keep for la in c.plan.layers]
     predictors: dict[int, Any] = {}
     forward: dict[int, Any] = {}
     records: dict[str, Any] = {}
+    choice: dict[str, Any] = {}
     if c.calib is not None:
         # Skimmed rows reach the output through a fitted map (passes/skim_forward.py); the
-        # predictor keeps the tokens that map would forward worst ("residual").
+        # predictor keeps the tokens that map would forward worst ("residual"). The maps
+        # refitted on the rows the predictor skims, with the kept rows' mean as a second
+        # input, replace them only where the skimmed model's held-out pooled cosine says so.
         forward, maps = fit_forward(c.model, c.spec, layers, c.calib.batches, c.calib.holdout)
         fit = fit_predictors(c.model, c.spec, layers, c.calib.batches, target="residual",
                              forward=forward)
         predictors = dict(fit.predictors)
+        keep = {i: float(c.plan.layers[i].skim_keep or 1.0) for i in layers}
+        context, refits = fit_context(c.model, c.spec, keep, predictors, c.calib.batches,
+                                      c.calib.holdout)
         records = {f"layer{i}": {"mse_before": round(fit.train_loss[i][0], 4),
                                  "mse_after": round(fit.train_loss[i][1], 4),
                                  "mse_holdout": round(fit.holdout_loss[i], 4),
-                                 "forward": maps[i]}
+                                 "forward": maps[i], "forward_skimmed": refits[i]}
                    for i in layers}
-    config = TokenSkimConfig.from_plan([la.skim_keep for la in c.plan.layers],
-                                       predictors=predictors, forward=forward,
+        if has_context(context):
+            candidates = {name: TokenSkimConfig.from_plan(skim_keep, predictors=predictors,
+                                                          forward=f, lowering=lowering)
+                          for name, f in (("linear", forward), ("context", context))}
+            choice = _measured_choice(c, candidates, layers)
+            forward = context if choice["kept"] == "context" else forward
+    config = TokenSkimConfig.from_plan(skim_keep, predictors=predictors, forward=forward,
                                        lowering=lowering)
     apply_token_skim(c.model, c.spec, config)
     return {"predictors": records, "score": "fitted" if predictors else "attention",
-            "lowering": lowering}
+            "lowering": lowering, **({"forward_choice": choice} if choice else {})}
+
+
+def _measured_choice(c: Compilation, candidates: dict[str, TokenSkimConfig],
+                     layers: Sequence[int]) -> dict[str, Any]:
+    """Skims a copy of the model per candidate; keeps the best held-out pooled cosine.
+
+    The dense model's rows stand in for the skimmed model's when the maps are fitted;
+    only the skimmed model itself says which maps serve its output best. Returns each
+    candidate's cosine and the one kept.
+    """
+    assert c.calib is not None
+    c.progress("measuring the skimmed model with each forwarding map")
+    scores = {}
+    for name, config in candidates.items():
+        trial = ir.from_proto(ir.to_proto(c.model))
+        apply_token_skim(trial, find_blocks(trial), config)
+        report = skim_report(c.model, trial, layers, c.calib.holdout,
+                             num_layers=len(c.spec.layers))
+        scores[name] = round(float(report["pooled_cosine"]["mean"]), 4)
+    return {"holdout_pooled_cosine": scores, "kept": max(scores, key=lambda k: scores[k])}
