@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -311,7 +312,7 @@ def capture_context_data(
 
 def fit_context_map(fit: tuple[np.ndarray, np.ndarray, np.ndarray],
                     hold: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    ) -> tuple[ForwardMap, dict[str, float]]:
+                    ) -> tuple[ForwardMap, dict[str, Any]]:
     """Fits y ≈ x·W + c·V + b by ridge regression, or y ≈ x·W + b where that does better.
 
     Both are chosen (map and ridge strength) by their relative error on the holdout rows;

@@ -430,5 +430,7 @@ def _measured_choice(c: Compilation, candidates: dict[str, TokenSkimConfig],
         apply_token_skim(trial, find_blocks(trial), config)
         report = skim_report(c.model, trial, layers, c.calib.holdout,
                              num_layers=len(c.spec.layers))
-        scores[name] = round(float(report["pooled_cosine"]["mean"]), 4)
+        pooled = report["pooled_cosine"]
+        assert isinstance(pooled, dict)
+        scores[name] = round(float(pooled["mean"]), 4)
     return {"holdout_pooled_cosine": scores, "kept": max(scores, key=lambda k: scores[k])}
