@@ -12,6 +12,7 @@ News rows before the held-out ones. When planer refuses the model, its sentence 
 printed and recorded, and only the original's perplexity is measured.
 
     python -m benchmarks.bench_decoder --out benchmarks/results/decoder-smollm2.json
+    python -m benchmarks.bench_decoder --recover 10m --out ...   # with recovery
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=300,
                         help="held-out texts perplexity is measured on (the last of 2,000)")
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    parser.add_argument("--recover", metavar="TIME",
+                        help="also distil the original into the compiled model (planer's "
+                             "--recover, e.g. 10m)")
     args = parser.parse_args(argv)
     import torch
 
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     write_calibration(calibration, args.data)
     command = ["compile", str(original), "--target-latency", args.target, "--batch", "1",
                "--seq-len", "128", "--threads", "1", "--calibration", str(calibration),
-               "--tokenizer", str(args.work / "tokenizer"), "-o", str(args.work / "compiled")]
+               "--tokenizer", str(args.work / "tokenizer"), "-o", str(args.work / "compiled"),
+               *(["--recover", args.recover] if args.recover else [])]
     started = time.perf_counter()
     try:
         code = planer(command)
