@@ -24,8 +24,10 @@ to the dense model's last-layer rows y over the real tokens but the always-kept 
 the holdout share, never on the fitting rows). Then, with the predictors fitted on those
 maps' residuals, `fit_context` refits each map on the rows its predictor skims (the graph's
 keep rule, point after point), with the kept tokens' mean final row c as a second input:
-y ≈ x_i·W + c·V + b. The dense model's rows stand in for the skimmed model's; the context
-map is kept only where it beats the linear one on the holdout rows.
+y ≈ x_i·W + c·V + b. The dense model's rows stand in for the skimmed model's, so the
+context map is a candidate only where it beats the linear one on the holdout rows, and
+the compile keeps it only where the skimmed model itself measures better
+(`compiler/driver/stages.apply_skim`).
 
 The log of the relative attention keeps sequences of different lengths on one scale
 (uniform attention is 0 whatever n is) and tames the heavy tail of [SEP]/punctuation.
@@ -342,11 +344,15 @@ def fit_context_map(fit: tuple[np.ndarray, np.ndarray, np.ndarray],
 
 def fit_context(model: ir.Model, spec: ModelSpec, keep: Mapping[int, float],
                 predictors: Mapping[int, Predictor], batches: Iterable[Feed],
-                holdout: Iterable[Feed]) -> tuple[dict[int, ForwardMap], dict[int, dict]]:
+                holdout: Iterable[Feed], fallback: Mapping[int, ForwardMap],
+                ) -> tuple[dict[int, ForwardMap], dict[int, dict]]:
     """Refits each point's map on the rows its predictor skims, with the context term.
 
+    A point that skims no row of the fitting or the holdout share (texts too short to
+    skim) keeps its `fallback` map.
+
     Raises:
-        ValueError: a point has no predictor, or no row is skimmed in a share.
+        ValueError: a point has no predictor.
     """
     missing = sorted(set(keep) - set(predictors))
     if missing:
@@ -357,7 +363,8 @@ def fit_context(model: ir.Model, spec: ModelSpec, keep: Mapping[int, float],
     maps, records = {}, {}
     for i in sorted(keep):
         if not len(fit[i][0]) or not len(hold[i][0]):
-            raise ValueError(f"skim point {i} skims no calibration token; nothing to fit on")
+            maps[i], records[i] = fallback[i], {"kept": "linear", "rows": len(fit[i][0])}
+            continue
         maps[i], records[i] = fit_context_map(fit[i], hold[i])
         logger.info("layer%d forwarding map (%s): holdout error %.3f with context, %.3f linear",
                     i, records[i]["kept"], records[i]["context_error"],

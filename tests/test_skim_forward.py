@@ -224,3 +224,15 @@ def test_context_fit_recovers_a_context_map_and_keeps_linear_when_context_adds_n
     y = random_map(14).apply(x)
     _, record = fit_context_map((x[:4000], c[:4000], y[:4000]), (x[4000:], c[4000:], y[4000:]))
     assert record["kept"] == "linear"
+
+
+def test_a_point_that_skims_nothing_keeps_its_fallback_map(bert: Path) -> None:
+    # One real token per text: [CLS] is always kept, so no row is skimmed to fit on.
+    from planer.passes.skim_fit import fit_context
+
+    model, spec = read_canonical(bert)
+    feeds = [padded_feeds([1, 1], 16, seed=5)]
+    fallback = {1: random_map(15)}
+    maps, records = fit_context(model, spec, {1: 0.5}, {1: random_predictor(WIDTH)}, feeds,
+                                feeds, fallback=fallback)
+    assert maps[1] is fallback[1] and records[1] == {"kept": "linear", "rows": 0}

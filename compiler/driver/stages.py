@@ -395,7 +395,7 @@ def apply_skim(c: Compilation, *, lowering: str) -> dict[str, Any]:
         predictors = dict(fit.predictors)
         keep = {i: float(c.plan.layers[i].skim_keep or 1.0) for i in layers}
         context, refits = fit_context(c.model, c.spec, keep, predictors, c.calib.batches,
-                                      c.calib.holdout)
+                                      c.calib.holdout, fallback=forward)
         records = {f"layer{i}": {"mse_before": round(fit.train_loss[i][0], 4),
                                  "mse_after": round(fit.train_loss[i][1], 4),
                                  "mse_holdout": round(fit.holdout_loss[i], 4),
