@@ -100,15 +100,16 @@ def targets(fractions: list[float], batch: int, threads: int, repeats: int, *,
 
 
 def remeasure(outs: list[Path], batch: int, threads: int, repeats: int, *,
-              quality: bool = True, compile_s: dict[Path, float] | None = None
-              ) -> list[dict[str, Any]]:
+              quality: bool = True, compile_s: dict[Path, float] | None = None,
+              original: Path | None = None) -> list[dict[str, Any]]:
     """Re-measures compiled OUT folders against the original (interleaved) and scores them.
 
     The target is read from each report.json (`target_ms` over `baseline_ms`); a compile
     without one (`--plan`, `--target-flops`) has none, and a path to an `.onnx` file (a
     model planer did not write, such as ORT's `quantize_dynamic` output) has no report.
+    `original` is the model they were compiled from (default: the bundled MiniLM).
     """
-    dense = minilm_path("dynamo")
+    dense = original or minilm_path("dynamo")
     _, spec = read_model(dense)
     rows = []
     for out in outs:
@@ -207,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("--batch", type=int, default=1)
     again.add_argument("--threads", type=int, default=1)
     again.add_argument("--repeats", type=int, default=60)
-    again.add_argument("--no-quality", action="store_true")
+    again.add_argument("--no-quality", action="store_true",
+                       help="skip benchmarks.quality (needed for models other than MiniLM)")
+    again.add_argument("--original", type=Path,
+                       help="the model the OUTs were compiled from (default: bundled MiniLM)")
     for mode in (check, run, again):
         mode.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                        quality=not args.no_quality)
     else:
         data = remeasure(args.outs, args.batch, args.threads, args.repeats,
-                         quality=not args.no_quality)
+                         quality=not args.no_quality, original=args.original)
     if args.out:
         fingerprint = device_fingerprint(SessionOptions())
         args.out.write_text(json.dumps({
