@@ -34,9 +34,9 @@ from planer.compiler.argtypes import positive_int
 from planer.compiler.calibration import build_calibration, model_input_infos, read_texts
 from planer.compiler.loading import load_model
 from planer.recovery.distill import (
-    ATOL,
     RecoveryError,
     RecoveryReport,
+    allowed_diff,
     check_inputs,
     training_batches,
 )
@@ -103,8 +103,8 @@ def run(job: Job) -> RecoveryReport | None:
     module = DistributedDataParallel(student.mirror, forward_sync_buffers=False)
     trainer = Trainer(student, teacher, job.config, seed=job.seed, world=world, module=module)
     holdout = Holdout.build(student, trainer.teacher_run, calib.holdout)
-    mirror_diff = student.check(model, holdout.feeds[0])
-    if mirror_diff > ATOL:
+    mirror_diff, scale = student.check_scaled(model, holdout.feeds[0])
+    if mirror_diff > allowed_diff(scale):
         raise RecoveryError(f"the torch mirror differs from the compiled model by "
                             f"{mirror_diff:.2e}; not trained.")
     trainer.set_scales(holdout)

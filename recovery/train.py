@@ -157,6 +157,10 @@ class Student:
 
     def check(self, model: ir.Model, feed: Feed) -> float:
         """Returns max |mirror - `model` in ORT| on `feed`'s real tokens."""
+        return self.check_scaled(model, feed)[0]
+
+    def check_scaled(self, model: ir.Model, feed: Feed) -> tuple[float, float]:
+        """Returns (max |mirror - `model` in ORT|, max |`model` in ORT|) on real tokens."""
         session, name = compiled_session(model, threads=self.threads)
         wanted = {i.name for i in session.get_inputs()}
         (expected,) = session.run([name], {k: v for k, v in feed.items() if k in wanted})
@@ -166,7 +170,9 @@ class Student:
         with torch.no_grad(), self.mirror.store.int8.off():  # `model` is the float graph
             got = self.run(entry, aux, mask).end.numpy()
         self.mirror.train(training)
-        return max_abs_diff(got, expected, mask.numpy() if got.ndim == 3 else None)
+        real = mask.numpy() if got.ndim == 3 else None
+        return (max_abs_diff(got, expected, real),
+                max_abs_diff(expected, np.zeros_like(expected), real))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.mirror.trained().items()}

@@ -308,3 +308,18 @@ def test_context_maps_mirrored_and_trained(lowering: str, tmp_path: Path,
     for point in (m for m in student.mirror.modules() if isinstance(m, skim.SkimMirror)):
         monkeypatch.setattr(point, "context_map", None)
     assert student.check(load_model(path), feed) > ATOL
+
+
+def test_mirror_bound_is_absolute_for_small_outputs_and_relative_for_large(
+        tmp_path: Path) -> None:
+    from planer.recovery.distill import ATOL, allowed_diff
+    from tests.conftest import run_ort
+
+    assert allowed_diff(0.3) == allowed_diff(1.0) == ATOL
+    assert allowed_diff(250.0) == pytest.approx(250 * ATOL)
+    path = _compile(tmp_path, "bert")
+    student, model, feed = _student(path), load_model(path), _feed("bert")
+    diff, scale = student.check_scaled(model, feed)
+    real = feed["attention_mask"].astype(bool)
+    assert scale == pytest.approx(float(np.abs(run_ort(path, feed)[0][real]).max()), rel=1e-6)
+    assert diff == student.check(model, feed) <= ATOL
