@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planer.compiler.calibration import DEFAULT_SAMPLES
 from planer.compiler.errors import BadInputError, TargetUnreachableError
 
 if TYPE_CHECKING:
@@ -178,7 +177,7 @@ def compile(  # noqa: A001 (the verb the CLI calls compile)
     plan: PathLike | Mapping[str, Any] | None = None, calibration: PathLike | None = None,
     tokenizer: PathLike | None = None, batch: int = 1, seq_len: int = 128, threads: int = 1,
     passes: Iterable[str] = ("prune", "int8"), target_runtime: str = "ort",
-    ort_kernels: str = "auto", calibration_samples: int = DEFAULT_SAMPLES,
+    ort_kernels: str = "auto", calibration_samples: int = 256,  # calibration.DEFAULT_SAMPLES
     refit: bool = True, selection: str = "calibrated", refresh: bool = False,
     progress: bool | Callable[[str], None] | NullProgress | None = None,
 ) -> CompileResult:

@@ -120,3 +120,13 @@ def test_import_planer_stays_cheap() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def test_compile_calibration_samples_default_is_the_clis() -> None:
+    # Written out in the signature so `import planer` stays cheap (no numpy import).
+    import inspect
+
+    from planer.compiler.calibration import DEFAULT_SAMPLES
+
+    default = inspect.signature(planer.compile).parameters["calibration_samples"].default
+    assert default == DEFAULT_SAMPLES

@@ -259,7 +259,10 @@ def test_pruned_modernbert_golden(golden: Any) -> None:
     assert apply_head_pruning(model, spec, HeadPruningConfig(keep={0: (1, 3)})) == 1
     assert apply_channel_pruning(model, spec,
                                  ChannelPruningConfig(keep={0: tuple(range(40))})) == 1
-    golden("pruning_modernbert.txt", structure(model))
+    # Only the nodes pruning emitted: the exporter writes the two rotary tables (global and
+    # sliding-window) in either order from one fixture build to the next.
+    emitted = [line for line in structure(model).splitlines(keepends=True) if "  [" in line]
+    golden("pruning_modernbert.txt", "".join(emitted))
 
 
 def test_layer_dropped_to_nothing_runs(tmp_path: Path) -> None:

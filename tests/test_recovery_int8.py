@@ -21,7 +21,7 @@ from planer.passes.quantize import dynamic_int8_weights
 from planer.recovery.distill import recover
 from planer.recovery.fakequant import dynamic_int8
 from planer.recovery.train import RecoveryConfig, build_student
-from tests.conftest import run_ort
+from tests.conftest import needs_vnni, run_ort
 
 INT8 = {"blocks": "both", "mode": "dynamic"}
 
@@ -67,6 +67,7 @@ def _compile(tmp_path: Path, name: str, plan: dict, calib: tuple[Path, Path]) ->
                         ort_kernels="off").model_path
 
 
+@needs_vnni
 def test_mirror_with_simulation_tracks_the_int8_model(
         tmp_path: Path, word_calibration: tuple[Path, Path]) -> None:
     layers = [{"heads": 3, "ffn": 96}, {"heads": 4, "ffn": 64}]

@@ -25,7 +25,7 @@ from planer.cost_model.search import (
 from planer.fixtures.build import fixture_path
 from planer.passes.prune_fit import Importance, residual_of
 from planer.passes.quantize import QuantizeConfig, apply_quantize
-from tests.conftest import text_feeds
+from tests.conftest import needs_vnni, text_feeds
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +148,7 @@ def test_unreachable_budget_gives_the_floor() -> None:
     assert plan_for_latency(spec, _scores(spec), model, 0.0) == floor_plan(spec)
 
 
+@needs_vnni
 def test_int8_costs_match_ort_quantizing_one_block() -> None:
     """The numpy replay predicts the block output ORT's quantized model computes."""
     src = fixture_path("bert", "dynamo")
