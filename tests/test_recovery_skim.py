@@ -57,6 +57,18 @@ def _student(path: Path) -> Student:
     return build_student(load_model(path), threads=1)
 
 
+def _two_points(path: Path, lowering: str, maps: dict[int, Any] | None = None) -> Path:
+    """Writes the bert fixture skimmed before layer 0 (70%) and layer 1 (50% of those),
+    with fitted predictors and, where given, forwarding maps."""
+    model, spec = read_canonical(fixture_path("bert", "dynamo"))
+    feeds = [example_inputs("bert", batch=4, seq=20, seed=s) for s in range(3)]
+    fit = fit_predictors(model, spec, [0, 1], feeds, steps=50)
+    apply_token_skim(model, spec, TokenSkimConfig(keep={0: 0.7, 1: 0.5}, forward=maps or {},
+                                                  predictors=fit.predictors, lowering=lowering))
+    ir.save(model, path)
+    return path
+
+
 def _point(student: Student) -> skim.SkimMirror:
     return next(m for m in student.mirror.modules() if isinstance(m, skim.SkimMirror))
 
@@ -106,13 +118,7 @@ def test_two_cumulative_skim_points(lowering: str, tmp_path: Path,
     # Before layer 0 (70%) and layer 1 (50% of those): built by the pass directly, since
     # the tiny fixtures have two layers only. Tokens leaving at either point hold the state
     # they left with.
-    model, spec = read_canonical(fixture_path("bert", "dynamo"))
-    feeds = [example_inputs("bert", batch=4, seq=20, seed=s) for s in range(3)]
-    fit = fit_predictors(model, spec, [0, 1], feeds, steps=50)
-    apply_token_skim(model, spec, TokenSkimConfig(keep={0: 0.7, 1: 0.5},
-                                                  predictors=fit.predictors, lowering=lowering))
-    path = tmp_path / "two.onnx"
-    ir.save(model, path)
+    path = _two_points(tmp_path / "two.onnx", lowering)
     student = _student(path)
     assert [k for k, _ in student.mirror.described if "skim" in k] == ["skim", "skim",
                                                                        "skim_out"]
@@ -293,14 +299,8 @@ def test_context_maps_mirrored_and_trained(lowering: str, tmp_path: Path,
     from planer.passes.skim_forward import context_name
     from tests.test_skim_forward import context_map
 
-    model, spec = read_canonical(fixture_path("bert", "dynamo"))
-    feeds = [example_inputs("bert", batch=4, seq=20, seed=s) for s in range(3)]
-    fit = fit_predictors(model, spec, [0, 1], feeds, steps=50)
-    maps = {0: context_map(1, v_scale=0.3), 1: context_map(2, v_scale=0.3)}
-    apply_token_skim(model, spec, TokenSkimConfig(keep={0: 0.7, 1: 0.5}, forward=maps,
-                                                  predictors=fit.predictors, lowering=lowering))
-    path = tmp_path / "context.onnx"
-    ir.save(model, path)
+    path = _two_points(tmp_path / "context.onnx", lowering,
+                       {0: context_map(1, v_scale=0.3), 1: context_map(2, v_scale=0.3)})
     student = _student(path)
     feed = example_inputs("bert", batch=3, seq=20, seed=7)
     assert student.check(load_model(path), feed) <= ATOL

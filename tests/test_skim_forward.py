@@ -74,15 +74,21 @@ def test_skimmed_rows_carry_the_map_of_their_point(bert: Path, tmp_path: Path,
     np.testing.assert_array_equal(out[kept], out_a[kept])  # kept rows untouched
 
 
-def test_two_points_tensorrt_matches_ort_with_maps(bert: Path, tmp_path: Path) -> None:
-    maps = {0: random_map(4), 1: random_map(5)}
+def two_point_lowerings(bert: Path, tmp_path: Path, maps: dict[int, ForwardMap],
+                        ) -> tuple[dict[str, Path], list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Skims before layers 0 (0.7) and 1 (0.5) with `maps`, in both lowerings; returns the
+    paths, each one's outputs on padded feeds, and the real-token mask."""
     paths = {low: skimmed(bert, TokenSkimConfig(keep={0: 0.7, 1: 0.5}, forward=maps,
                                                  predictors={0: random_predictor(WIDTH)},
                                                  lowering=low), tmp_path / f"{low}.onnx")
              for low in ("ort", "tensorrt")}
     feeds = padded_feeds([16, 10, 4], 16, seed=1)
-    real = feeds["attention_mask"].astype(bool)
     a, b = (run_ort(paths[low], feeds) for low in ("ort", "tensorrt"))
+    return paths, a, b, feeds["attention_mask"].astype(bool)
+
+
+def test_two_points_tensorrt_matches_ort_with_maps(bert: Path, tmp_path: Path) -> None:
+    _, a, b, real = two_point_lowerings(bert, tmp_path, {0: random_map(4), 1: random_map(5)})
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_allclose(a[0][real], b[0][real], atol=1e-4, rtol=0)
 
@@ -178,14 +184,8 @@ def test_a_zero_context_weight_is_the_linear_map(bert: Path, tmp_path: Path,
 
 
 def test_two_points_with_context_tensorrt_matches_ort(bert: Path, tmp_path: Path) -> None:
-    maps = {0: context_map(11), 1: context_map(12)}
-    paths = {low: skimmed(bert, TokenSkimConfig(keep={0: 0.7, 1: 0.5}, forward=maps,
-                                                 predictors={0: random_predictor(WIDTH)},
-                                                 lowering=low), tmp_path / f"{low}.onnx")
-             for low in ("ort", "tensorrt")}
-    feeds = padded_feeds([16, 10, 4], 16, seed=1)
-    real = feeds["attention_mask"].astype(bool)
-    a, b = (run_ort(paths[low], feeds) for low in ("ort", "tensorrt"))
+    paths, a, b, real = two_point_lowerings(bert, tmp_path,
+                                            {0: context_map(11), 1: context_map(12)})
     np.testing.assert_allclose(a[0][real], b[0][real], atol=1e-4, rtol=0)
     model = ir.load(paths["ort"])
     for layer in (0, 1):
